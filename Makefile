@@ -1,0 +1,63 @@
+# DeepKD-Det: two commands on a fresh machine: `make demo` and `make test`
+# (each runs `make setup` first when needed).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The torch build to install. Override for another platform or CUDA version, e.g.
+#   make setup TORCH_SPEC="torch==2.9.1 torchvision==0.24.1"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.deepkd-setup.stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint demo demo-quick demo-cls bench bench-quick env clean-venv help
+
+help:
+	@echo "make setup        create $(VENV): torch, detectron2 (see README 'How the install works'), deepkd_det"
+	@echo "make test         run the test suite"
+	@echo "make demo         detection demo on the embedded shapes data (teacher, then 3 students)"
+	@echo "make demo-cls     classification demo on scikit-learn's digits (vanilla/KD/DKD/DeepKD, 3 seeds)"
+	@echo "make bench        benchmarks (one JSON object per line)"
+	@echo "make lint         ruff"
+	@echo "make env          print versions and the detectron2 install route"
+
+setup: $(STAMP)
+
+# Re-run only when the project's dependency list or the installer changes: a second
+# `make setup` is a no-op.
+$(STAMP): pyproject.toml tools/install_detectron2.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade --quiet "pip>=23"
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e ".[dev]"
+	$(PY) tools/install_detectron2.py
+	$(PY) -m deepkd_det.env
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+demo: setup
+	$(PY) tools/det_demo.py
+
+demo-quick: setup
+	$(PY) tools/det_demo.py --quick
+
+demo-cls: setup
+	$(PY) tools/cls_demo.py
+
+bench: setup
+	@for f in bench/bench_*.py; do $(PY) $$f || exit 1; done
+
+bench-quick: setup
+	@for f in bench/bench_*.py; do $(PY) $$f --quick || exit 1; done
+
+env: setup
+	$(PY) -m deepkd_det.env
+
+clean-venv:
+	rm -rf $(VENV)
