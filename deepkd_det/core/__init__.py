@@ -3,6 +3,7 @@
 Pure torch: nothing here imports detectron2, so classification works without it.
 """
 
+from .gsnr import GSNRMeter, gsnr_from_moments
 from .losses import (
     KDParts,
     dkd_components,
@@ -13,6 +14,9 @@ from .losses import (
     topk_nontarget_mask,
     warmup_factor,
 )
+from .optim import DEEPKD_COMPONENTS, DOT_COMPONENTS, DecoupledMomentumSGD, DeepKDOptimizer, DOTOptimizer
+from .step import STRATEGIES, DecoupledStep, allreduce_gradients, broadcast_parameters
+from .teacher import fold_batchnorm, prepare_teacher
 from .topk import SCHEDULE_MODES, TopKSchedule
 
 __all__ = [
@@ -26,4 +30,40 @@ __all__ = [
     "standardize_logits",
     "topk_nontarget_mask",
     "warmup_factor",
+    # optimizer, decoupled step, GSNR meter, teacher preparation
+    "DEEPKD_COMPONENTS",
+    "DOT_COMPONENTS",
+    "DOTOptimizer",
+    "DecoupledMomentumSGD",
+    "DecoupledStep",
+    "DeepKDOptimizer",
+    "GSNRMeter",
+    "STRATEGIES",
+    "allreduce_gradients",
+    "broadcast_parameters",
+    "fold_batchnorm",
+    "gsnr_from_moments",
+    "prepare_teacher",
+]
+
+# Two-view logit methods (MLKD, CRLD) and ReviewKD features for detection.
+from .crld import CRLD_TAU_STRONG, CRLD_TAU_WEAK, crld_components, crld_confidence_masks, crld_loss  # noqa: E402
+from .mlkd import MLKD_TEMPERATURES, mlkd_components, mlkd_confidence_masks, mlkd_loss  # noqa: E402
+from .reviewkd import ABF, REVIEWKD_DET_FEATURES, REVIEWKD_DET_LOSS_WEIGHTS, ReviewKDHead, hcl_loss  # noqa: E402
+
+__all__ += [
+    "ABF",
+    "CRLD_TAU_STRONG",
+    "CRLD_TAU_WEAK",
+    "MLKD_TEMPERATURES",
+    "REVIEWKD_DET_FEATURES",
+    "REVIEWKD_DET_LOSS_WEIGHTS",
+    "ReviewKDHead",
+    "crld_components",
+    "crld_confidence_masks",
+    "crld_loss",
+    "hcl_loss",
+    "mlkd_components",
+    "mlkd_confidence_masks",
+    "mlkd_loss",
 ]

@@ -1,0 +1,409 @@
+"""Configuration of the classification trainer: yacs defaults, ``_BASE_`` files, validation.
+
+``get_cfg()`` returns the defaults; ``load_cfg(path, opts)`` merges a yaml file (following its
+``_BASE_`` chain, paths relative to the file) and ``KEY VALUE`` overrides, then validates the
+result. Unknown keys and contradictory settings raise :class:`ConfigError` at start-up.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Iterable, List, Optional, Sequence
+
+import yaml
+from yacs.config import CfgNode as CN
+
+__all__ = ["ConfigError", "get_cfg", "load_cfg", "validate_cfg", "experiment_name", "output_dir",
+           "DATASET_TYPES", "DISTILLER_TYPES", "NUM_CLASSES", "OPTIMIZERS", "STRONG_AUGS"]
+
+DATASET_TYPES = ("digits", "cifar100", "imagenet")
+DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD")
+OPTIMIZERS = ("deepkd", "dot")
+STRONG_AUGS = ("autoaugment", "randaugment")
+NUM_CLASSES = {"digits": 10, "cifar100": 100, "imagenet": 1000}
+_DEFAULT_ROOTS = {"digits": "", "cifar100": "datasets/cifar100", "imagenet": "datasets/imagenet"}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run (unknown key, wrong type, contradictory settings)."""
+
+
+_C = CN()
+_C.SEED = 0
+_C.DEVICE = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+_C.DETERMINISTIC = False  # torch.use_deterministic_algorithms (slower on GPU)
+_C.OUTPUT_DIR = ""  # empty: <EXPERIMENT.OUTPUT_ROOT>/<DATASET.TYPE>/<experiment name>
+
+_C.EXPERIMENT = CN()
+_C.EXPERIMENT.NAME = ""  # empty: derived from method, teacher and student
+_C.EXPERIMENT.OUTPUT_ROOT = "output/cls"
+
+_C.DATASET = CN()
+_C.DATASET.TYPE = "digits"
+_C.DATASET.ROOT = ""  # empty: datasets/cifar100 or datasets/imagenet
+_C.DATASET.DOWNLOAD = False  # CIFAR-100 only; needs network access
+_C.DATASET.NUM_WORKERS = 2
+_C.DATASET.TEST_BATCH_SIZE = 128
+_C.DATASET.DIGITS = CN()
+_C.DATASET.DIGITS.SIZE = 16  # the 8x8 images are upsampled to SIZE x SIZE, 3 channels
+_C.DATASET.DIGITS.VAL_FRACTION = 0.3  # stratified, deterministic split
+_C.DATASET.DIGITS.SPLIT_SEED = 0
+_C.DATASET.DIGITS.TRAIN_LIMIT = 0  # keep only this many training images (0: all)
+# Strong view of the two-view methods (MLKD, CRLD), on top of the weak crop/flip: torchvision's
+# AutoAugment (CIFAR10 policy for CIFAR-sized input, ImageNet policy for ImageNet) or RandAugment.
+_C.DATASET.STRONG_AUG = "autoaugment"
+
+_C.DISTILLER = CN()
+_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD
+_C.DISTILLER.TEACHER = ""
+_C.DISTILLER.STUDENT = "resnet8"
+_C.DISTILLER.LOGIT_STAND = False  # logit standardisation of both logits before the KD terms
+
+_C.TEACHER = CN()
+_C.TEACHER.CKPT = ""  # explicit file; empty: <TEACHER.ROOT>/<teacher>_vanilla/ckpt_epoch_240.pth
+_C.TEACHER.ROOT = "pretrained/cifar_teachers"
+_C.TEACHER.FOLD_BN = True  # fold the frozen teacher's batch-norm into its convolutions
+
+_C.SOLVER = CN()
+_C.SOLVER.EPOCHS = 240
+_C.SOLVER.BATCH_SIZE = 64  # global batch; split evenly over the workers
+_C.SOLVER.LR = 0.05
+_C.SOLVER.LR_SCHEDULER = "step"  # "step" (LR_DECAY_STAGES) or "cosine"
+_C.SOLVER.LR_DECAY_STAGES = [150, 180, 210]  # epochs (0-based) from which lr is multiplied once more
+_C.SOLVER.LR_DECAY_RATE = 0.1
+_C.SOLVER.MIN_LR = 0.0  # cosine floor
+_C.SOLVER.WARMUP_EPOCHS = 0.0  # linear lr warm-up
+_C.SOLVER.WEIGHT_DECAY = 5e-4
+_C.SOLVER.MOMENTUM = 0.9
+
+_C.KD = CN()
+_C.KD.TEMPERATURE = 4.0
+_C.KD.CE_WEIGHT = 0.1
+_C.KD.KD_WEIGHT = 0.9
+_C.KD.WARMUP = 0.0  # epochs of linear warm-up of the KD term
+
+_C.DKD = CN()
+_C.DKD.CE_WEIGHT = 1.0
+_C.DKD.ALPHA = 1.0
+_C.DKD.BETA = 8.0
+_C.DKD.T = 4.0
+_C.DKD.WARMUP = 20.0  # epochs
+
+# MLKD (Jin et al., CVPR 2023; core.mlkd): weak and strong views, instance/batch/class alignment.
+_C.MLKD = CN()
+_C.MLKD.CE_WEIGHT = 0.1  # MLKD release (mdistiller KD defaults); the DeepKD release uses 0.5 / 0.5
+_C.MLKD.KD_WEIGHT = 0.9
+_C.MLKD.TEMPERATURES = [2.0, 3.0, 4.0, 5.0, 6.0]  # prediction augmentation: every term summed over these
+_C.MLKD.SPLIT = "kd"  # kd: exact TCKD/NCKD split (plain MLKD is the sum); dkd: alpha TCKD, beta NCKD
+_C.MLKD.ALPHA = 1.0  # SPLIT dkd only
+_C.MLKD.BETA = 2.0
+_C.MLKD.WARMUP = 0.0  # epochs of linear warm-up of the TCKD/NCKD terms
+_C.MLKD.CONFIDENCE_MASK = "release"  # release, row or none (core.views)
+
+# CRLD (ACM MM 2024; core.crld): within-view and cross-view KD gated by teacher confidence.
+_C.CRLD = CN()
+_C.CRLD.CE_WEIGHT = 1.0
+_C.CRLD.WITHIN_WEIGHT = 2.0
+_C.CRLD.CROSS_WEIGHT = 0.5
+_C.CRLD.T = 4.0
+_C.CRLD.TAU_WEAK = 0.9  # teacher confidence threshold of the within-view terms (weak view)
+_C.CRLD.TAU_STRONG = 0.2  # ... of the cross-view terms (strong view)
+_C.CRLD.SPLIT = "kd"  # kd: exact split (plain CRLD is the sum); dkd: alpha TCKD, beta NCKD
+_C.CRLD.ALPHA = 1.0
+_C.CRLD.BETA = 2.0
+_C.CRLD.WARMUP = 0.0  # epochs
+_C.CRLD.CONFIDENCE_MASK = "row"  # row (per sample, the paper); release (kept fraction); none
+
+_C.DEEPKD = CN()
+_C.DEEPKD.ENABLED = False
+# deepkd: three buffers TOG/TCG/NCG (momentum + DELTA_*); dot: DOT's two buffers, task
+# momentum - DOT_DELTA and distillation (TCG + NCG) momentum + DOT_DELTA.
+_C.DEEPKD.OPTIMIZER = "deepkd"
+_C.DEEPKD.DOT_DELTA = 0.075
+_C.DEEPKD.DECOUPLE = True  # three momentum buffers (TOG/TCG/NCG); False: one SGD buffer, DTM only
+_C.DEEPKD.COMPAT = "paper"  # "paper" or "official" (the released reference code's update)
+_C.DEEPKD.DELTA_TOG = 0.075
+_C.DEEPKD.DELTA_TCG = -0.075
+_C.DEEPKD.DELTA_NCG = 0.05
+_C.DEEPKD.DAMPENING = 0.0
+_C.DEEPKD.STEP_STRATEGY = "sequential"  # "sequential" or "batched" (one vmapped backward, core.step)
+_C.DEEPKD.TOPK = CN()
+_C.DEEPKD.TOPK.MODE = "linear"  # off, constant, linear, step (core.topk.TopKSchedule)
+_C.DEEPKD.TOPK.K_START = 0  # 0: ceil(10% of the non-target classes)
+_C.DEEPKD.TOPK.K_END = 0  # 0: all non-target classes
+_C.DEEPKD.TOPK.START = 0.0  # training progress in [0, 1]
+_C.DEEPKD.TOPK.END = 0.6
+_C.DEEPKD.TOPK.PHASES = []  # mode "step": [[progress, K], ...]
+
+_C.GSNR = CN()
+_C.GSNR.ENABLED = False
+_C.GSNR.PERIOD = 0  # iterations between measurements; 0: once per epoch
+_C.GSNR.WINDOW = 8  # mini-batches per measurement
+
+_C.LOG = CN()
+_C.LOG.TENSORBOARD = True
+_C.LOG.PROGRESS_BAR = True
+_C.LOG.SAVE_EVERY = 40  # epochs between student-only ckpt_epoch_<N>.pth files (and the last epoch)
+_C.LOG.EVAL_EVERY = 1  # epochs between evaluations (the last epoch is always evaluated)
+
+
+def get_cfg() -> CN:
+    """A fresh copy of the default configuration."""
+    return _C.clone()
+
+
+def _suggest(key: str, node: CN, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(node.keys()), n=1)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _coerce_numbers(new: dict, ref: CN, where: str, prefix: str = "") -> dict:
+    """Check keys against the defaults and accept ints where floats are expected (yaml ``8`` for 8.0)."""
+    out = {}
+    for key, value in new.items():
+        full = prefix + key
+        if key not in ref:
+            raise ConfigError(f"{where}: unknown config key {full}{_suggest(key, ref, prefix)}")
+        default = ref[key]
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {full} is a section; got the value {value!r}")
+            value = _coerce_numbers(value, default, where, full + ".")
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif isinstance(default, str) and isinstance(value, bool):
+            value = "on" if value else "off"  # yaml 1.1 reads a bare off/on as a bool
+        elif isinstance(default, float) and isinstance(value, str):
+            # yaml 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {full} must be a number, got {value!r}") from None
+        out[key] = value
+    return out
+
+
+def _merge_dict(cfg: CN, data: dict, where: str) -> None:
+    data = _coerce_numbers(data, cfg, where)
+    try:
+        cfg.merge_from_other_cfg(CN(data))
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _merge_file(cfg: CN, path: str, chain: Sequence[str] = ()) -> None:
+    path = os.path.abspath(path)
+    if path in chain:
+        raise ConfigError(f"_BASE_ cycle: {' -> '.join(list(chain) + [path])}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+    base = data.pop("_BASE_", None)
+    if base:
+        _merge_file(cfg, os.path.join(os.path.dirname(path), base), list(chain) + [path])
+    _merge_dict(cfg, data, path)
+
+
+def merge_opts(cfg: CN, opts: Iterable[str]) -> None:
+    """Merge ``["KEY", "VALUE", ...]`` command-line overrides (values parsed as yaml literals)."""
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"overrides must come in KEY VALUE pairs, got {len(opts)} items: {opts}")
+    for key, raw in zip(opts[0::2], opts[1::2]):
+        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        nested: dict = {}
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        _merge_dict(cfg, nested, "command line")
+
+
+def load_cfg(path: Optional[str] = None, opts: Iterable[str] = (), validate: bool = True) -> CN:
+    """Defaults, then ``path`` (with its ``_BASE_`` chain), then ``opts``; validated and frozen."""
+    cfg = get_cfg()
+    if path:
+        _merge_file(cfg, path)
+    merge_opts(cfg, opts)
+    if validate:
+        validate_cfg(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def experiment_name(cfg: CN) -> str:
+    if cfg.EXPERIMENT.NAME:
+        return cfg.EXPERIMENT.NAME
+    kind = cfg.DISTILLER.TYPE
+    if kind == "NONE":
+        return f"{cfg.DISTILLER.STUDENT}_vanilla"
+    prefix = ""
+    if cfg.DEEPKD.ENABLED:
+        prefix = "dot_" if cfg.DEEPKD.OPTIMIZER == "dot" else "deepkd_"
+    method = prefix + kind.lower()
+    return f"{method}_{cfg.DISTILLER.TEACHER}_{cfg.DISTILLER.STUDENT}"
+
+
+def output_dir(cfg: CN) -> str:
+    if cfg.OUTPUT_DIR:
+        return cfg.OUTPUT_DIR
+    return os.path.join(cfg.EXPERIMENT.OUTPUT_ROOT, cfg.DATASET.TYPE, experiment_name(cfg))
+
+
+def dataset_root(cfg: CN) -> str:
+    return cfg.DATASET.ROOT or _DEFAULT_ROOTS[cfg.DATASET.TYPE]
+
+
+def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
+    """Raise :class:`ConfigError` listing every contradictory or out-of-range setting."""
+    errors: List[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    ds, dist, solver, deep = cfg.DATASET, cfg.DISTILLER, cfg.SOLVER, cfg.DEEPKD
+    need(ds.TYPE in DATASET_TYPES, f"DATASET.TYPE must be one of {DATASET_TYPES}, got {ds.TYPE!r}")
+    need(ds.NUM_WORKERS >= 0, "DATASET.NUM_WORKERS must be >= 0")
+    need(ds.TEST_BATCH_SIZE >= 1, "DATASET.TEST_BATCH_SIZE must be >= 1")
+    need(0.0 < ds.DIGITS.VAL_FRACTION < 1.0, "DATASET.DIGITS.VAL_FRACTION must lie in (0, 1)")
+    need(ds.DIGITS.SIZE >= 8, "DATASET.DIGITS.SIZE must be >= 8")
+    need(ds.DIGITS.TRAIN_LIMIT >= 0, "DATASET.DIGITS.TRAIN_LIMIT must be >= 0")
+    need(cfg.DEVICE in ("auto", "cpu", "cuda"), f"DEVICE must be auto, cpu or cuda, got {cfg.DEVICE!r}")
+
+    need(dist.TYPE in DISTILLER_TYPES, f"DISTILLER.TYPE must be one of {DISTILLER_TYPES}, got {dist.TYPE!r}")
+    need(bool(dist.STUDENT), "DISTILLER.STUDENT must name a model")
+    _check_model_names(cfg, errors)
+    if dist.TYPE != "NONE":
+        need(bool(dist.TEACHER), f"DISTILLER.TYPE {dist.TYPE} needs a teacher: set DISTILLER.TEACHER")
+    if deep.ENABLED and dist.TYPE == "NONE":
+        errors.append(
+            "DEEPKD.ENABLED needs a distillation method (DISTILLER.TYPE KD, DKD, MLKD or CRLD): with NONE there is "
+            "no target/non-target gradient to decouple"
+        )
+
+    need(solver.EPOCHS >= 1, "SOLVER.EPOCHS must be >= 1")
+    need(solver.BATCH_SIZE >= 1, "SOLVER.BATCH_SIZE must be >= 1")
+    need(solver.LR > 0, f"SOLVER.LR must be positive, got {solver.LR}")
+    need(solver.WEIGHT_DECAY >= 0, "SOLVER.WEIGHT_DECAY must be >= 0")
+    need(0.0 <= solver.MOMENTUM < 1.0, f"SOLVER.MOMENTUM must lie in [0, 1), got {solver.MOMENTUM}")
+    need(solver.LR_SCHEDULER in ("step", "cosine"),
+         f"SOLVER.LR_SCHEDULER must be 'step' or 'cosine', got {solver.LR_SCHEDULER!r}")
+    stages = list(solver.LR_DECAY_STAGES)
+    need(stages == sorted(stages) and len(set(stages)) == len(stages),
+         f"SOLVER.LR_DECAY_STAGES must be strictly increasing, got {stages}")
+    need(0.0 < solver.LR_DECAY_RATE <= 1.0, "SOLVER.LR_DECAY_RATE must lie in (0, 1]")
+    need(0.0 <= solver.WARMUP_EPOCHS < solver.EPOCHS, "SOLVER.WARMUP_EPOCHS must lie in [0, EPOCHS)")
+    need(0.0 <= solver.MIN_LR <= solver.LR, "SOLVER.MIN_LR must lie in [0, LR]")
+
+    need(cfg.KD.TEMPERATURE > 0, "KD.TEMPERATURE must be positive")
+    need(cfg.DKD.T > 0, "DKD.T must be positive")
+    need(cfg.KD.WARMUP >= 0 and cfg.DKD.WARMUP >= 0, "KD.WARMUP and DKD.WARMUP must be >= 0")
+    for key in ("CE_WEIGHT", "KD_WEIGHT"):
+        need(cfg.KD[key] >= 0, f"KD.{key} must be >= 0")
+    for key in ("CE_WEIGHT", "ALPHA", "BETA"):
+        need(cfg.DKD[key] >= 0, f"DKD.{key} must be >= 0")
+
+    _check_two_view_methods(cfg, need)
+
+    need(deep.COMPAT in ("paper", "official"), f"DEEPKD.COMPAT must be 'paper' or 'official', got {deep.COMPAT!r}")
+    need(deep.STEP_STRATEGY in ("sequential", "batched"),
+         f"DEEPKD.STEP_STRATEGY must be 'sequential' or 'batched', got {deep.STEP_STRATEGY!r}")
+    need(deep.DAMPENING >= 0 and deep.DAMPENING < 1, "DEEPKD.DAMPENING must lie in [0, 1)")
+    _check_optimizer(cfg, need)
+    if deep.ENABLED and ds.TYPE in NUM_CLASSES:
+        _check_topk(cfg, num_classes or NUM_CLASSES[ds.TYPE], errors)
+
+    need(cfg.GSNR.PERIOD >= 0, "GSNR.PERIOD must be >= 0")
+    need(cfg.GSNR.WINDOW >= 2, "GSNR.WINDOW must be >= 2 (a variance needs two mini-batches)")
+    need(cfg.LOG.SAVE_EVERY >= 1 and cfg.LOG.EVAL_EVERY >= 1, "LOG.SAVE_EVERY and LOG.EVAL_EVERY must be >= 1")
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+
+
+def _check_two_view_methods(cfg: CN, need) -> None:
+    from deepkd_det.core.views import CONFIDENCE_MASK_MODES
+
+    need(cfg.DATASET.STRONG_AUG in STRONG_AUGS,
+         f"DATASET.STRONG_AUG must be one of {STRONG_AUGS}, got {cfg.DATASET.STRONG_AUG!r}")
+    m, c = cfg.MLKD, cfg.CRLD
+    temps = list(m.TEMPERATURES)
+    need(bool(temps) and all(isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 for t in temps),
+         f"MLKD.TEMPERATURES must be a non-empty list of positive numbers, got {temps}")
+    need(c.T > 0, "CRLD.T must be positive")
+    for name, node, keys in (("MLKD", m, ("CE_WEIGHT", "KD_WEIGHT", "ALPHA", "BETA", "WARMUP")),
+                             ("CRLD", c, ("CE_WEIGHT", "WITHIN_WEIGHT", "CROSS_WEIGHT", "ALPHA", "BETA", "WARMUP"))):
+        for key in keys:
+            need(node[key] >= 0, f"{name}.{key} must be >= 0, got {node[key]}")
+        need(node.SPLIT in ("kd", "dkd"), f"{name}.SPLIT must be 'kd' or 'dkd', got {node.SPLIT!r}")
+        need(node.CONFIDENCE_MASK in CONFIDENCE_MASK_MODES,
+             f"{name}.CONFIDENCE_MASK must be one of {CONFIDENCE_MASK_MODES}, got {node.CONFIDENCE_MASK!r}")
+    for key in ("TAU_WEAK", "TAU_STRONG"):
+        need(0.0 <= c[key] <= 1.0, f"CRLD.{key} is a probability threshold and must lie in [0, 1], got {c[key]}")
+
+
+def _check_optimizer(cfg: CN, need) -> None:
+    deep, mu = cfg.DEEPKD, cfg.SOLVER.MOMENTUM
+    need(deep.OPTIMIZER in OPTIMIZERS, f"DEEPKD.OPTIMIZER must be one of {OPTIMIZERS}, got {deep.OPTIMIZER!r}")
+    if deep.OPTIMIZER == "dot":
+        need(deep.ENABLED, "DEEPKD.OPTIMIZER dot needs DEEPKD.ENABLED True (or set DEEPKD.OPTIMIZER deepkd "
+                           "for plain training)")
+        need(deep.DECOUPLE, "DEEPKD.OPTIMIZER dot keeps two momentum buffers: it contradicts DEEPKD.DECOUPLE False")
+        need(deep.COMPAT == "paper", "DEEPKD.OPTIMIZER dot has no 'official' mode: set DEEPKD.COMPAT paper")
+        for name, m in (("task", mu - deep.DOT_DELTA), ("distillation", mu + deep.DOT_DELTA)):
+            need(0.0 <= m < 1.0, f"DOT {name} momentum SOLVER.MOMENTUM -/+ DEEPKD.DOT_DELTA = {m:g} is outside [0, 1)")
+    elif deep.ENABLED and deep.DECOUPLE:
+        for comp in ("TOG", "TCG", "NCG"):
+            m = mu + deep[f"DELTA_{comp}"]
+            need(0.0 <= m < 1.0, f"{comp} momentum SOLVER.MOMENTUM + DEEPKD.DELTA_{comp} = {m:g} is outside [0, 1)")
+
+
+def _check_model_names(cfg: CN, errors: List[str]) -> None:
+    from .models import list_models
+
+    known = list_models()
+    for key in ("STUDENT", "TEACHER"):
+        name = cfg.DISTILLER[key]
+        if name and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f"; available: {', '.join(known)}"
+            errors.append(f"DISTILLER.{key}: unknown model {name!r}{hint}")
+
+
+def build_topk_schedule(cfg: CN, num_classes: int):
+    """The dynamic top-k schedule of DeepKD, or None when DeepKD or the mask is off."""
+    from deepkd_det.core.topk import TopKSchedule
+
+    t = cfg.DEEPKD.TOPK
+    if not cfg.DEEPKD.ENABLED or t.MODE == "off":
+        return None
+    return TopKSchedule(
+        num_classes - 1,
+        mode=t.MODE,
+        k_start=t.K_START or None,
+        k_end=t.K_END or None,
+        start=t.START,
+        end=t.END,
+        phases=[tuple(p) for p in t.PHASES],
+    )
+
+
+def _check_topk(cfg: CN, num_classes: int, errors: List[str]) -> None:
+    t = cfg.DEEPKD.TOPK
+    if t.K_START < 0 or t.K_END < 0:
+        errors.append("DEEPKD.TOPK.K_START and K_END must be >= 1 (or 0 for the default)")
+        return
+    bad_phase = [p for p in t.PHASES if not (isinstance(p, (list, tuple)) and len(p) == 2)]
+    if bad_phase:
+        errors.append(f"DEEPKD.TOPK.PHASES must be a list of [progress, K] pairs, got {list(t.PHASES)}")
+        return
+    try:
+        build_topk_schedule(cfg, num_classes)
+    except ValueError as exc:
+        errors.append(f"DEEPKD.TOPK ({num_classes} classes): {exc}")

@@ -1,0 +1,401 @@
+"""The classification trainer: plain or DeepKD distillation, checkpoints, resume, logs, evaluation.
+
+One ``ClsTrainer(cfg, resume=False).train()`` call runs a whole experiment on one or several
+workers (torchrun). Rank 0 writes everything under the output directory:
+
+    config.yaml       the merged configuration
+    worklog.txt       plain-text log of the run (start, epochs, best, errors)
+    metrics.jsonl     one json object per epoch ({"type": "epoch", ...}) and GSNR measurement
+    tb/               TensorBoard scalars (losses, lr, K, top-1/top-5, GSNR)
+    latest.pth        full training state after the last finished epoch (used by --resume)
+    best.pth          full training state of the best validation top-1
+    student_best.pth  student weights only, {"model": state_dict} (mdistiller layout)
+    ckpt_epoch_<N>.pth  student weights only, every LOG.SAVE_EVERY epochs and after the last one
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import deepkd as deepkd_api
+from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .config import build_topk_schedule, experiment_name, output_dir, validate_cfg
+from .data import build_datasets, build_loaders
+from .dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
+from .distillers import StepContext, build_distiller, distiller_class
+
+__all__ = ["ClsTrainer", "NonFiniteLossError", "accuracy", "evaluate", "build_teacher", "lr_at"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; training stops before the step that would spread it."""
+
+
+def lr_at(cfg, epoch_progress: float) -> float:
+    """Learning rate at ``epoch_progress`` (0-based epochs, fractional within an epoch)."""
+    s = cfg.SOLVER
+    if s.LR_SCHEDULER == "step":
+        lr = s.LR * s.LR_DECAY_RATE ** sum(int(epoch_progress) >= stage for stage in s.LR_DECAY_STAGES)
+    else:
+        lr = s.MIN_LR + (s.LR - s.MIN_LR) * 0.5 * (1.0 + math.cos(math.pi * epoch_progress / s.EPOCHS))
+    if s.WARMUP_EPOCHS > 0 and epoch_progress < s.WARMUP_EPOCHS:
+        lr *= epoch_progress / s.WARMUP_EPOCHS
+    return lr
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> List[int]:
+    """Number of rows whose target is among the top-k logits, for each k (k capped at C)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device) -> Dict[str, float]:
+    """Top-1 / top-5 (%) and mean cross-entropy over the loader, summed over all workers."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for image, target in loader:
+        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        logits = model(image)
+        c1, c5 = accuracy(logits, target)
+        totals += torch.tensor([c1, c5, float(F.cross_entropy(logits, target, reduction="sum")), len(target)],
+                               dtype=torch.float64)
+    all_reduce_sum(totals)
+    model.train(was_training)
+    n = max(totals[3].item(), 1.0)
+    return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n,
+            "loss": totals[2].item() / n, "count": int(totals[3].item())}
+
+
+def _to_device(image, device: torch.device):
+    """A batch of images, or the (weak, strong) views of a two-view batch, on ``device``."""
+    if isinstance(image, (list, tuple)):
+        return tuple(view.to(device, non_blocking=True) for view in image)
+    return image.to(device, non_blocking=True)
+
+
+def build_teacher(cfg, num_classes: int) -> Optional[nn.Module]:
+    """The frozen teacher from its checkpoint; None for vanilla training."""
+    from .models import build_model, load_teacher_weights, resolve_teacher_checkpoint
+
+    if cfg.DISTILLER.TYPE == "NONE":
+        return None
+    name = cfg.DISTILLER.TEACHER
+    teacher = build_model(name, num_classes)
+    path = cfg.TEACHER.CKPT or resolve_teacher_checkpoint(cfg.TEACHER.ROOT, name)
+    load_teacher_weights(teacher, path)
+    return deepkd_api.prepare_teacher(teacher, fold_bn=cfg.TEACHER.FOLD_BN)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _config_changes(saved_yaml: str, cfg) -> List[str]:
+    """``KEY: old -> new`` for every setting that differs from the checkpoint's configuration."""
+    import yaml
+
+    if not saved_yaml:
+        return []
+    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(cfg.dump()))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+class _Writers:
+    """Rank-0 outputs: worklog, metrics.jsonl, TensorBoard. On other ranks every call is a no-op."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.tensorboard = tensorboard
+        self.tb = None
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+
+    def _tb(self):
+        if self.tb is None and self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(self.out_dir, "tb"))
+        return self.tb
+
+    def log(self, msg: str, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        with open(os.path.join(self.out_dir, "worklog.txt"), "a") as f:
+            f.write(line + "\n")
+        if echo:
+            print(line, flush=True)
+
+    def record(self, entry: Dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        tb = self._tb()
+        if tb is not None:
+            for key, value in entry.items():
+                if key not in ("type", "epoch", "iter") and isinstance(value, (int, float)):
+                    tb.add_scalar(key, value, step)
+            tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+class ClsTrainer:
+    """Builds data, models, distiller and optimizer from ``cfg`` and trains.
+
+    ``resume=True`` continues from ``<output dir>/latest.pth``: student, optimizer (all DeepKD
+    momentum buffers), top-k schedule, epoch, best accuracy and every worker's RNG state, so
+    the run continues exactly as an uninterrupted one would.
+    """
+
+    def __init__(self, cfg, resume: bool = False, dist_info: Optional[DistInfo] = None):
+        from .models import build_model
+
+        self.cfg = cfg
+        self.dist = dist_info or init_distributed(cfg.DEVICE)
+        self.device = self.dist.device
+        self.out_dir = output_dir(cfg)
+        self.writers = _Writers(self.out_dir, self.dist.is_main, cfg.LOG.TENSORBOARD)
+        if cfg.DETERMINISTIC:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(cfg.SEED)  # identical initialisation on every worker
+
+        # Two-view methods (MLKD, CRLD) get a weak and a strong view of each training image.
+        train_set, val_set, self.num_classes = build_datasets(cfg, two_views=distiller_class(cfg).needs_two_views)
+        validate_cfg(cfg, self.num_classes)  # top-k range against the real class count
+        self.train_loader, self.val_loader = build_loaders(
+            cfg, train_set, val_set, self.dist.rank, self.dist.world, pin_memory=self.device.type == "cuda")
+
+        student = build_model(cfg.DISTILLER.STUDENT, self.num_classes)
+        teacher = build_teacher(cfg, self.num_classes)
+        self.distiller = build_distiller(cfg, student, teacher).to(self.device)
+        self.student = self.distiller.student
+        if self.dist.distributed:
+            deepkd_api.broadcast_parameters(self.student)
+        self.topk_schedule = build_topk_schedule(cfg, self.num_classes)
+        self.decoupled = bool(cfg.DEEPKD.ENABLED and cfg.DEEPKD.DECOUPLE)
+        self.optimizer = deepkd_api.build_optimizer(cfg, self.student.parameters(), self.decoupled)
+        self.gsnr = (deepkd_api.build_gsnr_meter(cfg, self.student, len(self.train_loader))
+                     if cfg.GSNR.ENABLED else None)
+        self.decoupled_step = (deepkd_api.build_decoupled_step(
+            cfg, self.optimizer, grad_hook=self.gsnr.gradient_hook if self.gsnr is not None else None)
+            if self.decoupled else None)
+
+        self.start_epoch = 0
+        self.best_top1 = -1.0
+        self.best_epoch = -1
+        self.iteration = 0
+        # Each worker gets its own augmentation stream (after the shared initialisation).
+        torch.manual_seed(cfg.SEED * 1_000 + self.dist.rank + 1)
+        if resume:
+            self.resume()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, epoch: int) -> Dict:
+        rng = all_gather_object(get_rng_state())  # every worker's stream, indexed by rank
+        return {
+            "epoch": epoch,  # number of finished epochs
+            "iteration": self.iteration,
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "topk_schedule": self.topk_schedule.state_dict() if self.topk_schedule else None,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "rng": rng,
+            "world_size": self.dist.world,
+            "config": self.cfg.dump(),
+        }
+
+    def resume(self, path: Optional[str] = None) -> None:
+        path = path or os.path.join(self.out_dir, "latest.pth")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {path} (start without --resume)")
+        state = load_checkpoint(path)
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.topk_schedule is not None and state.get("topk_schedule"):
+            self.topk_schedule.load_state_dict(state["topk_schedule"])
+        self.start_epoch = int(state["epoch"])
+        self.iteration = int(state["iteration"])
+        self.best_top1 = float(state["best_top1"])
+        self.best_epoch = int(state["best_epoch"])
+        rng = state["rng"]
+        if int(state.get("world_size", 1)) == self.dist.world:
+            set_rng_state(rng[self.dist.rank])
+        else:
+            self.writers.log(f"resume: checkpoint from {state.get('world_size')} workers, now {self.dist.world}; "
+                             "random streams restart (the run will not match an uninterrupted one exactly)")
+        changed = _config_changes(state.get("config", ""), self.cfg)
+        if changed:
+            self.writers.log("resume: configuration differs from the checkpoint's: " + "; ".join(changed))
+        self.writers.log(f"resumed from {path} after epoch {self.start_epoch} (best top-1 {self.best_top1:.2f})")
+
+    def _save(self, epoch: int, metrics: Dict[str, float]) -> None:
+        state = self.state_dict(epoch)  # collective: every rank takes part
+        if not self.dist.is_main:
+            return
+        atomic_save(state, os.path.join(self.out_dir, "latest.pth"))
+        student_only = {"model": state["model"], "epoch": epoch, "top1": metrics.get("top1")}
+        if metrics.get("is_best"):
+            atomic_save(state, os.path.join(self.out_dir, "best.pth"))
+            atomic_save(student_only, os.path.join(self.out_dir, "student_best.pth"))
+        if epoch % self.cfg.LOG.SAVE_EVERY == 0 or epoch == self.cfg.SOLVER.EPOCHS:
+            atomic_save(student_only, os.path.join(self.out_dir, f"ckpt_epoch_{epoch}.pth"))
+
+    # ------------------------------------------------------------------ training
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _check_finite(self, values: torch.Tensor, names: Tuple[str, ...], epoch: int, it: int) -> None:
+        # `values` is already summed over the workers, so every worker stops together.
+        if not bool(torch.isfinite(values).all()):
+            bad = ", ".join(f"{n}={v:g}" for n, v in zip(names, values.tolist()) if not math.isfinite(v))
+            msg = (f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}: {bad}. Training stopped before "
+                   f"the update; checkpoints (latest.pth) hold the last finished epoch, if any. "
+                   f"Lower SOLVER.LR or check the data and teacher.")
+            self.writers.log("ERROR " + msg)
+            raise NonFiniteLossError(msg)
+
+    def train_step(self, image, target: torch.Tensor, ctx: StepContext, epoch: int, it: int):
+        """One optimisation step; returns (logits, {component: loss averaged over workers}).
+
+        ``image`` is a batch, or its ``(weak, strong)`` views for a two-view distiller.
+        """
+        logits, losses = self.distiller(image, target, ctx)
+        names = tuple(losses)
+        values = torch.stack([losses[n].detach().float() for n in names]).cpu()
+        all_reduce_sum(values)
+        values /= self.dist.world
+        self._check_finite(values, names, epoch, it)
+        measuring = self.gsnr is not None and self.gsnr.begin(self.iteration)
+        if self.decoupled:
+            self.decoupled_step(self.optimizer.component_losses(**losses))
+        else:
+            if measuring:
+                deepkd_api.observe_plain_components(self.gsnr, losses, list(self.student.parameters()))
+            self.optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            if self.dist.distributed:
+                deepkd_api.average_gradients(list(self.student.parameters()))
+        self.optimizer.step()
+        if measuring:
+            if self.decoupled:
+                self.gsnr.observe_buffers(self.optimizer)
+            scalars = self.gsnr.end()
+            if scalars:
+                self.writers.record({"type": "gsnr", "epoch": epoch + 1, "iter": self.iteration, **scalars},
+                                    self.iteration)
+        return logits, dict(zip(names, values.tolist()))
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        cfg = self.cfg
+        self.distiller.train()
+        steps = len(self.train_loader)
+        sums: Dict[str, float] = {}
+        correct = torch.zeros(2, dtype=torch.float64)
+        progress_bar = None
+        loader = self.train_loader(epoch)
+        if self.dist.is_main and cfg.LOG.PROGRESS_BAR:
+            from tqdm import tqdm
+
+            progress_bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.SOLVER.EPOCHS}", leave=False,
+                                dynamic_ncols=True)
+        for it, (image, target) in enumerate(loader):
+            if it >= steps:
+                break
+            image, target = _to_device(image, self.device), target.to(self.device, non_blocking=True)
+            self._set_lr(lr_at(cfg, epoch + it / steps))
+            progress = (epoch + it / steps) / cfg.SOLVER.EPOCHS
+            k = self.topk_schedule.topk_arg(progress) if self.topk_schedule is not None else None
+            ctx = StepContext(epoch=epoch + 1, topk=k)
+            logits, values = self.train_step(image, target, ctx, epoch, it)
+            self.iteration += 1
+            for name, v in values.items():
+                sums[name] = sums.get(name, 0.0) + v
+            correct += torch.tensor([accuracy(logits.detach(), target, ks=(1,))[0], len(target)],
+                                    dtype=torch.float64)
+            if progress_bar is not None:
+                progress_bar.update(1)
+                progress_bar.set_postfix({n: f"{v:.3f}" for n, v in values.items()})
+        if progress_bar is not None:
+            progress_bar.close()
+        all_reduce_sum(correct)
+        out = {f"train/{n}": v / steps for n, v in sums.items()}
+        out["train/loss"] = sum(sums.values()) / steps
+        out["train/top1"] = 100.0 * correct[0].item() / max(correct[1].item(), 1.0)
+        out["lr"] = lr_at(cfg, epoch)
+        if self.topk_schedule is not None:
+            out["topk/K"] = float(self.topk_schedule.k_at(self.topk_schedule.last_progress))
+        return out
+
+    # ------------------------------------------------------------------ main loop
+    def train(self, stop_after: Optional[int] = None) -> Dict[str, float]:
+        """Train to SOLVER.EPOCHS (or only until ``stop_after`` epochs are finished; resume later)."""
+        cfg = self.cfg
+        end = cfg.SOLVER.EPOCHS if stop_after is None else min(int(stop_after), cfg.SOLVER.EPOCHS)
+        if self.dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
+        self.writers.log(
+            f"start {experiment_name(cfg)}: {cfg.DISTILLER.TYPE} "
+            f"{cfg.DISTILLER.TEACHER if cfg.DISTILLER.TYPE != 'NONE' else '-'} -> {cfg.DISTILLER.STUDENT}, DeepKD "
+            f"{'on (' + cfg.DEEPKD.OPTIMIZER + ', ' + cfg.DEEPKD.COMPAT + ')' if cfg.DEEPKD.ENABLED else 'off'}, "
+            f"{cfg.DATASET.TYPE} "
+            f"({self.num_classes} classes), {self.dist.world} worker(s) on {self.device}, "
+            f"epochs {self.start_epoch + 1}..{end} of {cfg.SOLVER.EPOCHS}, output {self.out_dir}")
+        last_eval: Dict[str, float] = {}
+        try:
+            for epoch in range(self.start_epoch, end):
+                t0 = time.time()
+                metrics = self.train_epoch(epoch)
+                finished = self.start_epoch = epoch + 1
+                if self.dist.distributed:  # batch-norm statistics: rank 0's, the ones checkpointed
+                    deepkd_api.broadcast_parameters(self.student)
+                if finished % cfg.LOG.EVAL_EVERY == 0 or finished == cfg.SOLVER.EPOCHS:
+                    last_eval = evaluate(self.student, self.val_loader, self.device)
+                    metrics.update({"val/top1": last_eval["top1"], "val/top5": last_eval["top5"],
+                                    "val/loss": last_eval["loss"]})
+                    if last_eval["top1"] > self.best_top1:
+                        self.best_top1, self.best_epoch = last_eval["top1"], finished
+                        metrics["is_best"] = True
+                metrics["time"] = time.time() - t0
+                self._save(finished, {"top1": last_eval.get("top1"), "is_best": metrics.pop("is_best", False)})
+                self.writers.record({"type": "epoch", "epoch": finished, **metrics}, finished)
+                self.writers.log(
+                    f"epoch {finished}/{cfg.SOLVER.EPOCHS} "
+                    + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+                    + f" best={self.best_top1:.2f}@{self.best_epoch}")
+        finally:
+            self.writers.close()
+        barrier()
+        summary = {"best_top1": self.best_top1, "best_epoch": self.best_epoch,
+                   "last_top1": last_eval.get("top1", float("nan")),
+                   "last_top5": last_eval.get("top5", float("nan"))}
+        self.writers.log(f"done: best top-1 {self.best_top1:.2f} at epoch {self.best_epoch}, "
+                         f"last top-1 {summary['last_top1']:.2f}")
+        return summary

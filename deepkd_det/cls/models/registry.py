@@ -1,0 +1,81 @@
+"""Name -> constructor registry of the classification models.
+
+CIFAR names are mdistiller's (its teacher folders are ``<name>_vanilla``); ImageNet names carry
+an ``imagenet_`` prefix. Every constructor takes ``num_classes`` and returns a module whose
+``forward`` gives logits (N, num_classes) and whose ``forward_features`` gives the pooled
+penultimate features (N, model.feature_dim).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+import torch.nn as nn
+
+from .cifar_mobilenetv2 import mobilenetv2_cifar
+from .cifar_resnet import (
+    resnet8,
+    resnet8x4,
+    resnet14,
+    resnet20,
+    resnet32,
+    resnet32x4,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from .cifar_resnet50 import resnet50_cifar
+from .cifar_shufflenet import shufflenet_v1, shufflenet_v2
+from .cifar_vgg import vgg8, vgg11, vgg13, vgg16, vgg19
+from .cifar_wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+from .imagenet import imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
+
+__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "build_model", "list_models"]
+
+_CIFAR: Dict[str, Callable[[int], nn.Module]] = {
+    "resnet8": resnet8,
+    "resnet14": resnet14,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet44": resnet44,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "resnet8x4": resnet8x4,
+    "resnet32x4": resnet32x4,
+    "wrn_16_1": wrn_16_1,
+    "wrn_16_2": wrn_16_2,
+    "wrn_40_1": wrn_40_1,
+    "wrn_40_2": wrn_40_2,
+    "vgg8": vgg8,
+    "vgg11": vgg11,
+    "vgg13": vgg13,
+    "vgg16": vgg16,
+    "vgg19": vgg19,
+    "MobileNetV2": mobilenetv2_cifar,
+    "ShuffleV1": shufflenet_v1,
+    "ShuffleV2": shufflenet_v2,
+    "ResNet50": resnet50_cifar,
+}
+_IMAGENET: Dict[str, Callable[[int], nn.Module]] = {
+    "imagenet_resnet18": imagenet_resnet18,
+    "imagenet_resnet34": imagenet_resnet34,
+    "imagenet_resnet50": imagenet_resnet50,
+    "imagenet_mobilenet_v2": imagenet_mobilenet_v2,
+}
+
+CIFAR_MODEL_NAMES = tuple(_CIFAR)
+IMAGENET_MODEL_NAMES = tuple(_IMAGENET)
+MODEL_REGISTRY: Dict[str, Callable[[int], nn.Module]] = {**_CIFAR, **_IMAGENET}
+
+
+def list_models() -> List[str]:
+    return list(MODEL_REGISTRY)
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model; load teacher weights with ``load_teacher_weights``."""
+    if name not in MODEL_REGISTRY:
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(MODEL_REGISTRY)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return MODEL_REGISTRY[name](num_classes)

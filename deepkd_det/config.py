@@ -1,0 +1,403 @@
+"""Config keys of the DeepKD detection extension, their validation, and a tiny test config.
+
+``add_deepkd_config(cfg)`` adds the keys to a detectron2 ``CfgNode`` (every key is documented
+at its definition below); ``validate_deepkd_config(cfg)`` rejects contradictory or out-of-range
+settings with a ValueError that names the key; ``get_tiny_cfg()`` returns a ready CPU config
+for tests and the embedded demo.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from deepkd_det.core.topk import SCHEDULE_MODES, TopKSchedule
+
+__all__ = [
+    "KD_TYPES",
+    "add_deepkd_config",
+    "get_deepkd_cfg",
+    "get_tiny_cfg",
+    "resolve_teacher_cfg",
+    "build_topk_schedule",
+    "validate_deepkd_config",
+]
+
+KD_TYPES = ("NONE", "KD", "DKD")
+OPTIMIZERS = ("deepkd", "dot")
+COMPAT_MODES = ("paper", "official")
+COUPLINGS = ("row", "batch")
+# Used when deepkd_det.core.step is not importable (it is written separately); the real list
+# comes from that module when it exists.
+_FALLBACK_GRAD_STRATEGIES = ("sequential",)
+DEFAULT_GRAD_STRATEGY = "sequential"
+
+
+def _add_mobilenetv2_config(cfg: CN) -> None:
+    # MobileNetV2 backbone (torchvision's architecture) for the R-50 -> MV2 pair.
+    cfg.MODEL.MOBILENETV2 = CN()
+    # Stage outputs: m2/m3/m4/m5 are the ends of the stride-4/8/16/32 stages
+    # (24/32/96/320 channels, torchvision feature indices 3/6/13/17).
+    cfg.MODEL.MOBILENETV2.OUT_FEATURES = ["m2", "m3", "m4", "m5"]
+    # "FrozenBN" (ImageNet statistics, the usual detection setting), "BN", "SyncBN", "GN", ...
+    cfg.MODEL.MOBILENETV2.NORM = "FrozenBN"
+    # Width multiplier of torchvision's MobileNetV2 (1.0 for the ImageNet weights).
+    cfg.MODEL.MOBILENETV2.WIDTH_MULT = 1.0
+
+
+def _fresh_copy(value):
+    """Deep copy that also rebuilds tuples, so that no object is shared with the original
+    (shared objects would appear as YAML anchors/aliases in ``cfg.dump()``)."""
+    if isinstance(value, CN):
+        return CN({k: _fresh_copy(v) for k, v in value.items()})
+    if isinstance(value, tuple):
+        return tuple([_fresh_copy(v) for v in value])
+    if isinstance(value, list):
+        return [_fresh_copy(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def add_deepkd_config(cfg: CN) -> CN:
+    """Add the TEACHER, KD and SOLVER.DEEPKD keys (and MODEL.MOBILENETV2) to ``cfg`` in place."""
+    if "MOBILENETV2" not in cfg.MODEL:
+        _add_mobilenetv2_config(cfg)
+
+    # ---------------------------------------------------------------- teacher
+    cfg.TEACHER = CN()
+    # A full copy of detectron2's MODEL defaults: the teacher's backbone / FPN / RPN / ROI heads,
+    # PIXEL_MEAN / PIXEL_STD (its own normalisation) and WEIGHTS. The teacher runs on the device
+    # of the student (MODEL.DEVICE); TEACHER.MODEL.DEVICE is ignored.
+    # WEIGHTS: a detectron2 checkpoint of the teacher (model-zoo .pkl, or .pth with or without the
+    # "teacher." prefix). Empty: the teacher keys of MODEL.WEIGHTS (a combined release file).
+    # Missing or unexpected teacher keys stop the build with the key names.
+    cfg.TEACHER.MODEL = _fresh_copy(cfg.MODEL)
+    # Channel order the teacher was trained with ("BGR" for detectron2's model zoo). Images are
+    # flipped to it when it differs from INPUT.FORMAT.
+    cfg.TEACHER.INPUT_FORMAT = "BGR"
+    # "" or a detectron2 yaml (a path, or "model_zoo:COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
+    # whose MODEL part is the base of the teacher; TEACHER.MODEL entries that differ from
+    # detectron2's defaults override it. Its MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
+    cfg.TEACHER.CONFIG_FILE = ""
+    # The teacher always runs in eval mode (frozen BN, no dropout); only True is accepted.
+    cfg.TEACHER.EVAL_MODE = True
+    # Allow a teacher without weights (random init). Only for tests and smoke runs: a warning
+    # is logged. Off by default: a teacher with missing weights stops the build.
+    cfg.TEACHER.ALLOW_RANDOM_INIT = False
+
+    # ---------------------------------------------------------------- distillation loss
+    cfg.KD = CN()
+    # "NONE" (plain Faster R-CNN, no teacher built), "KD" (classical KD split into TCKD and the
+    # coupled NCKD), "DKD" (decoupled KD: alpha * TCKD + beta * NCKD), on the R-CNN head logits.
+    cfg.KD.TYPE = "DKD"
+    # DKD weight of TCKD (DKD paper COCO setting: 1.0).
+    cfg.KD.ALPHA = 1.0
+    # DKD weight of NCKD (DKD paper COCO setting: 0.25).
+    cfg.KD.BETA = 0.25
+    # Softmax temperature T of both terms (COCO: 1.0). The terms are multiplied by T^2.
+    cfg.KD.TEMPERATURE = 1.0
+    # Weight of both KD components when TYPE is "KD".
+    cfg.KD.KD_WEIGHT = 1.0
+    # Linear warm-up of the distillation terms over this many iterations (0 = none).
+    cfg.KD.WARMUP_ITERS = 0
+    # Logit standardisation ("logit standardization KD") of both logits before the losses.
+    cfg.KD.LOGIT_STAND = False
+    # KD only: "row" (paper, exact per-row (1 - p_t[y]_i) * NCKD_i) or "batch" (the released
+    # reference code: mean_i(1 - p_t[y]_i) * mean_i NCKD_i).
+    cfg.KD.COUPLING = "row"
+    # Dynamic top-k mask (DTM) on the non-target classes of NCKD (C - 1 = NUM_CLASSES of them,
+    # background included as a class).
+    cfg.KD.TOPK = CN()
+    # "off" (all non-target classes), "constant" (K_START), "linear" (K_START until START,
+    # linear to K_END at END), "step" (PHASES).
+    cfg.KD.TOPK.MODE = "off"
+    # First K; 0 = ceil(10% of the C - 1 non-target classes).
+    cfg.KD.TOPK.K_START = 0
+    # Last K; 0 = all C - 1 non-target classes.
+    cfg.KD.TOPK.K_END = 0
+    # Training progress (iteration / SOLVER.MAX_ITER) where the linear ramp starts.
+    cfg.KD.TOPK.START = 0.0
+    # Training progress where the linear ramp reaches K_END.
+    cfg.KD.TOPK.END = 0.6
+    # "step" mode: list of [progress, K] pairs, progress strictly increasing, K non-decreasing.
+    cfg.KD.TOPK.PHASES = []
+
+    # ---------------------------------------------------------------- decoupled optimizer
+    cfg.SOLVER.DEEPKD = CN()
+    # Use the decoupled DeepKD/DOT update (three momentum buffers) instead of torch SGD on the
+    # sum of the losses. Needs KD.TYPE "KD" or "DKD".
+    cfg.SOLVER.DEEPKD.ENABLED = False
+    # "deepkd" (TOG / TCG / NCG buffers) or "dot" (task / distillation buffers).
+    cfg.SOLVER.DEEPKD.OPTIMIZER = "deepkd"
+    # Momentum of each buffer is SOLVER.MOMENTUM + delta; each must lie in [0, 1).
+    cfg.SOLVER.DEEPKD.DELTA_TOG = 0.075
+    cfg.SOLVER.DEEPKD.DELTA_TCG = -0.075
+    # 0.05 for DKD, 0.075 for KD (paper / reference defaults).
+    cfg.SOLVER.DEEPKD.DELTA_NCG = 0.05
+    # DOT: task momentum SOLVER.MOMENTUM - DOT_DELTA, distillation SOLVER.MOMENTUM + DOT_DELTA.
+    cfg.SOLVER.DEEPKD.DOT_DELTA = 0.075
+    # "paper" (the update of the paper) or "official" (reproduces the released reference code).
+    cfg.SOLVER.DEEPKD.COMPAT = "paper"
+    # How the three per-component gradients are computed (a strategy of deepkd_det.core.step).
+    cfg.SOLVER.DEEPKD.GRAD_STRATEGY = DEFAULT_GRAD_STRATEGY
+    # Log the gradient signal-to-noise ratio every this many iterations (0 = off).
+    cfg.SOLVER.DEEPKD.GSNR_PERIOD = 0
+    # Number of mini-batches the GSNR is estimated over.
+    cfg.SOLVER.DEEPKD.GSNR_WINDOW = 8
+    return cfg
+
+
+def get_deepkd_cfg() -> CN:
+    """detectron2's default config with the DeepKD keys added."""
+    return add_deepkd_config(get_cfg())
+
+
+# ---------------------------------------------------------------- teacher config
+
+
+def _config_file_path(name: str) -> str:
+    if name.startswith("model_zoo:"):
+        from detectron2 import model_zoo
+
+        return model_zoo.get_config_file(name[len("model_zoo:") :])
+    return name
+
+
+def _diff(node: CN, base: CN, prefix: str = "") -> Dict[str, Any]:
+    """Flattened ``{dotted.key: value}`` of the entries of ``node`` that differ from ``base``."""
+    out: Dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, CN) and isinstance(base.get(key), CN):
+            out.update(_diff(value, base[key], f"{prefix}{key}."))
+        elif key not in base or base[key] != value:
+            out[prefix + key] = value
+    return out
+
+
+def resolve_teacher_cfg(cfg: CN) -> CN:
+    """A full detectron2 config whose MODEL is the teacher's (CONFIG_FILE, then TEACHER.MODEL).
+
+    The student's MODEL.DEVICE is used for the teacher.
+    """
+    teacher_cfg = get_deepkd_cfg()
+    defaults = teacher_cfg.MODEL.clone()
+    if cfg.TEACHER.CONFIG_FILE:
+        path = _config_file_path(cfg.TEACHER.CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
+        teacher_cfg.set_new_allowed(True)
+        teacher_cfg.merge_from_file(path)
+    overrides = _diff(cfg.TEACHER.MODEL, defaults)
+    teacher_cfg.defrost()
+    for dotted, value in overrides.items():
+        node = teacher_cfg.MODEL
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if p not in node:  # keys another extension added to MODEL before add_deepkd_config
+                node[p] = CN()
+            node = node[p]
+        node[leaf] = _fresh_copy(value)
+    # A model-zoo yaml's WEIGHTS is the ImageNet init of its training, not the trained teacher:
+    # only TEACHER.MODEL.WEIGHTS (or the teacher.* keys of MODEL.WEIGHTS) count.
+    teacher_cfg.MODEL.WEIGHTS = cfg.TEACHER.MODEL.WEIGHTS
+    teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    teacher_cfg.INPUT.FORMAT = cfg.TEACHER.INPUT_FORMAT
+    teacher_cfg.freeze()
+    return teacher_cfg
+
+
+def build_topk_schedule(cfg: CN) -> TopKSchedule:
+    """The DTM schedule of cfg.KD.TOPK over the C - 1 = NUM_CLASSES non-target classes."""
+    t = cfg.KD.TOPK
+    return TopKSchedule(
+        num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+        mode=t.MODE,
+        k_start=t.K_START or None,
+        k_end=t.K_END or None,
+        start=t.START,
+        end=t.END,
+        phases=[tuple(p) for p in t.PHASES],
+    )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _grad_strategies():
+    try:
+        from deepkd_det.core import step
+    except ImportError:
+        return _FALLBACK_GRAD_STRATEGIES
+    for name in ("GRAD_STRATEGIES", "STRATEGIES"):
+        if hasattr(step, name):
+            return tuple(getattr(step, name))
+    return _FALLBACK_GRAD_STRATEGIES
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_momentum(key: str, mu: float, delta: float) -> None:
+    m = mu + delta
+    if not 0.0 <= m < 1.0:
+        raise ValueError(
+            f"{key}: momentum SOLVER.MOMENTUM + delta = {mu} + {delta} = {m:g} is outside [0, 1)"
+        )
+
+
+def validate_deepkd_config(cfg: CN) -> None:
+    """Raise ValueError naming the key for contradictory or out-of-range DeepKD settings."""
+    for node in ("TEACHER", "KD"):
+        if node not in cfg:
+            raise ValueError(f"cfg has no {node} node: call deepkd_det.config.add_deepkd_config(cfg) first")
+    kd, dk = cfg.KD, cfg.SOLVER.DEEPKD
+    _check_choice("KD.TYPE", kd.TYPE, KD_TYPES)
+    distill = kd.TYPE != "NONE"
+    if dk.ENABLED and not distill:
+        raise ValueError(
+            "SOLVER.DEEPKD.ENABLED needs a distillation loss, but KD.TYPE is 'NONE' "
+            "(set KD.TYPE to 'KD' or 'DKD', or disable SOLVER.DEEPKD)"
+        )
+    if distill and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
+        raise ValueError(
+            f"KD.TYPE {kd.TYPE!r} needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
+            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no distillation would happen)"
+        )
+
+    # loss
+    if not kd.TEMPERATURE > 0:
+        raise ValueError(f"KD.TEMPERATURE must be > 0, got {kd.TEMPERATURE}")
+    for key in ("ALPHA", "BETA", "KD_WEIGHT"):
+        if not kd[key] >= 0:
+            raise ValueError(f"KD.{key} must be >= 0, got {kd[key]}")
+    if kd.WARMUP_ITERS < 0:
+        raise ValueError(f"KD.WARMUP_ITERS must be >= 0, got {kd.WARMUP_ITERS}")
+    _check_choice("KD.COUPLING", kd.COUPLING, COUPLINGS)
+
+    # top-k schedule
+    _check_choice("KD.TOPK.MODE", kd.TOPK.MODE, SCHEDULE_MODES)
+    num_nontarget = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for key in ("K_START", "K_END"):
+        k = kd.TOPK[key]
+        if k != 0 and not 1 <= k <= num_nontarget:
+            raise ValueError(
+                f"KD.TOPK.{key}={k} is out of range: K must lie in [1, C-1] = [1, {num_nontarget}] "
+                "(C - 1 = MODEL.ROI_HEADS.NUM_CLASSES non-target classes), or 0 for the default"
+            )
+    for phase in kd.TOPK.PHASES:
+        if len(phase) != 2:
+            raise ValueError(f"KD.TOPK.PHASES entries must be [progress, K] pairs, got {phase!r}")
+    try:
+        build_topk_schedule(cfg)
+    except ValueError as e:
+        raise ValueError(f"KD.TOPK: {e}") from None
+
+    # optimizer
+    _check_choice("SOLVER.DEEPKD.OPTIMIZER", dk.OPTIMIZER, OPTIMIZERS)
+    _check_choice("SOLVER.DEEPKD.COMPAT", dk.COMPAT, COMPAT_MODES)
+    _check_choice("SOLVER.DEEPKD.GRAD_STRATEGY", dk.GRAD_STRATEGY, _grad_strategies())
+    mu = cfg.SOLVER.MOMENTUM
+    if dk.ENABLED:
+        if dk.OPTIMIZER == "deepkd":
+            for key in ("DELTA_TOG", "DELTA_TCG", "DELTA_NCG"):
+                _check_momentum(f"SOLVER.DEEPKD.{key}", mu, dk[key])
+        else:
+            _check_momentum("SOLVER.DEEPKD.DOT_DELTA (task)", mu, -dk.DOT_DELTA)
+            _check_momentum("SOLVER.DEEPKD.DOT_DELTA (distillation)", mu, dk.DOT_DELTA)
+    if dk.GSNR_PERIOD < 0:
+        raise ValueError(f"SOLVER.DEEPKD.GSNR_PERIOD must be >= 0 (0 = off), got {dk.GSNR_PERIOD}")
+    if dk.GSNR_WINDOW < 2:
+        raise ValueError(
+            f"SOLVER.DEEPKD.GSNR_WINDOW must be >= 2 (a variance needs 2 batches), got {dk.GSNR_WINDOW}"
+        )
+
+    # teacher
+    if cfg.TEACHER.EVAL_MODE is not True:
+        raise ValueError("TEACHER.EVAL_MODE must be True: the teacher always runs in eval mode")
+    _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
+    if distill:
+        tcfg = resolve_teacher_cfg(cfg)
+        if tcfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+            raise ValueError(
+                "TEACHER.MODEL.META_ARCHITECTURE must be 'GeneralizedRCNN' (a two-stage detector "
+                f"with an R-CNN box head), got {tcfg.MODEL.META_ARCHITECTURE!r}"
+            )
+        t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        if t_classes != s_classes:
+            raise ValueError(
+                f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
+                f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit distillation needs the same classes"
+            )
+
+
+# ---------------------------------------------------------------- tiny config
+
+
+def _make_tiny_model(model: CN, num_classes: int) -> None:
+    """R-18-FPN Faster R-CNN sized for 64-128 px images on CPU."""
+    model.META_ARCHITECTURE = "GeneralizedRCNN"
+    model.WEIGHTS = ""
+    model.DEVICE = "cpu"
+    model.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    model.BACKBONE.FREEZE_AT = 0
+    model.RESNETS.DEPTH = 18
+    model.RESNETS.RES2_OUT_CHANNELS = 64
+    model.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    model.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    model.FPN.OUT_CHANNELS = 64
+    model.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+    model.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+    model.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    model.RPN.PRE_NMS_TOPK_TRAIN = 256
+    model.RPN.PRE_NMS_TOPK_TEST = 128
+    model.RPN.POST_NMS_TOPK_TRAIN = 64
+    model.RPN.POST_NMS_TOPK_TEST = 32
+    model.RPN.BATCH_SIZE_PER_IMAGE = 64
+    model.ROI_HEADS.NAME = "StandardROIHeads"
+    model.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    model.ROI_HEADS.NUM_CLASSES = num_classes
+    model.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
+    model.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    model.ROI_BOX_HEAD.NUM_FC = 2
+    model.ROI_BOX_HEAD.FC_DIM = 128
+    model.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    model.MASK_ON = False
+
+
+def get_tiny_cfg(
+    num_classes: int = 3, kd_type: str = "DKD", deepkd: bool = True, random_teacher: bool = True
+) -> CN:
+    """A ready CPU config: R-18-FPN student and R-18-FPN teacher (FPN 64 channels, FC 128),
+    64-128 px images, 64 proposals per image after NMS, 32 sampled RoIs per image.
+
+    ``kd_type`` "NONE" gives a plain GeneralizedRCNN; ``deepkd`` turns on SOLVER.DEEPKD.
+    ``random_teacher`` sets TEACHER.ALLOW_RANDOM_INIT (tests and smoke runs only; set
+    TEACHER.MODEL.WEIGHTS for a real teacher). Not frozen, so callers can change it.
+    """
+    cfg = get_deepkd_cfg()
+    _make_tiny_model(cfg.MODEL, num_classes)
+    _make_tiny_model(cfg.TEACHER.MODEL, num_classes)
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN" if kd_type == "NONE" else "DeepKDRCNN"
+    cfg.KD.TYPE = kd_type
+    cfg.TEACHER.ALLOW_RANDOM_INIT = bool(random_teacher)
+    cfg.SOLVER.DEEPKD.ENABLED = bool(deepkd) and kd_type != "NONE"
+    cfg.INPUT.MIN_SIZE_TRAIN = (64, 80, 96)
+    cfg.INPUT.MAX_SIZE_TRAIN = 128
+    cfg.INPUT.MIN_SIZE_TEST = 96
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.BASE_LR = 0.01
+    cfg.SOLVER.MAX_ITER = 20
+    cfg.SOLVER.STEPS = (15,)
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.SOLVER.CHECKPOINT_PERIOD = 10
+    cfg.TEST.EVAL_PERIOD = 0
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    cfg.VIS_PERIOD = 0
+    return cfg

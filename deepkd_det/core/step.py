@@ -1,0 +1,306 @@
+"""The decoupled step: one forward pass, one gradient per loss component, folded into the optimizer.
+
+``DecoupledStep(optimizer, strategy)(losses)`` takes the loss tensors of one forward pass
+(``{component: scalar loss}``, e.g. ``optimizer.component_losses(tog=ce, tcg=tckd, ncg=nckd)``),
+checks they are finite, computes each component's gradient with respect to the trainable
+parameters of ``optimizer`` (frozen parameters, ``requires_grad=False``, e.g. a teacher, are
+skipped) and hands it to ``optimizer.fold``. The caller then calls ``optimizer.step()``.
+
+Strategies:
+  * ``"sequential"``: one ``torch.autograd.grad`` per component with the graph retained until the
+    last one; each gradient set is folded and freed before the next is computed, so at most one
+    gradient set is alive at a time (paper-mode optimizer; ``compat="official"`` keeps every
+    component's gradient until ``step`` because its update needs all three at once).
+  * ``"batched"``: one ``torch.autograd.grad(..., is_grads_batched=True)`` over the stacked
+    losses (a vmap over the backward pass): one traversal of the graph with K cotangents, at
+    the price of K gradient sets alive at once. Where an operation of the model has no vmap
+    rule the step warns once, names the error, and falls back to ``"sequential"``.
+
+Distributed (torch.distributed initialised, world size > 1): the model is *not* wrapped in
+DistributedDataParallel (DDP averages one combined gradient, not one per component). Instead
+each component's gradient is all-reduced here, in flattened buckets, and divided by the world
+size: exactly the per-component share of what DDP would produce for the combined gradient.
+Call ``broadcast_parameters(model)`` once after building the model (and after loading weights)
+so that every worker starts from rank 0's weights, as DDP does at construction. Batch-norm
+running statistics are per worker unless you broadcast them too (``buffers=True``, the default,
+does it once; DDP re-broadcasts them at every forward).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DecoupledStep", "STRATEGIES", "broadcast_parameters", "allreduce_gradients"]
+
+STRATEGIES = ("sequential", "batched")
+
+GradHook = Callable[[str, List[torch.Tensor], List[Optional[torch.Tensor]]], None]
+
+
+def _world_size(group=None) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _buckets(tensors: Sequence[torch.Tensor], bucket_bytes: int) -> List[List[int]]:
+    """Indices of ``tensors`` split into runs of one dtype/device and at most ~bucket_bytes each."""
+    out: List[List[int]] = []
+    current: List[int] = []
+    size = 0
+    key = None
+    for i, t in enumerate(tensors):
+        k = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
+        if current and (k != key or size + nbytes > bucket_bytes):
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += nbytes
+        key = k
+    if current:
+        out.append(current)
+    return out
+
+
+def allreduce_gradients(
+    grads: Sequence[Optional[torch.Tensor]],
+    params: Sequence[torch.Tensor],
+    group=None,
+    bucket_bytes: int = 25 * 2**20,
+) -> List[Optional[torch.Tensor]]:
+    """Averages one component's gradients over workers, as DDP averages a gradient.
+
+    A parameter that got a gradient on some worker but not on this one contributes zeros here
+    (a small all-reduce of presence flags decides); a parameter no worker reached stays None.
+    Gradients may carry leading batch dimensions (the "batched" strategy): shapes must simply
+    agree across workers. Returns new tensors (views into the reduced buckets).
+    """
+    world = _world_size(group)
+    grads = list(grads)
+    if world == 1:
+        return grads
+    device = params[0].device if params else torch.device("cpu")
+    present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=device)
+    dist.all_reduce(present, group=group)
+    present_any = present.tolist()
+    lead: Optional[torch.Size] = None
+    for g, p in zip(grads, params):
+        if g is not None:
+            lead = g.shape[: g.dim() - p.dim()]
+            break
+    filled: List[Optional[torch.Tensor]] = []
+    for g, p, n in zip(grads, params, present_any):
+        if g is None and n > 0:
+            g = torch.zeros((*(lead or ()), *p.shape), dtype=p.dtype, device=p.device)
+        filled.append(g)
+    live = [i for i, g in enumerate(filled) if g is not None]
+    out: List[Optional[torch.Tensor]] = [None] * len(filled)
+    for bucket in _buckets([filled[i] for i in live], bucket_bytes):
+        index = [live[j] for j in bucket]
+        shapes = [filled[i].shape for i in index]
+        flat = torch.cat([filled[i].reshape(-1) for i in index])
+        for i in index:
+            filled[i] = None  # the flat bucket holds the values now
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        for i, piece, shape in zip(index, flat.split([s.numel() for s in shapes]), shapes):
+            out[i] = piece.view(shape)
+    return out
+
+
+@torch.no_grad()
+def broadcast_parameters(module: torch.nn.Module, src: int = 0, group=None, buffers: bool = True) -> None:
+    """Copies rank ``src``'s parameters (and buffers) to every worker, in flattened buckets.
+
+    Needed once before training with ``DecoupledStep`` under torch.distributed, because the
+    model is not wrapped in DDP (which would do this at construction). No-op on one worker.
+    """
+    if _world_size(group) == 1:
+        return
+    tensors = [p.data for p in module.parameters()]
+    if buffers:
+        tensors += [b for b in module.buffers()]
+    for bucket in _buckets(tensors, 25 * 2**20):
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for i in bucket:
+            n = tensors[i].numel()
+            tensors[i].copy_(flat[offset : offset + n].view_as(tensors[i]))
+            offset += n
+
+
+def _looks_like_vmap_error(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(word in text for word in ("vmap", "batching rule", "batched", "functorch", "is_grads_batched"))
+
+
+class DecoupledStep:
+    """Computes and folds one gradient per loss component (see module docstring).
+
+    Args:
+        optimizer: a ``DecoupledMomentumSGD`` (``DeepKDOptimizer``, ``DOTOptimizer``): it must
+            have ``components``, ``params`` and ``fold(component, grads)``.
+        strategy: ``"sequential"`` or ``"batched"``.
+        grad_hook: optional ``hook(component, params, grads)`` called with each component's
+            (already averaged) gradients before they are folded, e.g. ``GSNRMeter.gradient_hook``.
+            ``params`` are the trainable parameters, ``grads`` aligned with them (None = no grad).
+        process_group: torch.distributed group for the gradient average (default: world).
+        bucket_mb: size of the flattened all-reduce buckets.
+    """
+
+    def __init__(
+        self,
+        optimizer,
+        strategy: str = "sequential",
+        *,
+        grad_hook: Optional[GradHook] = None,
+        process_group=None,
+        bucket_mb: float = 25.0,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"gradient strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for attr in ("components", "params", "fold"):
+            if not hasattr(optimizer, attr):
+                raise TypeError(
+                    f"DecoupledStep needs a decoupled-momentum optimizer (DeepKDOptimizer, DOTOptimizer); "
+                    f"{type(optimizer).__name__} has no {attr!r}"
+                )
+        self.optimizer = optimizer
+        self.strategy = strategy
+        self.grad_hook = grad_hook
+        self.process_group = process_group
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self._batched_checked = False  # first batched call keeps the graph, so a fallback can still run
+
+    # ---------------------------------------------------------------------------- checks
+    def _check_losses(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        if not losses:
+            raise ValueError("DecoupledStep got no losses")
+        names = list(losses)
+        unknown = [n for n in names if n not in self.optimizer.components]
+        if unknown:
+            raise ValueError(
+                f"loss components {unknown} are not components of the optimizer {tuple(self.optimizer.components)}"
+            )
+        for name in names:
+            loss = losses[name]
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss component {name!r} must be a scalar tensor, got {shape}")
+        # One host sync for all values, before any gradient is computed or folded.
+        values = torch.stack([losses[n].detach().reshape(()).float() for n in names]).tolist()
+        for name, value in zip(names, values):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise FloatingPointError(
+                    f"loss component {name!r} is not finite ({value}); nothing was folded into the optimizer"
+                )
+        return dict(zip(names, values))
+
+    # ------------------------------------------------------------------------------ call
+    def __call__(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+        """Folds every component's gradient into the optimizer; returns the loss values (floats)."""
+        values = self._check_losses(losses)
+        active = [(n, losses[n].reshape(())) for n in losses if losses[n].requires_grad]
+        if not active:
+            return values
+        all_params = self.optimizer.params
+        index = [i for i, p in enumerate(all_params) if p.requires_grad]
+        if not index:
+            raise ValueError("the optimizer holds no parameter with requires_grad=True")
+        plan = _Plan(all_params, index)
+        if self.strategy == "batched" and len(active) > 1:
+            if self._batched(active, plan):
+                return values
+        self._sequential(active, plan)
+        return values
+
+    def _fold(self, name: str, grads: Sequence[Optional[torch.Tensor]], plan: _Plan, reduce: bool) -> None:
+        if reduce:
+            grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+        if self.grad_hook is not None:
+            self.grad_hook(name, plan.trainable, list(grads))
+        self.optimizer.fold(name, plan.full(grads))
+
+    def _sequential(self, active, plan: _Plan) -> None:
+        last = len(active) - 1
+        for k, (name, loss) in enumerate(active):
+            grads = torch.autograd.grad(loss, plan.trainable, retain_graph=k < last, allow_unused=True)
+            self._fold(name, grads, plan, reduce=True)
+            del grads  # the optimizer keeps what it needs; free before the next backward
+
+    def _batched(self, active, plan: _Plan) -> bool:
+        # Which parameters each loss reaches: in a batched gradient an unreached parameter shows
+        # up as a row of zeros, but "no gradient" must leave its buffer untouched.
+        reached = [_reached_parameters(loss, plan.position) for _, loss in active]
+        stacked = torch.stack([loss for _, loss in active])
+        eye = torch.eye(len(active), dtype=stacked.dtype, device=stacked.device)
+        try:
+            grads = torch.autograd.grad(
+                stacked,
+                plan.trainable,
+                grad_outputs=eye,
+                is_grads_batched=True,
+                allow_unused=True,
+                retain_graph=not self._batched_checked,
+            )
+        except RuntimeError as err:
+            if self._batched_checked or not _looks_like_vmap_error(err):
+                raise
+            warnings.warn(
+                "DecoupledStep: strategy 'batched' (torch.autograd.grad with is_grads_batched=True) failed: "
+                f"{err}. Some operation of the model has no vmap rule for its backward pass; falling back "
+                "to strategy 'sequential' for this and all later steps.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self.strategy = "sequential"
+            return False
+        self._batched_checked = True
+        del stacked
+        # One all-reduce for all components at once (the batch dimension rides along).
+        grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+        for k, (name, _) in enumerate(active):
+            rows = [None if g is None or j not in reached[k] else g[k] for j, g in enumerate(grads)]
+            self._fold(name, rows, plan, reduce=False)
+        return True
+
+
+class _Plan:
+    """The trainable parameters of one call and where they sit in ``optimizer.params``."""
+
+    def __init__(self, all_params: List[torch.Tensor], index: List[int]):
+        self.size = len(all_params)
+        self.index = index
+        self.trainable = [all_params[i] for i in index]
+        self.position = {id(p): j for j, p in enumerate(self.trainable)}
+
+    def full(self, grads: Sequence[Optional[torch.Tensor]]) -> List[Optional[torch.Tensor]]:
+        out: List[Optional[torch.Tensor]] = [None] * self.size
+        for i, g in zip(self.index, grads):
+            out[i] = g
+        return out
+
+
+def _reached_parameters(loss: torch.Tensor, position: Dict[int, int]) -> set:
+    """Positions of the parameters the autograd graph of ``loss`` reaches (what allow_unused reports)."""
+    found = set()
+    seen = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the leaf tensor
+        if variable is not None:
+            j = position.get(id(variable))
+            if j is not None:
+                found.add(j)
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found

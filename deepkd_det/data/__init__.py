@@ -1,0 +1,31 @@
+"""Datasets: COCO-format datasets from the config, the embedded synthetic shapes set."""
+
+from .config import add_data_config
+from .register import (
+    check_dataset_paths,
+    prepare_shapes_dataset,
+    register_coco_dataset,
+    register_datasets_from_cfg,
+)
+from .synthetic import (
+    SHAPE_CATEGORIES,
+    SHAPES_TRAIN,
+    SHAPES_VAL,
+    generate_shapes_dataset,
+    render_shapes_image,
+    shapes_split_paths,
+)
+
+__all__ = [
+    "SHAPE_CATEGORIES",
+    "SHAPES_TRAIN",
+    "SHAPES_VAL",
+    "add_data_config",
+    "check_dataset_paths",
+    "generate_shapes_dataset",
+    "prepare_shapes_dataset",
+    "register_coco_dataset",
+    "register_datasets_from_cfg",
+    "render_shapes_image",
+    "shapes_split_paths",
+]

@@ -1,0 +1,74 @@
+"""Periodic GSNR / BSNR of the three gradient components during detection training.
+
+Every SOLVER.DEEPKD.GSNR_PERIOD iterations the core ``GSNRMeter`` records a window of
+SOLVER.DEEPKD.GSNR_WINDOW mini-batches: each component's (process-averaged) gradient through the
+decoupled step's ``grad_hook``, and the momentum buffers after the update. At the window's end
+the overall values go to the event storage as ``gsnr/<c>`` and ``bsnr/<c>`` (so to metrics.json
+and TensorBoard, where ``tools/plot_gsnr.py`` finds them) and the per-layer values to
+``<OUTPUT_DIR>/gsnr_per_layer.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+__all__ = ["GSNRHook"]
+
+_WRITER_PERIOD = 20  # DeepKDTrainer's PeriodicWriter period, as DefaultTrainer's
+
+
+class GSNRHook(HookBase):
+    """Drives a ``deepkd_det.core.gsnr.GSNRMeter`` from the trainer's iterations.
+
+    Args:
+        update: the trainer's ``DeepKDUpdate`` (its ``grad_hook`` is set while a window records).
+        period: P, a window starts every P iterations.
+        window: M >= 2 iterations per window (P >= M).
+        output_dir: where ``gsnr_per_layer.jsonl`` goes (main process only); None: not written.
+    """
+
+    def __init__(self, update, period: int, window: int, output_dir: Optional[str] = None):
+        from deepkd_det.core.gsnr import GSNRMeter
+
+        if period < window:
+            raise ValueError(
+                f"SOLVER.DEEPKD.GSNR_PERIOD ({period}) must be >= SOLVER.DEEPKD.GSNR_WINDOW ({window}): "
+                "a window of M iterations starts every P iterations"
+            )
+        if period < _WRITER_PERIOD:
+            logging.getLogger(__name__).warning(
+                f"SOLVER.DEEPKD.GSNR_PERIOD={period} < {_WRITER_PERIOD}: metrics.json / TensorBoard are written every "
+                f"{_WRITER_PERIOD} iterations and keep only the latest window; gsnr_per_layer.jsonl has every window"
+            )
+        self.update = update
+        optimizer = update.optimizer
+        named = [(f"param_{i}", p) for i, p in enumerate(optimizer.params) if p.requires_grad]
+        self.meter = GSNRMeter(named, window=window, period=period)
+        self.output_dir = output_dir
+
+    def name_parameters(self, model) -> None:
+        """Use the model's parameter names in the per-layer report."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.meter.names = [names.get(id(p), n) for n, p in zip(self.meter.names, self.meter.params)]
+
+    def before_step(self):
+        recording = self.meter.begin(self.trainer.iter)
+        self.update.grad_hook = self.meter.gradient_hook if recording else None
+
+    def after_step(self):
+        self.meter.observe_buffers(self.update.optimizer)
+        self.update.grad_hook = None
+        scalars = self.meter.end()
+        if not scalars:
+            return
+        self.trainer.storage.put_scalars(smoothing_hint=False, **scalars)
+        if self.output_dir and comm.is_main_process():
+            row = {"type": "gsnr", "iter": self.trainer.iter, **scalars, "per_layer": self.meter.per_layer}
+            with open(os.path.join(self.output_dir, "gsnr_per_layer.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
