@@ -124,6 +124,21 @@ def add_deepkd_config(cfg: CN) -> CN:
     cfg.KD.TOPK.END = 0.6
     # "step" mode: list of [progress, K] pairs, progress strictly increasing, K non-decreasing.
     cfg.KD.TOPK.PHASES = []
+    # ReviewKD feature distillation (Chen et al., CVPR 2021) between the student's and the
+    # teacher's FPN outputs: a trained review head (attention-based fusion) maps the student's
+    # levels to the teacher's, compared by the hierarchical context loss (HCL), returned as
+    # "loss_reviewkd". Works alone (KD.TYPE "NONE": the teacher is built for its features only)
+    # and with KD/DKD/DeepKD on the logits (DeepKD puts it in the task component, TOG).
+    cfg.KD.REVIEWKD = CN()
+    cfg.KD.REVIEWKD.ENABLED = False
+    # Weight of the HCL loss (release: 1.0 R101->R50, 1.2 R101->R18, 2.0 R50->MV2).
+    cfg.KD.REVIEWKD.LOSS_WEIGHT = 1.0
+    # FPN outputs compared, finest first (names and strides must agree between the two FPNs).
+    cfg.KD.REVIEWKD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Channels inside the review head (its fusion maps).
+    cfg.KD.REVIEWKD.MID_CHANNELS = 256
+    # HCL pyramid sizes (adaptive average pooling to l x l, weights 1/2, 1/4, ...).
+    cfg.KD.REVIEWKD.HCL_LEVELS = [4, 2, 1]
 
     # ---------------------------------------------------------------- decoupled optimizer
     cfg.SOLVER.DEEPKD = CN()
@@ -258,10 +273,17 @@ def validate_deepkd_config(cfg: CN) -> None:
     kd, dk = cfg.KD, cfg.SOLVER.DEEPKD
     _check_choice("KD.TYPE", kd.TYPE, KD_TYPES)
     distill = kd.TYPE != "NONE"
+    reviewkd = _validate_reviewkd(cfg)
     if dk.ENABLED and not distill:
         raise ValueError(
             "SOLVER.DEEPKD.ENABLED needs a distillation loss, but KD.TYPE is 'NONE' "
             "(set KD.TYPE to 'KD' or 'DKD', or disable SOLVER.DEEPKD)"
+            + ("; KD.REVIEWKD alone is a task-side (TOG) loss and needs no DeepKD" if reviewkd else "")
+        )
+    if reviewkd and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
+        raise ValueError(
+            "KD.REVIEWKD.ENABLED needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
+            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no feature distillation would happen)"
         )
     if distill and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
         raise ValueError(
@@ -320,19 +342,37 @@ def validate_deepkd_config(cfg: CN) -> None:
     if cfg.TEACHER.EVAL_MODE is not True:
         raise ValueError("TEACHER.EVAL_MODE must be True: the teacher always runs in eval mode")
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
-    if distill:
+    if distill or reviewkd:
         tcfg = resolve_teacher_cfg(cfg)
         if tcfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
             raise ValueError(
                 "TEACHER.MODEL.META_ARCHITECTURE must be 'GeneralizedRCNN' (a two-stage detector "
                 f"with an R-CNN box head), got {tcfg.MODEL.META_ARCHITECTURE!r}"
             )
+    if distill:
         t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
         if t_classes != s_classes:
             raise ValueError(
                 f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
                 f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit distillation needs the same classes"
             )
+
+
+def _validate_reviewkd(cfg: CN) -> bool:
+    """Check KD.REVIEWKD; return whether it is enabled. Feature names and strides are checked
+    against the built FPNs when the model is built."""
+    r = cfg.KD.REVIEWKD
+    if not r.LOSS_WEIGHT >= 0:
+        raise ValueError(f"KD.REVIEWKD.LOSS_WEIGHT must be >= 0, got {r.LOSS_WEIGHT}")
+    if int(r.MID_CHANNELS) != r.MID_CHANNELS or r.MID_CHANNELS < 1:
+        raise ValueError(f"KD.REVIEWKD.MID_CHANNELS must be a positive integer, got {r.MID_CHANNELS}")
+    names = list(r.IN_FEATURES)
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"KD.REVIEWKD.IN_FEATURES must be distinct feature names, at least one, got {names}")
+    for size in r.HCL_LEVELS:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"KD.REVIEWKD.HCL_LEVELS must be positive integers (pooled sizes), got {r.HCL_LEVELS}")
+    return bool(r.ENABLED)
 
 
 # ---------------------------------------------------------------- tiny config

@@ -367,3 +367,30 @@ def test_float32_matches_torch_sgd_when_components_share_momentum():
         ours.step()
         sgd.step()
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_param_matches_fold_and_refuses_misuse():
+    gen = torch.Generator().manual_seed(5)
+    w0 = [torch.randn(3, 2, generator=gen), torch.randn(4, generator=gen)]
+    by_list = [torch.nn.Parameter(x.clone()) for x in w0]
+    by_param = [torch.nn.Parameter(x.clone()) for x in w0]
+    a = DeepKDOptimizer([{"params": by_list[:1]}, {"params": by_list[1:], "lr": 0.2}], lr=0.1, weight_decay=0.01)
+    b = DeepKDOptimizer([{"params": by_param[:1]}, {"params": by_param[1:], "lr": 0.2}], lr=0.1, weight_decay=0.01)
+    for _ in range(3):
+        for c in ("ncg", "tog", "tcg"):
+            grads = [torch.randn(x.shape, generator=gen) for x in w0]
+            grads[1] = None if c == "tcg" else grads[1]
+            a.fold(c, grads)
+            for p, g in zip(by_param, grads):
+                b.fold_param(c, p, g)
+        a.step()
+        b.step()
+    for p, q in zip(by_list, by_param):
+        torch.testing.assert_close(p, q)
+    b.fold_param("tog", by_param[0], torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="twice"):
+        b.fold_param("tog", by_param[0], torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="already folded"):
+        b.fold("tog", [None, None])
+    with pytest.raises(ValueError, match="not a parameter"):
+        b.fold_param("tcg", torch.nn.Parameter(torch.zeros(1)), torch.ones(1))

@@ -179,3 +179,17 @@ def test_dot_through_decoupled_step(strategy):
     p = student.fc.weight
     torch.testing.assert_close(got["kd"][id(p)], ref["tcg"]["fc.weight"] + ref["ncg"]["fc.weight"], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got["task"][id(p)], ref["tog"]["fc.weight"], rtol=1e-9, atol=1e-12)
+
+
+def test_streaming_restores_existing_grad_and_ignores_it():
+    student, teacher, x, y = _setup()
+    student.eval()
+    ref = _reference_grads(student, teacher, x, y)
+    student.fc.weight.grad = torch.full_like(student.fc.weight, 7.0)
+    opt = DeepKDOptimizer(student.parameters(), lr=0.1)
+    got = {}
+    step = DecoupledStep(opt, "streaming", grad_hook=lambda c, ps, gs: got.setdefault(c, dict(zip(map(id, ps), gs))))
+    step(_losses(student, teacher, x, y))
+    torch.testing.assert_close(got["tog"][id(student.fc.weight)], ref["tog"]["fc.weight"], rtol=1e-9, atol=1e-12)
+    assert torch.all(student.fc.weight.grad == 7.0)
+    assert student.conv.weight.grad is None

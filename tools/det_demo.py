@@ -49,6 +49,8 @@ RUNS = [
     ("student + DKD", "student-dkd.yaml", "student"),
     ("student + DeepKD-DKD", "student-deepkd-dkd.yaml", "student"),
 ]
+# Added with --reviewkd: ReviewKD features on the FPN plus DeepKD-DKD on the head logits.
+REVIEWKD_RUN = ("student + ReviewKD + DeepKD-DKD", "student-reviewkd-deepkd.yaml", "student")
 PROFILES = {
     "default": dict(num_train=200, num_val=50, image_size=128, batch=8, teacher_iters=400, student_iters=130),
     "quick": dict(num_train=24, num_val=8, image_size=64, batch=4, teacher_iters=40, student_iters=12),
@@ -173,7 +175,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--quick", action="store_true", help="tiny images and schedules (a minute or two)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--teacher", default="", help="use this trained demo teacher (model_final.pth) instead of training one")
+    parser.add_argument("--reviewkd", action="store_true", help="also train a ReviewKD + DeepKD-DKD student")
     args = parser.parse_args(argv)
+    runs = RUNS + [REVIEWKD_RUN] if args.reviewkd else RUNS
 
     profile = PROFILES["quick" if args.quick else "default"]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -191,7 +195,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     rows: List[Dict] = []
     run_dirs: Dict[str, str] = {}
     teacher_weights = ""
-    for name, config, schedule in RUNS:
+    for name, config, schedule in runs:
         iters = profile[f"{schedule}_iters"]
         run_dir = os.path.join(out, _slug(name))
         cfg = build_cfg(config, run_dir, data_root, profile, iters, teacher_weights)

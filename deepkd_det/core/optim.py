@@ -96,6 +96,8 @@ class DecoupledMomentumSGD(Optimizer):
     def __init__(self, params, defaults: Dict[str, Any]):
         self._pending: Dict[str, List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], float]]] = {}
         self._stash: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}  # official: (param, grad)
+        self._streamed: Dict[str, set] = {}  # component -> ids of params folded one by one this step
+        self._group_of: Optional[Dict[int, dict]] = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- groups
@@ -118,11 +120,14 @@ class DecoupledMomentumSGD(Optimizer):
         merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         self._validate_group(merged)
         super().add_param_group(param_group)
+        self._group_of = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("_stash", {})
+        self._streamed = {}
+        self._group_of = None
 
     @property
     def params(self) -> List[torch.Tensor]:
@@ -132,7 +137,7 @@ class DecoupledMomentumSGD(Optimizer):
     def _check_component(self, component: str) -> None:
         if component not in self.components:
             raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
-        if component in self._pending or component in self._stash:
+        if component in self._pending or component in self._stash or component in self._streamed:
             raise RuntimeError(f"component {component!r} was already folded in this step; call step() first")
 
     def component_losses(self, tog=None, tcg=None, ncg=None) -> Dict[str, torch.Tensor]:
@@ -209,6 +214,56 @@ class DecoupledMomentumSGD(Optimizer):
             return
         self._fold_paper(component, per_group)
 
+    @torch.no_grad()
+    def fold_param(self, component: str, param: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+        """Folds the gradient of one parameter (streaming: call it as each gradient becomes ready).
+
+        At most once per parameter and component in a step, and not mixed with ``fold`` of the
+        same component. Per-tensor operations: meant for gradients folded while still in cache
+        (see ``DecoupledStep(strategy="streaming")``); ``fold`` is faster for whole lists.
+        """
+        if component not in self.components:
+            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        streamed = self._streamed.get(component)
+        if streamed is None:
+            self._check_component(component)
+            streamed = self._streamed[component] = set()
+        if grad is None:
+            return
+        if id(param) in streamed:
+            raise RuntimeError(f"parameter folded twice for component {component!r} in one step")
+        if self._group_of is None:
+            self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        group = self._group_of.get(id(param))
+        if group is None:
+            raise ValueError("fold_param() got a tensor that is not a parameter of this optimizer")
+        if grad.shape != param.shape:
+            raise ValueError(f"gradient of shape {tuple(grad.shape)} for a parameter of shape {tuple(param.shape)}")
+        streamed.add(id(param))
+        grad = grad.detach()
+        if self.compat == "official":
+            self._stash.setdefault(component, []).append((param, grad))
+            return
+        mu = self._momenta(group)[component]
+        _check_momentum(component, mu)
+        scale = (1.0 - mu) / (1.0 - float(group["dampening"]))
+        wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
+        buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+        state = self.state[param]
+        buf = state.get(buf_key)
+        if buf is None:
+            buf = state[buf_key] = grad.mul(scale)
+            if wd:
+                buf.add_(param, alpha=scale * wd)
+        else:
+            if state[scale_key] != scale:
+                buf.mul_(scale / state[scale_key])
+            buf.lerp_(grad, 1.0 - mu)
+            if wd:
+                buf.add_(param, alpha=(1.0 - mu) * wd)
+        state[scale_key] = scale
+        self._pending.setdefault(component, []).append((group, [param], [buf], scale))
+
     def _fold_paper(self, component: str, per_group) -> None:
         buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
         # Buckets of groups that share hyper-parameters, so each foreach call spans them all.
@@ -279,6 +334,7 @@ class DecoupledMomentumSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._streamed = {}
         if self.compat == "official":
             self._step_official()
             self._stash = {}
@@ -326,6 +382,8 @@ class DecoupledMomentumSGD(Optimizer):
         super().load_state_dict(state_dict)
         self._pending = {}
         self._stash = {}
+        self._streamed = {}
+        self._group_of = None
         for group in self.param_groups:
             self._validate_group(group)
 

@@ -15,6 +15,13 @@ Strategies:
     losses (a vmap over the backward pass): one traversal of the graph with K cotangents, at
     the price of K gradient sets alive at once. Where an operation of the model has no vmap
     rule the step warns once, names the error, and falls back to ``"sequential"``.
+  * ``"streaming"``: one ``backward(inputs=params)`` per component with a post-accumulate-grad
+    hook on every parameter that folds its gradient (``optimizer.fold_param``) the moment it
+    is complete and drops it: no full gradient set ever exists (extra memory ~ the buffers)
+    and each fold reads a gradient that is still in cache. ``.grad`` is used as scratch space
+    during the call (and restored afterwards). Under torch.distributed it runs as
+    ``"sequential"`` (the all-reduce needs whole gradient sets); with a ``grad_hook`` each
+    component's gradients are also collected for the hook.
 
 Distributed (torch.distributed initialised, world size > 1): the model is *not* wrapped in
 DistributedDataParallel (DDP averages one combined gradient, not one per component). Instead
@@ -36,7 +43,7 @@ import torch.distributed as dist
 
 __all__ = ["DecoupledStep", "STRATEGIES", "broadcast_parameters", "allreduce_gradients"]
 
-STRATEGIES = ("sequential", "batched")
+STRATEGIES = ("sequential", "batched", "streaming")
 
 GradHook = Callable[[str, List[torch.Tensor], List[Optional[torch.Tensor]]], None]
 
@@ -217,6 +224,9 @@ class DecoupledStep:
         if self.strategy == "batched" and len(active) > 1:
             if self._batched(active, plan):
                 return values
+        if self.strategy == "streaming" and _world_size(self.process_group) == 1:
+            self._streaming(active, plan)
+            return values
         self._sequential(active, plan)
         return values
 
@@ -269,6 +279,36 @@ class DecoupledStep:
             rows = [None if g is None or j not in reached[k] else g[k] for j, g in enumerate(grads)]
             self._fold(name, rows, plan, reduce=False)
         return True
+
+
+    def _streaming(self, active, plan: _Plan) -> None:
+        optimizer, hook = self.optimizer, self.grad_hook
+        current: Dict[str, object] = {}
+
+        def on_grad(param: torch.Tensor) -> None:
+            grad, param.grad = param.grad, None
+            optimizer.fold_param(current["name"], param, grad)
+            if hook is not None:
+                current["grads"][plan.position[id(param)]] = grad
+
+        saved = [p.grad for p in plan.trainable]
+        handles = []
+        try:
+            for p in plan.trainable:
+                p.grad = None  # the hook must see this component's gradient alone
+                handles.append(p.register_post_accumulate_grad_hook(on_grad))
+            last = len(active) - 1
+            for k, (name, loss) in enumerate(active):
+                current["name"] = name
+                current["grads"] = [None] * len(plan.trainable)
+                loss.backward(inputs=plan.trainable, retain_graph=k < last)
+                if hook is not None:
+                    hook(name, plan.trainable, current.pop("grads"))
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, g in zip(plan.trainable, saved):
+                p.grad = g
 
 
 class _Plan:

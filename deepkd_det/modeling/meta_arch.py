@@ -4,22 +4,28 @@ Training: the student runs as GeneralizedRCNN; the exact boxes its box head pool
 proposals) and its class logits are captured with hooks, the teacher's box head classifies the
 same boxes on its own features (its own normalisation and channel order, no gradient), and the
 TCKD / NCKD terms come from ``deepkd_det.core.losses`` with labels = gt_classes of the sampled
-proposals (background = NUM_CLASSES, the last index). Inference: the student alone.
+proposals (background = NUM_CLASSES, the last index). With KD.REVIEWKD the student's FPN maps go
+through a trained review head and are compared with the teacher's FPN maps (HCL), as
+``loss_reviewkd``; the teacher backbone runs once per iteration for both. Inference: the student
+alone.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
 from deepkd_det.config import build_topk_schedule, validate_deepkd_config
 from deepkd_det.core.losses import dkd_components, kd_components, warmup_factor
+from deepkd_det.core.reviewkd import HCL_LEVELS, hcl_loss
 from deepkd_det.core.topk import TopKSchedule
 
+from .reviewkd import build_reviewkd_head
 from .teacher import Teacher, build_teacher
 
 __all__ = ["DeepKDRCNN", "DISTILL_LOSS_KEYS"]
@@ -62,13 +68,38 @@ class _BoxHeadTap:
             self.labels = torch.cat([p.gt_classes for p in output[0]])
 
 
+class _BackboneTap:
+    """Records the student backbone's input size (the padded batch) and its output feature maps
+    (with their graph) in one training forward."""
+
+    def __init__(self):
+        self.active = False
+        self.image_size = self.features = None
+
+    def start(self):
+        self.active, self.calls = True, 0
+        self.image_size: tuple | None = None
+        self.features: Dict[str, torch.Tensor] | None = None
+
+    def stop(self):
+        self.active = False
+
+    def hook(self, module, args, output):
+        if self.active:
+            self.calls += 1
+            self.image_size = tuple(args[0].shape[-2:])
+            self.features = output
+
+
 @META_ARCH_REGISTRY.register()
 class DeepKDRCNN(GeneralizedRCNN):
     """GeneralizedRCNN student with a frozen teacher under ``self.teacher``.
 
     State-dict keys: the student's as in GeneralizedRCNN, the teacher's under ``teacher.`` (the
     layout of the ReviewKD/mdistiller combined release files). ``self.teacher`` is None and the
-    model is a plain GeneralizedRCNN when KD.TYPE is "NONE".
+    model is a plain GeneralizedRCNN when KD.TYPE is "NONE" and KD.REVIEWKD is off. With
+    KD.REVIEWKD the trained review head is ``self.reviewkd_head`` (keys ``reviewkd_head.*``, a
+    student part, not the teacher's); KD.TYPE "NONE" + KD.REVIEWKD gives ReviewKD alone.
     """
 
     @configurable
@@ -86,6 +117,10 @@ class DeepKDRCNN(GeneralizedRCNN):
         coupling: str = "row",
         topk_schedule: TopKSchedule | None = None,
         max_iter: int = 1,
+        reviewkd_head: nn.Module | None = None,
+        reviewkd_in_features: Sequence[str] = (),
+        reviewkd_weight: float = 1.0,
+        reviewkd_levels: Sequence[int] = HCL_LEVELS,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -98,8 +133,19 @@ class DeepKDRCNN(GeneralizedRCNN):
         self.max_iter = max(int(max_iter), 1)
         if kd_type != "NONE" and teacher is None:
             raise ValueError(f"KD.TYPE {kd_type!r} needs a teacher")
+        if reviewkd_head is not None and teacher is None:
+            raise ValueError("KD.REVIEWKD needs a teacher")
+        self.reviewkd_head = reviewkd_head
+        self.reviewkd_in_features = list(reviewkd_in_features)
+        self.reviewkd_weight = float(reviewkd_weight)
+        self.reviewkd_levels = tuple(reviewkd_levels)
+        self._backbone_tap = _BackboneTap()
+        if reviewkd_head is not None:
+            if not self.reviewkd_in_features:
+                raise ValueError("KD.REVIEWKD needs at least one feature name (KD.REVIEWKD.IN_FEATURES)")
+            self.backbone.register_forward_hook(self._backbone_tap.hook)
         self._tap = _BoxHeadTap()
-        if teacher is not None:
+        if kd_type != "NONE":
             for attr in ("box_pooler", "box_predictor"):
                 if not hasattr(self.roi_heads, attr):
                     raise ValueError(
@@ -118,8 +164,10 @@ class DeepKDRCNN(GeneralizedRCNN):
         ret = super().from_config(cfg)
         kd = cfg.KD
         distill = kd.TYPE != "NONE"
+        reviewkd = bool(kd.REVIEWKD.ENABLED)
+        teacher = build_teacher(cfg) if distill or reviewkd else None
         ret.update(
-            teacher=build_teacher(cfg) if distill else None,
+            teacher=teacher,
             kd_type=kd.TYPE,
             alpha=kd.ALPHA,
             beta=kd.BETA,
@@ -130,6 +178,10 @@ class DeepKDRCNN(GeneralizedRCNN):
             coupling=kd.COUPLING,
             topk_schedule=build_topk_schedule(cfg) if distill else None,
             max_iter=cfg.SOLVER.MAX_ITER,
+            reviewkd_head=build_reviewkd_head(cfg, ret["backbone"], teacher.backbone) if reviewkd else None,
+            reviewkd_in_features=list(kd.REVIEWKD.IN_FEATURES),
+            reviewkd_weight=kd.REVIEWKD.LOSS_WEIGHT,
+            reviewkd_levels=[int(v) for v in kd.REVIEWKD.HCL_LEVELS],
         )
         return ret
 
@@ -146,27 +198,61 @@ class DeepKDRCNN(GeneralizedRCNN):
             return super().forward(batched_inputs)
         if "instances" not in batched_inputs[0]:
             raise ValueError("DeepKDRCNN training needs ground-truth 'instances' in the inputs")
-        self._tap.start()
+        distill_logits = self.kd_type != "NONE"
+        reviewkd = self.reviewkd_head is not None
+        tap, btap = self._tap, self._backbone_tap
+        if distill_logits:
+            tap.start()
+        if reviewkd:
+            btap.start()
         try:
             losses = super().forward(batched_inputs)
         finally:
-            self._tap.stop()
-        if self._tap.calls != 1 or self._tap.boxes is None or self._tap.labels is None:
+            tap.stop()
+            btap.stop()
+        if distill_logits and (tap.calls != 1 or tap.boxes is None or tap.labels is None):
             raise RuntimeError(
-                f"the student's box head ran {self._tap.calls} times in one forward; DeepKDRCNN needs a "
+                f"the student's box head ran {tap.calls} times in one forward; DeepKDRCNN needs a "
                 "single-stage box head (StandardROIHeads)"
             )
-        tap = self._tap
-        losses.update(self._distill_losses(batched_inputs, tap.boxes, tap.scores, tap.labels))
-        tap.boxes = tap.scores = tap.labels = None  # drop the graph reference
+        if reviewkd and btap.calls != 1:
+            raise RuntimeError(f"the student's backbone ran {btap.calls} times in one forward, expected once")
+        # One teacher backbone pass per iteration serves both the box-head logits and ReviewKD.
+        # With ReviewKD the teacher's batch is padded to the student's padded size, so that the
+        # FPN maps of both have the same shapes level by level.
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        teacher_features = self.teacher.features(images, self.input_format, btap.image_size if reviewkd else None)
+        if distill_logits:
+            losses.update(
+                self._distill_losses(batched_inputs, tap.boxes, tap.scores, tap.labels, teacher_features)
+            )
+        if reviewkd:
+            # The engine puts every loss except loss_tckd / loss_nckd into TOG: under DeepKD the
+            # feature loss rides with the task gradient (it is neither a target- nor a
+            # non-target-class logit term), which is the intended placement.
+            losses["loss_reviewkd"] = self._reviewkd_loss(btap.features, teacher_features)
+        tap.boxes = tap.scores = tap.labels = None  # drop the graph references
+        btap.features = None
         return losses
 
-    def _distill_losses(self, batched_inputs, boxes, student_logits, labels) -> Dict[str, torch.Tensor]:
-        """Weighted TCKD / NCKD of the student's box logits against the teacher's on the same boxes."""
+    def _reviewkd_loss(
+        self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """LOSS_WEIGHT * HCL(review head(student FPN levels), teacher FPN levels), finest first."""
+        names = self.reviewkd_in_features
+        reviewed = self.reviewkd_head([student_features[n] for n in names])
+        return self.reviewkd_weight * hcl_loss(reviewed, [teacher_features[n] for n in names], self.reviewkd_levels)
+
+    def _distill_losses(
+        self, batched_inputs, boxes, student_logits, labels, teacher_features=None
+    ) -> Dict[str, torch.Tensor]:
+        """Weighted TCKD / NCKD of the student's box logits against the teacher's on the same boxes.
+
+        ``teacher_features``: the teacher's FPN maps of this batch when already computed."""
         if labels.numel() != student_logits.shape[0]:
             raise RuntimeError(f"{labels.numel()} sampled labels for {student_logits.shape[0]} logits")
-        images = [x["image"].to(self.device) for x in batched_inputs]
-        teacher_logits = self.teacher.box_logits(images, self.input_format, boxes)
+        images = None if teacher_features is not None else [x["image"].to(self.device) for x in batched_inputs]
+        teacher_logits = self.teacher.box_logits(images, self.input_format, boxes, features=teacher_features)
         if teacher_logits.shape != student_logits.shape:
             raise RuntimeError(
                 f"teacher logits {tuple(teacher_logits.shape)} and student logits "

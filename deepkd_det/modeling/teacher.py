@@ -8,9 +8,10 @@ unless TEACHER.ALLOW_RANDOM_INIT is set for a smoke run.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import build_backbone
 from detectron2.modeling.proposal_generator import build_proposal_generator
@@ -69,20 +70,56 @@ class Teacher(nn.Module):
     def num_classes(self) -> int:
         return self.roi_heads.num_classes
 
-    def preprocess(self, images: List[torch.Tensor], input_format: str) -> ImageList:
-        """Student-format images -> the teacher's channel order and normalisation, padded."""
+    def preprocess(
+        self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
+    ) -> ImageList:
+        """Student-format images -> the teacher's channel order and normalisation, padded.
+
+        ``pad_to`` (H, W): pad the batch to exactly this size (the student's padded size, so that
+        the two FPNs' maps line up for feature distillation); it must be a multiple of the
+        teacher's size divisibility and at least the teacher's own padded size.
+        """
         if input_format != self.input_format:
             if {input_format, self.input_format} != {"BGR", "RGB"}:
                 raise ValueError(f"cannot convert {input_format} images to the teacher's {self.input_format}")
             images = [x.flip(0) for x in images]
         images = [(x.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std for x in images]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        image_list = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        if pad_to is not None:
+            h, w = image_list.tensor.shape[-2:]
+            div = max(int(self.backbone.size_divisibility), 1)
+            if pad_to[0] < h or pad_to[1] < w or pad_to[0] % div or pad_to[1] % div:
+                raise ValueError(
+                    f"cannot pad the teacher's {h}x{w} batch to {pad_to[0]}x{pad_to[1]} (teacher size "
+                    f"divisibility {div}): the student's padding must be a multiple of the teacher's"
+                )
+            # Zero padding after normalisation, as ImageList.from_tensors pads.
+            tensor = F.pad(image_list.tensor, (0, pad_to[1] - w, 0, pad_to[0] - h), value=0.0)
+            image_list = ImageList(tensor, image_list.image_sizes)
+        return image_list
 
     @torch.no_grad()
-    def box_logits(self, images: List[torch.Tensor], input_format: str, boxes: List[Boxes]) -> torch.Tensor:
-        """Classification logits of the teacher's box head on the given boxes (image coordinates)."""
-        image_list = self.preprocess(images, input_format)
-        features = self.backbone(image_list.tensor)
+    def features(
+        self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
+    ) -> Dict[str, torch.Tensor]:
+        """The teacher backbone's (FPN) feature maps of the student-format images, no gradient."""
+        return self.backbone(self.preprocess(images, input_format, pad_to).tensor)
+
+    @torch.no_grad()
+    def box_logits(
+        self,
+        images: List[torch.Tensor] | None,
+        input_format: str,
+        boxes: List[Boxes],
+        features: Dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Classification logits of the teacher's box head on the given boxes (image coordinates).
+
+        ``features``: the teacher's feature maps when already computed (``Teacher.features``), so
+        that the backbone runs once per iteration; otherwise they are computed from ``images``.
+        """
+        if features is None:
+            features = self.features(images, input_format)
         rh = self.roi_heads
         pooled = rh.box_pooler([features[f] for f in rh.box_in_features], boxes)
         scores, _ = rh.box_predictor(rh.box_head(pooled))

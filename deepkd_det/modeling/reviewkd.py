@@ -1,0 +1,63 @@
+"""ReviewKD feature distillation in the detector: the student-side review head, built from cfg.
+
+The head (``deepkd_det.core.reviewkd.ReviewKDHead``) maps the student's FPN levels to the
+teacher's channels; it is a trained part of the student (state-dict keys ``reviewkd_head.*``,
+never under ``teacher.``) and is used only in training.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from detectron2.layers import ShapeSpec
+
+from deepkd_det.core.reviewkd import ReviewKDHead
+
+__all__ = ["REVIEWKD_HEAD_PREFIX", "build_reviewkd_head", "check_reviewkd_features"]
+
+# Attribute of DeepKDRCNN holding the head, hence the prefix of its state-dict keys.
+REVIEWKD_HEAD_PREFIX = "reviewkd_head."
+
+
+def check_reviewkd_features(
+    names, student_shapes: Mapping[str, ShapeSpec], teacher_shapes: Mapping[str, ShapeSpec]
+) -> None:
+    """Every name must be an output of both FPNs, with the same stride in both (so the maps of
+    one padded image line up), and the names must go finest first (strictly increasing stride:
+    the review path fuses each level with the next coarser one)."""
+    for side, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
+        missing = [n for n in names if n not in shapes]
+        if missing:
+            raise ValueError(
+                f"KD.REVIEWKD.IN_FEATURES {list(names)}: {missing} not among the {side}'s backbone "
+                f"outputs {sorted(shapes)}"
+            )
+    for n in names:
+        s, t = student_shapes[n].stride, teacher_shapes[n].stride
+        if s != t:
+            raise ValueError(f"KD.REVIEWKD.IN_FEATURES: {n!r} has stride {s} in the student, {t} in the teacher")
+    strides = [student_shapes[n].stride for n in names]
+    if any(a >= b for a, b in zip(strides, strides[1:])):
+        raise ValueError(
+            f"KD.REVIEWKD.IN_FEATURES {list(names)} must go finest first (strictly increasing strides), "
+            f"got strides {strides}"
+        )
+
+
+def build_reviewkd_head(cfg, student_backbone, teacher_backbone) -> ReviewKDHead:
+    """The review head for cfg.KD.REVIEWKD: student channels in, teacher channels out, per level."""
+    names = list(cfg.KD.REVIEWKD.IN_FEATURES)
+    s_shapes, t_shapes = student_backbone.output_shape(), teacher_backbone.output_shape()
+    check_reviewkd_features(names, s_shapes, t_shapes)
+    s_div, t_div = int(student_backbone.size_divisibility), int(teacher_backbone.size_divisibility)
+    if t_div > 1 and (s_div < 1 or s_div % t_div):
+        raise ValueError(
+            f"ReviewKD runs the teacher on the student's padded images: the student's size divisibility "
+            f"({s_div}) must be a multiple of the teacher's ({t_div})"
+        )
+    return ReviewKDHead(
+        [s_shapes[n].channels for n in names],
+        out_channels=[t_shapes[n].channels for n in names],
+        mid_channels=int(cfg.KD.REVIEWKD.MID_CHANNELS),
+        norm="BN",
+    )
