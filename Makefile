@@ -17,7 +17,7 @@ help:
 	@echo "make setup        create $(VENV): torch, detectron2 (see README 'How the install works'), deepkd_det"
 	@echo "make test         run the test suite"
 	@echo "make demo         detection demo on the embedded shapes data (teacher, then 3 students)"
-	@echo "make demo-cls     classification demo on scikit-learn's digits (vanilla/KD/DKD/DeepKD, 3 seeds)"
+	@echo "make demo-cls     classification demo on scikit-learn's digits (vanilla, KD, DKD, DeepKD, MLKD, CRLD, DOT; 3 seeds)"
 	@echo "make bench        benchmarks (one JSON object per line)"
 	@echo "make lint         ruff"
 	@echo "make env          print versions and the detectron2 install route"

@@ -13,7 +13,11 @@ Cases:
   optim_step_official_<net>   the same with compat="official"
   optim_vs_reference_<net>    DeepKDOptimizer vs a reference-style optimizer (see ReferenceStyle)
   step_memory_<scheme>        peak extra memory of one decoupled step, in parameter sizes
+  teacher_forward_folded_bn[_channels_last]  prepared teacher forward vs the teacher as built
   iter_deepkd_<strategy>[_folded_teacher]   CIFAR R32x4 -> R8x4 iteration vs plain DKD
+
+Timings on a shared machine are only meaningful when nothing else runs: the 2-thread OpenMP
+kernels slow down several-fold under oversubscription.
 """
 
 from __future__ import annotations

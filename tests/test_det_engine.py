@@ -114,6 +114,25 @@ def test_deepkd_iterations_log_components_and_k(tmp_path, shapes_root):
     assert "roi_heads.box_predictor.cls_score.weight" in layers[0]["gsnr/tcg"]
 
 
+def test_dot_optimizer_trains_the_detector_with_two_buffers(tmp_path, shapes_root):
+    out = tmp_path / "dot"
+    dot = ["SOLVER.DEEPKD.OPTIMIZER", "dot", "SOLVER.DEEPKD.DOT_DELTA", "0.05", "SOLVER.MAX_ITER", "2"]
+    trainer = _trainer(_args(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, *dot))
+    head = trainer.model.roi_heads.box_predictor.cls_score.weight
+    rpn = trainer.model.proposal_generator.rpn_head.conv.weight
+    head_before = head.detach().clone()
+    trainer.train()
+    opt = trainer.optimizer
+    assert type(opt).__name__ == "DOTOptimizer"
+    mu = trainer.cfg.SOLVER.MOMENTUM
+    assert opt._momenta(opt.param_groups[0]) == pytest.approx({"task": mu - 0.05, "kd": mu + 0.05})
+    # TCKD + NCKD share the distillation buffer; it exists only where the KD terms reach.
+    assert {"task_buffer", "kd_buffer"} <= set(opt.state[head])
+    assert "kd_buffer" not in opt.state[rpn] and "task_buffer" in opt.state[rpn]
+    assert not torch.equal(head.detach(), head_before)
+    assert math.isfinite(_metrics(out)[-1]["loss_tckd"])
+
+
 def test_deepkd_param_groups_are_detectron2s():
     cfg = get_tiny_cfg(kd_type="DKD", deepkd=True)
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0

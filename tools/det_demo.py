@@ -162,10 +162,11 @@ def plot(rows: List[Dict], run_dirs: Dict[str, str], path: str) -> None:
 
 
 def format_table(rows: List[Dict]) -> str:
-    lines = [f"{'run':<24} {'iters':>6} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train time':>11}"]
+    w = max([24] + [len(r["name"]) + 1 for r in rows])
+    lines = [f"{'run':<{w}} {'iters':>6} {'AP':>6} {'AP50':>6} {'AP75':>6} {'train time':>11}"]
     for r in rows:
         t = "-" if r["train_s"] is None else f"{r['train_s']:.0f} s"
-        lines.append(f"{r['name']:<24} {r['iters']:>6} {r['AP']:>6.2f} {r['AP50']:>6.2f} {r['AP75']:>6.2f} {t:>11}")
+        lines.append(f"{r['name']:<{w}} {r['iters']:>6} {r['AP']:>6.2f} {r['AP50']:>6.2f} {r['AP75']:>6.2f} {t:>11}")
     return "\n".join(lines)
 
 
