@@ -226,16 +226,7 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
 
 def build_topk_schedule(cfg: CN) -> TopKSchedule:
     """The DTM schedule of cfg.KD.TOPK over the C - 1 = NUM_CLASSES non-target classes."""
-    t = cfg.KD.TOPK
-    return TopKSchedule(
-        num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-        mode=t.MODE,
-        k_start=t.K_START or None,
-        k_end=t.K_END or None,
-        start=t.START,
-        end=t.END,
-        phases=[tuple(p) for p in t.PHASES],
-    )
+    return TopKSchedule.from_cfg(cfg.KD.TOPK, num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
 # ---------------------------------------------------------------- validation

@@ -1,4 +1,4 @@
-"""Atomic checkpoint files and the random-number-generator state of a run.
+"""Checkpoint files (written atomically by deepkd_det.io.atomic_save) and the RNG state of a run.
 
 A checkpoint is written to a temporary file in the target directory, flushed to disk and
 renamed over the old one (``os.replace`` is atomic on POSIX and Windows), so a killed run
@@ -9,47 +9,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any, Dict
 
 import numpy as np
 import torch
 
+from deepkd_det.io import atomic_save
+
 __all__ = ["atomic_save", "load_checkpoint", "get_rng_state", "set_rng_state"]
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -383,15 +383,7 @@ def build_topk_schedule(cfg: CN, num_classes: int):
     t = cfg.DEEPKD.TOPK
     if not cfg.DEEPKD.ENABLED or t.MODE == "off":
         return None
-    return TopKSchedule(
-        num_classes - 1,
-        mode=t.MODE,
-        k_start=t.K_START or None,
-        k_end=t.K_END or None,
-        start=t.START,
-        end=t.END,
-        phases=[tuple(p) for p in t.PHASES],
-    )
+    return TopKSchedule.from_cfg(t, num_classes - 1)
 
 
 def _check_topk(cfg: CN, num_classes: int, errors: List[str]) -> None:

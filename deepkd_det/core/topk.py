@@ -53,6 +53,19 @@ class TopKSchedule:
         self.last_progress: float = 0.0
         self._validate()
 
+    @classmethod
+    def from_cfg(cls, node: Any, num_nontarget: int) -> TopKSchedule:
+        """From a config node with ``MODE, K_START, K_END`` (0: the default), ``START, END, PHASES``."""
+        return cls(
+            num_nontarget,
+            mode=node.MODE,
+            k_start=node.K_START or None,
+            k_end=node.K_END or None,
+            start=node.START,
+            end=node.END,
+            phases=[tuple(p) for p in node.PHASES],
+        )
+
     def _check_k(self, name: str, k: int) -> None:
         if not 1 <= k <= self.num_nontarget:
             raise ValueError(

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from deepkd_det.io import atomic_write_json
 
 __all__ = [
     "SHAPE_CATEGORIES",
@@ -136,19 +137,6 @@ def render_shapes_image(
     return canvas, objects
 
 
-def _write_json_atomic(path: str, data: Dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _params(num_images: int, image_size: int, seed: int, max_objects: int, image_format: str) -> Dict:
     return {
         "num_images": int(num_images),
@@ -201,7 +189,7 @@ def _generate_split(root: str, split: str, num_images: int, image_size: int, see
         "categories": SHAPE_CATEGORIES,
     }
     # The json is written last and atomically: it marks the split as complete.
-    _write_json_atomic(json_file, data)
+    atomic_write_json(json_file, data)
     return json_file
 
 

@@ -14,52 +14,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from deepkd_det.io import atomic_write
+
 __all__ = ["AtomicDetectionCheckpointer", "AtomicSaveMixin", "atomic_write", "trainer_checkpointer_class"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, rename it to ``path``.
-
-    On any exception (or interrupt) the temporary file is removed and ``path`` is untouched.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 class AtomicSaveMixin:
