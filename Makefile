@@ -28,7 +28,6 @@ setup: $(STAMP)
 # `make setup` is a no-op.
 $(STAMP): pyproject.toml tools/install_detectron2.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade --quiet "pip>=23"
 	$(PIP) install $(TORCH_SPEC)
 	$(PIP) install -e ".[dev]"
 	$(PY) tools/install_detectron2.py

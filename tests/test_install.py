@@ -146,3 +146,23 @@ def test_env_reports_route():
         assert lines["detectron2_route"].startswith("unrecorded")
     expected = "shim" if getattr(compiled, "__deepkd_shim__", False) else "built"
     assert lines["detectron2_compiled_ops"].startswith(expected)
+
+
+def test_fallback_fetches_from_the_index_when_pip_refuses(installer, tmp_path, monkeypatch):
+    # Current pip refuses to download this sdist (a direct-URL extra in its metadata); the
+    # installer then reads the index's PEP 503 page itself. A local file:// index stands in.
+    files = tmp_path / "index" / "files"
+    files.mkdir(parents=True)
+    archive = _fake_sdist(files / "pb1-detectron2-0.6.tar.gz", TRANSFORM_SRC, MODEL_ZOO_SRC)
+    page = tmp_path / "index" / "simple" / "pb1-detectron2"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text(
+        '<a href="../../files/pb1-detectron2-0.6.tar.gz#sha256=00">pb1-detectron2-0.6.tar.gz</a>'
+    )
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "index" / "simple").as_uri())
+    monkeypatch.setattr(installer, "pip", lambda *a, **k: subprocess.CompletedProcess(a, 1))
+    got = installer.download_fallback(tmp_path / "dl")
+    assert got.read_bytes() == archive.read_bytes()
+    # ...and what comes from the index is still refused unless its sha256 is the verified one.
+    with pytest.raises(installer.InstallError, match="refusing"):
+        installer.verify_archive(got)

@@ -241,18 +241,61 @@ def install_from_git(timeout: float = 3600.0) -> None:
 # --------------------------------------------------------------------------------------------
 # route 3: verified PyPI fallback
 # --------------------------------------------------------------------------------------------
+def _index_url() -> str:
+    """The package index pip is configured with (PIP_INDEX_URL, pip config), else PyPI's."""
+    url = os.environ.get("PIP_INDEX_URL", "")
+    if not url:
+        res = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True
+        )
+        url = res.stdout.strip() if res.returncode == 0 else ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
+def _fetch_from_index(dest: Path) -> Path:
+    """Fetch the sdist from the index's PEP 503 page, as pip does, without building metadata.
+
+    Current pip refuses to even download this sdist: its metadata lists an extra with a
+    direct-URL dependency (``panopticapi @ https://...``), which pip >= 25 rejects for files
+    from PyPI. The file is sha256-checked afterwards either way.
+    """
+    import re
+    import urllib.parse
+    import urllib.request
+
+    page_url = f"{_index_url()}/pb1-detectron2/"
+    if page_url.startswith("file:"):  # a local index folder, as pip reads it: <name>/index.html
+        page_url += "index.html"
+    with urllib.request.urlopen(page_url, timeout=60) as resp:
+        page = resp.read().decode("utf-8", "replace")
+    for href in re.findall(r'href="([^"]+)"', page):
+        if urllib.parse.urlsplit(href).path.endswith("/" + FALLBACK_ARCHIVE_NAME):
+            url = urllib.parse.urljoin(page_url, href)
+            break
+    else:
+        raise InstallError(f"{FALLBACK_ARCHIVE_NAME} is not listed on {page_url}")
+    archive = dest / FALLBACK_ARCHIVE_NAME
+    with urllib.request.urlopen(url, timeout=300) as resp, open(archive, "wb") as f:
+        shutil.copyfileobj(resp, f)
+    return archive
+
+
 def download_fallback(dest: Path) -> Path:
-    # --require-hashes makes pip itself check the archive before it runs anything from it.
     dest.mkdir(parents=True, exist_ok=True)
+    # --require-hashes makes pip itself check the archive before it runs anything from it.
     req = dest / "requirements.txt"
     req.write_text(f"{FALLBACK_REQUIREMENT} --hash=sha256:{FALLBACK_SHA256}\n")
     res = pip(
         "download", "--no-deps", "--no-build-isolation", "--require-hashes", "-r", str(req), "-d", str(dest)
     )
     archive = dest / FALLBACK_ARCHIVE_NAME
-    if res.returncode != 0 or not archive.exists():
-        raise InstallError(f"could not download {FALLBACK_REQUIREMENT} from PyPI (pip exit code {res.returncode})")
-    return archive
+    if res.returncode == 0 and archive.exists():
+        return archive
+    log(f"pip download failed (exit code {res.returncode}); fetching {FALLBACK_ARCHIVE_NAME} from the index directly")
+    try:
+        return _fetch_from_index(dest)
+    except (OSError, ValueError) as e:
+        raise InstallError(f"could not download {FALLBACK_REQUIREMENT} from the package index: {e}") from e
 
 
 def stage_fallback(archive: Path, workdir: Path) -> Path:
