@@ -7,6 +7,8 @@ import pickle
 from typing import Dict
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from deepkd_det.cls.config import load_cfg
@@ -88,3 +90,15 @@ def write_image_folder(root, classes, per_class=2, size=(40, 30)):
                 Image.new("RGB", size, colour).save(os.path.join(root, split, cls, f"{k}.png"))
                 colours[(split, cls, k)] = colour
     return colours
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small forwards on a shared 2-core machine run far faster single-threaded (no OpenMP waits).
+
+    Import it into a test module to apply it there (autouse within that module)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+

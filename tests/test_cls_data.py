@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from _cls_utils import write_cifar100, write_image_folder
+from _cls_utils import one_thread, write_cifar100, write_image_folder  # noqa: F401  (fixture)
 from PIL import Image
 
 from deepkd_det.cls.data import (
@@ -22,14 +22,6 @@ from deepkd_det.cls.data import (
     build_digits,
     build_imagenet,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_cifar100_reads_release_format(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from _cls_utils import tiny_cfg, train_teacher, write_cifar100
+from _cls_utils import one_thread, tiny_cfg, write_cifar100  # noqa: F401  (fixtures)
 from PIL import Image
 
 from deepkd_det.cls.config import ConfigError, experiment_name, load_cfg
@@ -26,17 +26,6 @@ from deepkd_det.core.mlkd import mlkd_loss
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    return train_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def _student_opts(teacher_ckpt, **extra):

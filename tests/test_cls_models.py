@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from _cls_utils import one_thread  # noqa: F401  (fixture: single-threaded torch in this module)
 
 from deepkd_det.cls.models import (
     CIFAR_MODEL_NAMES,
@@ -28,14 +29,6 @@ CIFAR_NAMES = [
 ]  # fmt: skip
 IMAGENET_NAMES = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small forwards on a shared 2-core machine run far faster single-threaded (no OpenMP waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @functools.cache

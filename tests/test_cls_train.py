@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from _cls_utils import tiny_cfg, train_teacher, write_cifar100, write_image_folder
+from _cls_utils import one_thread, tiny_cfg, write_cifar100, write_image_folder  # noqa: F401  (fixtures)
 
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError, evaluate, lr_at
@@ -20,17 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory):
-    return train_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 # ----------------------------------------------------------------------------- configs
