@@ -2,11 +2,11 @@
 """DeepKD-Det detection training and evaluation (detectron2 projects style).
 
     python train_net.py --config-file configs/DEEPKD/DKD-R18-R101.yaml --num-gpus 8
-    python train_net.py --config-file configs/DEEPKD/demo/deepkd-dkd.yaml --resume
+    python train_net.py --config-file configs/DEEPKD/demo/student-deepkd-dkd.yaml --resume
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python -m torch.distributed.run --nproc_per_node 2 train_net.py --config-file ...   # CPU: gloo
 
-Trailing ``KEY VALUE`` pairs override the config (e.g. ``SOLVER.DEEPKD.ENABLED False``,
+Trailing ``KEY VALUE`` pairs override the config (e.g. ``DEEPKD.ENABLED False``,
 ``KD.TYPE NONE`` to train an ordinary detector, e.g. your own teacher).
 """
 
@@ -20,10 +20,11 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-import deepkd_det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from deepkd_det.config import add_deepkd_config, validate_deepkd_config
-from deepkd_det.data import add_data_config, register_datasets_from_cfg
-from deepkd_det.engine import DeepKDTrainer, launch_main, trainer_checkpointer_class
+import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
+from deepkd_det.det.checkpoint import DeepKDCheckpointer
+from deepkd_det.det.config import add_deepkd_config, validate_deepkd_config
+from deepkd_det.det.data import add_data_config, register_datasets_from_cfg
+from deepkd_det.det.engine import DeepKDTrainer, launch_main
 
 logger = logging.getLogger("deepkd_det")
 
@@ -50,7 +51,7 @@ def student_only_cfg(cfg):
     cfg = cfg.clone()
     cfg.defrost()
     cfg.KD.TYPE = "NONE"
-    cfg.SOLVER.DEEPKD.ENABLED = False
+    cfg.DEEPKD.ENABLED = False
     cfg.freeze()
     return cfg
 
@@ -77,7 +78,7 @@ def evaluate(cfg, resume: bool = False):
         raise ValueError("--eval-only needs at least one dataset in DATASETS.TEST")
     register_datasets_from_cfg(cfg)
     model = DeepKDTrainer.build_model(cfg)
-    trainer_checkpointer_class()(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    DeepKDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
     results = DeepKDTrainer.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, results)

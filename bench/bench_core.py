@@ -64,7 +64,7 @@ def median_seconds(fns: Dict[str, Callable[[], None]], warmup: int, repeats: int
 
 
 # --------------------------------------------------------------------------------------------
-# A reference-style optimizer: what DESIGN.md §3 says the released DEEPKDTrainer does, written
+# A reference-style optimizer: what docs/maths.md says the released DEEPKDTrainer does, written
 # here from that description: gradients of TCG and NCG are kept as lists next to their params
 # until step(); step() finds every parameter's membership by scanning those lists (quadratic in
 # the number of tensors) and updates with separate per-tensor in-place operations, TOG, then NCG,

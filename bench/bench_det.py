@@ -20,30 +20,28 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
 
+import torch
+from detectron2.config import get_cfg
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import EventStorage
+
+import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN)
+from deepkd_det.det.config import add_deepkd_config
+from deepkd_det.det.data import add_data_config, generate_shapes_dataset
+from deepkd_det.det.engine import DeepKDTrainer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-from detectron2.utils.events import EventStorage  # noqa: E402
-
-import deepkd_det.modeling  # noqa: E402,F401  (registers DeepKDRCNN)
-from deepkd_det.config import add_deepkd_config  # noqa: E402
-from deepkd_det.data import add_data_config, generate_shapes_dataset  # noqa: E402
-from deepkd_det.engine import DeepKDTrainer  # noqa: E402
 
 DEMO = os.path.join(REPO, "configs", "DEEPKD", "demo")
 CASES = [
     ("student_plain", "student-vanilla.yaml", []),
     ("dkd_plain", "student-dkd.yaml", []),
-    ("deepkd_dkd", "student-deepkd-dkd.yaml", ["SOLVER.DEEPKD.GRAD_STRATEGY", "sequential"]),
-    ("deepkd_dkd_batched", "student-deepkd-dkd.yaml", ["SOLVER.DEEPKD.GRAD_STRATEGY", "batched"]),
+    ("deepkd_dkd", "student-deepkd-dkd.yaml", ["DEEPKD.GRAD_STRATEGY", "sequential"]),
+    ("deepkd_dkd_batched", "student-deepkd-dkd.yaml", ["DEEPKD.GRAD_STRATEGY", "batched"]),
 ]
 
 

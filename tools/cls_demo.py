@@ -26,12 +26,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from deepkd_det.cls.config import load_cfg
+from deepkd_det.cls.data import build_datasets
+from deepkd_det.cls.engine import ClsTrainer
 
-from deepkd_det.cls.config import load_cfg  # noqa: E402
-from deepkd_det.cls.data import build_datasets  # noqa: E402
-from deepkd_det.cls.engine import ClsTrainer  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = (("vanilla", "vanilla (CE)"), ("kd", "KD"), ("dkd", "DKD"), ("deepkd_dkd", "DeepKD-DKD"),
            ("mlkd", "MLKD"), ("deepkd_mlkd", "DeepKD-MLKD"), ("crld", "CRLD"), ("deepkd_crld", "DeepKD-CRLD"),

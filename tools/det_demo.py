@@ -24,22 +24,21 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Dict, List, Optional
 
+import torch
+from detectron2.config import get_cfg
+from detectron2.engine import hooks
+from detectron2.utils.env import seed_all_rng
+
+import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN)
+from deepkd_det.det.checkpoint import DeepKDCheckpointer
+from deepkd_det.det.config import add_deepkd_config, validate_deepkd_config
+from deepkd_det.det.data import SHAPES_VAL, add_data_config, generate_shapes_dataset
+from deepkd_det.det.engine import DeepKDTrainer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-import torch  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import hooks  # noqa: E402
-from detectron2.utils.env import seed_all_rng  # noqa: E402
-
-import deepkd_det.modeling  # noqa: E402,F401  (registers DeepKDRCNN)
-from deepkd_det.config import add_deepkd_config, validate_deepkd_config  # noqa: E402
-from deepkd_det.data import SHAPES_VAL, add_data_config, generate_shapes_dataset  # noqa: E402
-from deepkd_det.engine import DeepKDTrainer, trainer_checkpointer_class  # noqa: E402
 
 DEMO_CONFIGS = os.path.join(REPO, "configs", "DEEPKD", "demo")
 # (run name, config file, which schedule: the teacher's or the student's)
@@ -90,7 +89,7 @@ def build_cfg(config: str, out_dir: str, data_root: str, profile: Dict, iters: i
 def eval_cfg(cfg):
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.KD.TYPE, cfg.SOLVER.DEEPKD.ENABLED = "NONE", False  # the student alone
+    cfg.KD.TYPE, cfg.DEEPKD.ENABLED = "NONE", False  # the student alone
     cfg.DATASETS.TEST = (SHAPES_VAL,)
     cfg.freeze()
     return cfg
@@ -208,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         if name == "teacher" and args.teacher:
             teacher_weights = os.path.abspath(args.teacher)
             model = DeepKDTrainer.build_model(eval_cfg(cfg))
-            trainer_checkpointer_class()(model).load(teacher_weights)
+            DeepKDCheckpointer(model).load(teacher_weights)
             rows.append({"name": name, "iters": 0, "train_s": None, **evaluate(cfg, model)})
             print(f"[det_demo] {name:<22} AP {rows[-1]['AP']:.2f}  (given: {teacher_weights})", flush=True)
             continue

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deepkd_det.cls.config import ConfigError, load_cfg  # noqa: E402
-from deepkd_det.cls.data import build_datasets, build_loaders  # noqa: E402
-from deepkd_det.cls.dist import init_distributed  # noqa: E402
-from deepkd_det.cls.engine import build_teacher, evaluate  # noqa: E402
-from deepkd_det.cls.models import build_model, load_teacher_weights  # noqa: E402
+from deepkd_det.cls.config import ConfigError, load_cfg
+from deepkd_det.cls.data import build_datasets, build_loaders
+from deepkd_det.cls.engine import build_teacher, evaluate
+from deepkd_det.cls.models import build_model, load_teacher_weights
+from deepkd_det.core.dist import init_distributed
 
 
 def main(argv=None) -> int:

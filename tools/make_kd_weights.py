@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deepkd_det.modeling.weights import (  # noqa: E402
+from deepkd_det.core.io import atomic_save
+from deepkd_det.det.modeling.weights import (
     IGNORED_CHECKPOINT_KEYS,
     TEACHER_PREFIX,
     read_checkpoint,
@@ -80,21 +78,6 @@ def make_kd_weights(teacher_path: str, student_path: str, student_arch: str) -> 
     return {"model": model, "__author__": AUTHOR}
 
 
-def save_atomically(obj, path: str) -> None:
-    """Write to a temporary file in the same directory, then rename (never a half-written file)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         combined = make_kd_weights(args.teacher, args.student, args.student_arch)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    save_atomically(combined, args.output)
+    atomic_save(combined, args.output)
     model = combined["model"]
     n_teacher = sum(k.startswith(TEACHER_PREFIX) for k in model)
     print(

@@ -13,12 +13,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from deepkd_det.cls.config import ConfigError, load_cfg  # noqa: E402
-from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError  # noqa: E402
+from deepkd_det.cls.config import ConfigError, load_cfg
+from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError
 
 
 def main(argv=None) -> int:

@@ -14,12 +14,14 @@ from typing import Iterable, List, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from deepkd_det.core.settings import OPTIMIZERS, deepkd_node, validate_deepkd_settings
+from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
+
 __all__ = ["ConfigError", "get_cfg", "load_cfg", "validate_cfg", "experiment_name", "output_dir",
            "DATASET_TYPES", "DISTILLER_TYPES", "NUM_CLASSES", "OPTIMIZERS", "STRONG_AUGS"]
 
 DATASET_TYPES = ("digits", "cifar100", "imagenet")
 DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD")
-OPTIMIZERS = ("deepkd", "dot")
 STRONG_AUGS = ("autoaugment", "randaugment")
 NUM_CLASSES = {"digits": 10, "cifar100": 100, "imagenet": 1000}
 _DEFAULT_ROOTS = {"digits": "", "cifar100": "datasets/cifar100", "imagenet": "datasets/imagenet"}
@@ -115,31 +117,10 @@ _C.CRLD.BETA = 2.0
 _C.CRLD.WARMUP = 0.0  # epochs
 _C.CRLD.CONFIDENCE_MASK = "row"  # row (per sample, the paper); release (kept fraction); none
 
-_C.DEEPKD = CN()
-_C.DEEPKD.ENABLED = False
-# deepkd: three buffers TOG/TCG/NCG (momentum + DELTA_*); dot: DOT's two buffers, task
-# momentum - DOT_DELTA and distillation (TCG + NCG) momentum + DOT_DELTA.
-_C.DEEPKD.OPTIMIZER = "deepkd"
-_C.DEEPKD.DOT_DELTA = 0.075
-_C.DEEPKD.DECOUPLE = True  # three momentum buffers (TOG/TCG/NCG); False: one SGD buffer, DTM only
-_C.DEEPKD.COMPAT = "paper"  # "paper" or "official" (the released reference code's update)
-_C.DEEPKD.DELTA_TOG = 0.075
-_C.DEEPKD.DELTA_TCG = -0.075
-_C.DEEPKD.DELTA_NCG = 0.05
-_C.DEEPKD.DAMPENING = 0.0
-_C.DEEPKD.STEP_STRATEGY = "sequential"  # "sequential" or "batched" (one vmapped backward, core.step)
-_C.DEEPKD.TOPK = CN()
-_C.DEEPKD.TOPK.MODE = "linear"  # off, constant, linear, step (core.topk.TopKSchedule)
-_C.DEEPKD.TOPK.K_START = 0  # 0: ceil(10% of the non-target classes)
-_C.DEEPKD.TOPK.K_END = 0  # 0: all non-target classes
-_C.DEEPKD.TOPK.START = 0.0  # training progress in [0, 1]
-_C.DEEPKD.TOPK.END = 0.6
-_C.DEEPKD.TOPK.PHASES = []  # mode "step": [[progress, K], ...]
-
-_C.GSNR = CN()
-_C.GSNR.ENABLED = False
-_C.GSNR.PERIOD = 0  # iterations between measurements; 0: once per epoch
-_C.GSNR.WINDOW = 8  # mini-batches per measurement
+# The DeepKD node shared with the detector (deepkd_det/core/settings.py documents every key):
+# ENABLED, DECOUPLE, OPTIMIZER (deepkd | dot), COMPAT (paper | official), DELTA_TOG/TCG/NCG,
+# DOT_DELTA, DAMPENING, GRAD_STRATEGY, TOPK.*, GSNR.*.
+_C.DEEPKD = deepkd_node(CN)
 
 _C.LOG = CN()
 _C.LOG.TENSORBOARD = True
@@ -312,16 +293,8 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
 
     _check_two_view_methods(cfg, need)
 
-    need(deep.COMPAT in ("paper", "official"), f"DEEPKD.COMPAT must be 'paper' or 'official', got {deep.COMPAT!r}")
-    need(deep.STEP_STRATEGY in ("sequential", "batched"),
-         f"DEEPKD.STEP_STRATEGY must be 'sequential' or 'batched', got {deep.STEP_STRATEGY!r}")
-    need(deep.DAMPENING >= 0 and deep.DAMPENING < 1, "DEEPKD.DAMPENING must lie in [0, 1)")
-    _check_optimizer(cfg, need)
-    if deep.ENABLED and ds.TYPE in NUM_CLASSES:
-        _check_topk(cfg, num_classes or NUM_CLASSES[ds.TYPE], errors)
-
-    need(cfg.GSNR.PERIOD >= 0, "GSNR.PERIOD must be >= 0")
-    need(cfg.GSNR.WINDOW >= 2, "GSNR.WINDOW must be >= 2 (a variance needs two mini-batches)")
+    num = num_classes or NUM_CLASSES.get(ds.TYPE)
+    errors.extend(validate_deepkd_settings(deep, solver.MOMENTUM, num - 1 if num else None))
     need(cfg.LOG.SAVE_EVERY >= 1 and cfg.LOG.EVAL_EVERY >= 1, "LOG.SAVE_EVERY and LOG.EVAL_EVERY must be >= 1")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
@@ -348,22 +321,6 @@ def _check_two_view_methods(cfg: CN, need) -> None:
         need(0.0 <= c[key] <= 1.0, f"CRLD.{key} is a probability threshold and must lie in [0, 1], got {c[key]}")
 
 
-def _check_optimizer(cfg: CN, need) -> None:
-    deep, mu = cfg.DEEPKD, cfg.SOLVER.MOMENTUM
-    need(deep.OPTIMIZER in OPTIMIZERS, f"DEEPKD.OPTIMIZER must be one of {OPTIMIZERS}, got {deep.OPTIMIZER!r}")
-    if deep.OPTIMIZER == "dot":
-        need(deep.ENABLED, "DEEPKD.OPTIMIZER dot needs DEEPKD.ENABLED True (or set DEEPKD.OPTIMIZER deepkd "
-                           "for plain training)")
-        need(deep.DECOUPLE, "DEEPKD.OPTIMIZER dot keeps two momentum buffers: it contradicts DEEPKD.DECOUPLE False")
-        need(deep.COMPAT == "paper", "DEEPKD.OPTIMIZER dot has no 'official' mode: set DEEPKD.COMPAT paper")
-        for name, m in (("task", mu - deep.DOT_DELTA), ("distillation", mu + deep.DOT_DELTA)):
-            need(0.0 <= m < 1.0, f"DOT {name} momentum SOLVER.MOMENTUM -/+ DEEPKD.DOT_DELTA = {m:g} is outside [0, 1)")
-    elif deep.ENABLED and deep.DECOUPLE:
-        for comp in ("TOG", "TCG", "NCG"):
-            m = mu + deep[f"DELTA_{comp}"]
-            need(0.0 <= m < 1.0, f"{comp} momentum SOLVER.MOMENTUM + DEEPKD.DELTA_{comp} = {m:g} is outside [0, 1)")
-
-
 def _check_model_names(cfg: CN, errors: List[str]) -> None:
     from .models import list_models
 
@@ -378,24 +335,4 @@ def _check_model_names(cfg: CN, errors: List[str]) -> None:
 
 def build_topk_schedule(cfg: CN, num_classes: int):
     """The dynamic top-k schedule of DeepKD, or None when DeepKD or the mask is off."""
-    from deepkd_det.core.topk import TopKSchedule
-
-    t = cfg.DEEPKD.TOPK
-    if not cfg.DEEPKD.ENABLED or t.MODE == "off":
-        return None
-    return TopKSchedule.from_cfg(t, num_classes - 1)
-
-
-def _check_topk(cfg: CN, num_classes: int, errors: List[str]) -> None:
-    t = cfg.DEEPKD.TOPK
-    if t.K_START < 0 or t.K_END < 0:
-        errors.append("DEEPKD.TOPK.K_START and K_END must be >= 1 (or 0 for the default)")
-        return
-    bad_phase = [p for p in t.PHASES if not (isinstance(p, (list, tuple)) and len(p) == 2)]
-    if bad_phase:
-        errors.append(f"DEEPKD.TOPK.PHASES must be a list of [progress, K] pairs, got {list(t.PHASES)}")
-        return
-    try:
-        build_topk_schedule(cfg, num_classes)
-    except ValueError as exc:
-        errors.append(f"DEEPKD.TOPK ({num_classes} classes): {exc}")
+    return core_topk_schedule(cfg.DEEPKD, num_classes - 1)

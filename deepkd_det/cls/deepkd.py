@@ -1,29 +1,19 @@
-"""The classification trainer's bridge to the shared core (optimizer, decoupled step, GSNR, teacher).
-
-Everything DeepKD-specific the trainer calls goes through here, so the engine stays the same
-for plain and DeepKD training.
-"""
+"""The classification trainer's bridge to the shared core: its optimizer and the plain-training
+pieces the decoupled step does not cover (GSNR of plain training, DDP-style gradient average)."""
 
 from __future__ import annotations
 
 from typing import Dict, List
 
 import torch
-import torch.nn as nn
 
 from deepkd_det.core.gsnr import GSNRMeter
-from deepkd_det.core.step import DecoupledStep, allreduce_gradients, broadcast_parameters
+from deepkd_det.core.settings import build_decoupled_optimizer
+from deepkd_det.core.step import allreduce_gradients, broadcast_parameters
 from deepkd_det.core.teacher import prepare_teacher
 
-__all__ = ["average_gradients", "broadcast_parameters", "build_decoupled_step", "build_gsnr_meter",
-           "build_optimizer", "observe_plain_components", "prepare_teacher"]
-
-
-def build_gsnr_meter(cfg, student: nn.Module, steps_per_epoch: int) -> GSNRMeter:
-    """GSNR/BSNR meter: a window of GSNR.WINDOW iterations every GSNR.PERIOD (0: every epoch)."""
-    window = cfg.GSNR.WINDOW
-    period = cfg.GSNR.PERIOD or steps_per_epoch
-    return GSNRMeter(student.named_parameters(), window=window, period=max(period, window))
+__all__ = ["average_gradients", "broadcast_parameters", "build_optimizer", "observe_plain_components",
+           "prepare_teacher"]
 
 
 def observe_plain_components(meter: GSNRMeter, losses: Dict[str, torch.Tensor], params: List[torch.Tensor]) -> None:
@@ -40,24 +30,12 @@ def observe_plain_components(meter: GSNRMeter, losses: Dict[str, torch.Tensor], 
 
 
 def build_optimizer(cfg, params, decoupled: bool) -> torch.optim.Optimizer:
-    """torch SGD for plain training; for DeepKD, DeepKDOptimizer (three momentum buffers) or, with
-    ``DEEPKD.OPTIMIZER dot``, DOTOptimizer (two: task and TCG + NCG summed by its component_losses)."""
+    """torch SGD for plain training; for DeepKD, the core's decoupled optimizer of ``cfg.DEEPKD``
+    (DeepKDOptimizer with three momentum buffers or, with ``DEEPKD.OPTIMIZER dot``, DOTOptimizer)."""
     s = cfg.SOLVER
     if not decoupled:
         return torch.optim.SGD(params, lr=s.LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
-    from deepkd_det.core.optim import DeepKDOptimizer, DOTOptimizer
-
-    d = cfg.DEEPKD
-    if d.OPTIMIZER == "dot":
-        return DOTOptimizer(params, lr=s.LR, momentum=s.MOMENTUM, delta=d.DOT_DELTA, weight_decay=s.WEIGHT_DECAY,
-                            dampening=d.DAMPENING)
-    return DeepKDOptimizer(params, lr=s.LR, momentum=s.MOMENTUM, delta_tog=d.DELTA_TOG, delta_tcg=d.DELTA_TCG,
-                           delta_ncg=d.DELTA_NCG, weight_decay=s.WEIGHT_DECAY, dampening=d.DAMPENING,
-                           compat=d.COMPAT)
-
-
-def build_decoupled_step(cfg, optimizer, grad_hook=None) -> DecoupledStep:
-    return DecoupledStep(optimizer, cfg.DEEPKD.STEP_STRATEGY, grad_hook=grad_hook)
+    return build_decoupled_optimizer(cfg.DEEPKD, params, lr=s.LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
 
 
 def average_gradients(params: List[torch.Tensor]) -> None:

@@ -19,17 +19,21 @@ import json
 import math
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
+from deepkd_det.core.rng import capture_rng_state, restore_rng_state
+from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
+from deepkd_det.core.step import check_finite_losses
+
 from . import deepkd as deepkd_api
-from .checkpoint import atomic_save, get_rng_state, load_checkpoint, set_rng_state
+from .checkpoint import atomic_save, load_checkpoint
 from .config import build_topk_schedule, experiment_name, output_dir, validate_cfg
 from .data import build_datasets, build_loaders
-from .dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
 from .distillers import StepContext, build_distiller, distiller_class
 
 __all__ = ["ClsTrainer", "NonFiniteLossError", "accuracy", "evaluate", "build_teacher", "lr_at"]
@@ -196,13 +200,14 @@ class ClsTrainer:
         if self.dist.distributed:
             deepkd_api.broadcast_parameters(self.student)
         self.topk_schedule = build_topk_schedule(cfg, self.num_classes)
-        self.decoupled = bool(cfg.DEEPKD.ENABLED and cfg.DEEPKD.DECOUPLE)
+        self.decoupled = decoupled(cfg.DEEPKD)
         self.optimizer = deepkd_api.build_optimizer(cfg, self.student.parameters(), self.decoupled)
-        self.gsnr = (deepkd_api.build_gsnr_meter(cfg, self.student, len(self.train_loader))
-                     if cfg.GSNR.ENABLED else None)
-        self.decoupled_step = (deepkd_api.build_decoupled_step(
-            cfg, self.optimizer, grad_hook=self.gsnr.gradient_hook if self.gsnr is not None else None)
-            if self.decoupled else None)
+        self.gsnr = (build_gsnr_meter(cfg.DEEPKD, self.student.named_parameters(), len(self.train_loader))
+                     if cfg.DEEPKD.GSNR.ENABLED else None)
+        # The losses are checked (averaged over workers, with epoch and iteration) before the step.
+        self.decoupled_step = (build_decoupled_step(
+            cfg.DEEPKD, self.optimizer, grad_hook=self.gsnr.gradient_hook if self.gsnr is not None else None,
+            check_finite=False) if self.decoupled else None)
 
         self.start_epoch = 0
         self.best_top1 = -1.0
@@ -215,7 +220,7 @@ class ClsTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch: int) -> Dict:
-        rng = all_gather_object(get_rng_state())  # every worker's stream, indexed by rank
+        rng = all_gather_object(capture_rng_state())  # every worker's stream, indexed by rank
         return {
             "epoch": epoch,  # number of finished epochs
             "iteration": self.iteration,
@@ -244,7 +249,7 @@ class ClsTrainer:
         self.best_epoch = int(state["best_epoch"])
         rng = state["rng"]
         if int(state.get("world_size", 1)) == self.dist.world:
-            set_rng_state(rng[self.dist.rank])
+            restore_rng_state(rng[self.dist.rank])
         else:
             self.writers.log(f"resume: checkpoint from {state.get('world_size')} workers, now {self.dist.world}; "
                              "random streams restart (the run will not match an uninterrupted one exactly)")
@@ -270,15 +275,16 @@ class ClsTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _check_finite(self, values: torch.Tensor, names: Tuple[str, ...], epoch: int, it: int) -> None:
-        # `values` is already summed over the workers, so every worker stops together.
-        if not bool(torch.isfinite(values).all()):
-            bad = ", ".join(f"{n}={v:g}" for n, v in zip(names, values.tolist()) if not math.isfinite(v))
-            msg = (f"non-finite loss at epoch {epoch + 1}, iteration {it + 1}: {bad}. Training stopped before "
-                   f"the update; checkpoints (latest.pth) hold the last finished epoch, if any. "
-                   f"Lower SOLVER.LR or check the data and teacher.")
-            self.writers.log("ERROR " + msg)
-            raise NonFiniteLossError(msg)
+    def _checked_values(self, losses: Dict[str, torch.Tensor], epoch: int, it: int) -> Dict[str, float]:
+        """Loss values averaged over the workers; every worker stops together on a NaN/inf."""
+        try:
+            return check_finite_losses(
+                losses, f"at epoch {epoch + 1}, iteration {it + 1}",
+                hint="Training stopped before the update; checkpoints (latest.pth) hold the last finished epoch, "
+                     "if any. Lower SOLVER.LR or check the data and teacher.")
+        except FloatingPointError as exc:
+            self.writers.log(f"ERROR {exc}")
+            raise NonFiniteLossError(str(exc)) from None
 
     def train_step(self, image, target: torch.Tensor, ctx: StepContext, epoch: int, it: int):
         """One optimisation step; returns (logits, {component: loss averaged over workers}).
@@ -286,11 +292,7 @@ class ClsTrainer:
         ``image`` is a batch, or its ``(weak, strong)`` views for a two-view distiller.
         """
         logits, losses = self.distiller(image, target, ctx)
-        names = tuple(losses)
-        values = torch.stack([losses[n].detach().float() for n in names]).cpu()
-        all_reduce_sum(values)
-        values /= self.dist.world
-        self._check_finite(values, names, epoch, it)
+        values = self._checked_values(losses, epoch, it)
         measuring = self.gsnr is not None and self.gsnr.begin(self.iteration)
         if self.decoupled:
             self.decoupled_step(self.optimizer.component_losses(**losses))
@@ -309,7 +311,7 @@ class ClsTrainer:
             if scalars:
                 self.writers.record({"type": "gsnr", "epoch": epoch + 1, "iter": self.iteration, **scalars},
                                     self.iteration)
-        return logits, dict(zip(names, values.tolist()))
+        return logits, values
 
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         cfg = self.cfg

@@ -1,6 +1,6 @@
 """Gradient (and momentum-buffer) signal-to-noise ratio of each gradient component.
 
-For a component c and parameter element j over M mini-batches (DESIGN.md §3, "GSNR"):
+For a component c and parameter element j over M mini-batches (docs/maths.md, "GSNR"):
 
     GSNR_j = mean(g_j)^2 / (var(g_j) + eps)
 

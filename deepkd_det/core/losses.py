@@ -3,7 +3,7 @@
 Every formula of the project lives here once; detection and classification call these
 functions and never re-derive a loss. Pure torch.
 
-Notation (DESIGN.md §3): student logits ``zs``, teacher logits ``zt`` (N x C), labels ``y``,
+Notation (docs/maths.md): student logits ``zs``, teacher logits ``zt`` (N x C), labels ``y``,
 temperature ``T``. ``b = [p_y, 1 - p_y]`` is the binary target distribution and ``q`` the
 distribution over the non-target classes (optionally only the top-K of them, ranked by the
 teacher). Per row, ``KL(p_t || p_s) = KL(b_t || b_s) + (1 - p_t[y]) KL(q_t || q_s)``.

@@ -1,6 +1,6 @@
 """Decoupled-momentum SGD: one momentum buffer per gradient component (DeepKD, DOT).
 
-DeepKD (DESIGN.md §3) splits the student's gradient into TOG (task), TCG (target-class KD)
+DeepKD (docs/maths.md) splits the student's gradient into TOG (task), TCG (target-class KD)
 and NCG (non-target-class KD); each component has its own momentum ``mu + delta_c``:
 
     g_tog = grad(L_task) + weight_decay * w        # weight decay rides with the task gradient
@@ -23,7 +23,7 @@ multi-pass updates (TOG's lerp + weight decay, the three adds of ``step``) run i
 blocks of tensors (``cpu_block_bytes``), so that the later passes read from cache.
 
 ``compat="official"`` reproduces the update of the released reference optimizer
-(DESIGN.md §3, "The released reference optimizer differs from the paper"): the decay factor of
+(docs/maths.md, "The released reference code"): the decay factor of
 a buffer depends on which *other* components reached the parameter this step, so that mode
 keeps the folded gradients until ``step`` (as the reference does) and stores unscaled buffers.
 """
@@ -452,7 +452,7 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
 
     # --------------------------------------------------------------- reference-compatible
     def _step_official(self) -> None:
-        """The released reference update, step by step (DESIGN.md §3).
+        """The released reference update, step by step (docs/maths.md).
 
         Per parameter, with ``has_*`` = "got that component's gradient this step":
         TOG (no weight decay): decay ``mu_tcg`` if has_tcg, else ``mu_ncg`` if has_ncg, else the

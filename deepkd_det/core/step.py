@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["DecoupledStep", "STRATEGIES", "broadcast_parameters", "allreduce_gradients"]
+__all__ = ["DecoupledStep", "STRATEGIES", "allreduce_gradients", "broadcast_parameters", "check_finite_losses"]
 
 STRATEGIES = ("sequential", "batched", "streaming")
 
@@ -142,6 +142,32 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0, group=None, buff
             offset += n
 
 
+def check_finite_losses(losses: Mapping[str, torch.Tensor], where: str = "", hint: str = "",
+                        group=None) -> Dict[str, float]:
+    """The losses as floats (one host sync); FloatingPointError naming every non-finite one.
+
+    Under torch.distributed the values are summed over the workers first, so a NaN or inf on any
+    worker reaches every worker and all of them raise together (none hangs in the next
+    collective). ``where`` ("at iteration 12") and ``hint`` (what to change) go into the message.
+    """
+    names = list(losses)
+    values = torch.stack([losses[n].detach().float().reshape(()).cpu() for n in names])
+    world = _world_size(group)
+    if world > 1:
+        values = values.clone()
+        dist.all_reduce(values, group=group)
+    out = dict(zip(names, values.tolist()))
+    bad = [f"{n}={v:g}" for n, v in out.items() if v != v or v in (float("inf"), float("-inf"))]
+    if bad:
+        on = " (on at least one process)" if world > 1 else ""
+        raise FloatingPointError(
+            f"non-finite loss {where}{on}: {', '.join(bad)}. Nothing was updated with it." + (f" {hint}" if hint else "")
+        )
+    if world > 1:
+        out = {n: v / world for n, v in out.items()}
+    return out
+
+
 def _looks_like_vmap_error(err: BaseException) -> bool:
     text = str(err).lower()
     return any(word in text for word in ("vmap", "batching rule", "batched", "functorch", "is_grads_batched"))
@@ -159,6 +185,8 @@ class DecoupledStep:
             ``params`` are the trainable parameters, ``grads`` aligned with them (None = no grad).
         process_group: torch.distributed group for the gradient average (default: world).
         bucket_mb: size of the flattened all-reduce buckets.
+        check_finite: check the losses for NaN/inf before anything is folded (a trainer that
+            already checked them, with its own message, passes False).
     """
 
     def __init__(
@@ -169,6 +197,7 @@ class DecoupledStep:
         grad_hook: Optional[GradHook] = None,
         process_group=None,
         bucket_mb: float = 25.0,
+        check_finite: bool = True,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"gradient strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -183,6 +212,7 @@ class DecoupledStep:
         self.grad_hook = grad_hook
         self.process_group = process_group
         self.bucket_bytes = int(bucket_mb * 2**20)
+        self.check_finite = check_finite
         self._batched_checked = False  # first batched call keeps the graph, so a fallback can still run
 
     # ---------------------------------------------------------------------------- checks
@@ -200,14 +230,10 @@ class DecoupledStep:
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise ValueError(f"loss component {name!r} must be a scalar tensor, got {shape}")
+        if not self.check_finite:
+            return {}
         # One host sync for all values, before any gradient is computed or folded.
-        values = torch.stack([losses[n].detach().reshape(()).float() for n in names]).tolist()
-        for name, value in zip(names, values):
-            if value != value or value in (float("inf"), float("-inf")):
-                raise FloatingPointError(
-                    f"loss component {name!r} is not finite ({value}); nothing was folded into the optimizer"
-                )
-        return dict(zip(names, values))
+        return check_finite_losses(losses, "in the decoupled step", group=self.process_group)
 
     # ------------------------------------------------------------------------------ call
     def __call__(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, float]:

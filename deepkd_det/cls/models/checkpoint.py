@@ -12,11 +12,12 @@ from before torch 0.4.1 lack them; they play no part in the forward pass with th
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Dict, List, Mapping, Union
 
 import torch
 import torch.nn as nn
+
+from deepkd_det.core.io import load_weights_only
 
 __all__ = ["load_teacher_weights", "read_state_dict", "resolve_teacher_checkpoint"]
 
@@ -50,10 +51,7 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"cannot read checkpoint {path} as a weights-only torch file: {exc}") from exc
+    obj = load_weights_only(path)
     state = _unwrap(obj, path)
     not_tensors = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:

@@ -1,0 +1,86 @@
+"""Checkpoint files, shared by both tasks: atomic writes and weights-only reads (pure Python +
+torch, no detectron2).
+
+A file goes to a temporary file in the target directory, is flushed to disk and renamed over
+the target with ``os.replace`` (atomic on POSIX and Windows), so a killed run leaves the old
+file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_weights_only"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, rename it to ``path``.
+
+    On any exception (or interrupt) the temporary file is removed and ``path`` is untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; keep the usual permissions
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+    atomic_write(path, lambda f: json.dump(data, f), mode="w")
+
+
+def load_weights_only(path: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU: a checkpoint is untrusted input.
+
+    A missing file raises FileNotFoundError, a file that is not a weights-only torch file
+    (arbitrary pickled objects, a truncated or foreign file) ValueError; both name the path.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot read checkpoint {path} as a weights-only torch file (torch.load(weights_only=True)): it is "
+            "not a torch file, or it holds Python objects other than tensors. If it is a checkpoint from a source "
+            f"you trust, convert it once into a weights-only file (tools/make_kd_weights.py). Details: {detail}"
+        ) from None

@@ -1,0 +1,179 @@
+"""The DeepKD settings node, shared by detection and classification: keys, defaults, validation,
+and the factories that turn it into the core objects.
+
+Both tasks mount the same node at ``cfg.DEEPKD`` (detection in its detectron2 config, the
+classifier in its yacs tree) with the same keys, defaults and meanings; the base momentum is
+``SOLVER.MOMENTUM`` in both. ``docs/maths.md`` has the update each setting controls.
+
+    DEEPKD.ENABLED        DeepKD on: the top-k mask (TOPK) and, with DECOUPLE, the decoupled update
+    DEEPKD.DECOUPLE       True: one momentum buffer per gradient component (OPTIMIZER);
+                          False: the task's ordinary SGD step on the summed losses, mask only
+    DEEPKD.OPTIMIZER      "deepkd" (TOG / TCG / NCG buffers) or "dot" (task / distillation buffers)
+    DEEPKD.COMPAT         "paper" (the paper's update) or "official" (the released code's update)
+    DEEPKD.DELTA_TOG/TCG/NCG   momentum of each buffer = SOLVER.MOMENTUM + delta, in [0, 1)
+    DEEPKD.DOT_DELTA      DOT: task momentum SOLVER.MOMENTUM - d, distillation SOLVER.MOMENTUM + d
+    DEEPKD.DAMPENING      torch SGD's dampening, on every buffer
+    DEEPKD.GRAD_STRATEGY  how the per-component gradients are computed (core.step.STRATEGIES)
+    DEEPKD.TOPK.*         the dynamic top-k schedule (core.topk.TopKSchedule), used when ENABLED
+    DEEPKD.GSNR.*         gradient signal-to-noise measurement (core.gsnr.GSNRMeter)
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional
+
+from .step import STRATEGIES
+from .topk import SCHEDULE_MODES, TopKSchedule
+
+__all__ = [
+    "COMPAT_MODES",
+    "DEEPKD_DEFAULTS",
+    "OPTIMIZERS",
+    "build_decoupled_optimizer",
+    "build_decoupled_step",
+    "build_gsnr_meter",
+    "build_topk_schedule",
+    "decoupled",
+    "deepkd_node",
+    "validate_deepkd_settings",
+]
+
+OPTIMIZERS = ("deepkd", "dot")
+COMPAT_MODES = ("paper", "official")
+
+# One definition of every key; each task wraps it in its own CfgNode class (deepkd_node).
+DEEPKD_DEFAULTS: Dict[str, Any] = {
+    "ENABLED": False,
+    "DECOUPLE": True,
+    "OPTIMIZER": "deepkd",
+    "COMPAT": "paper",
+    # Paper / release defaults around a base momentum of 0.9: TOG 0.975, TCG 0.825, NCG 0.95.
+    # DeepKD on KD uses +0.075 for NCG as well.
+    "DELTA_TOG": 0.075,
+    "DELTA_TCG": -0.075,
+    "DELTA_NCG": 0.05,
+    "DOT_DELTA": 0.075,
+    "DAMPENING": 0.0,
+    "GRAD_STRATEGY": "sequential",
+    "TOPK": {
+        # "off" (all non-target classes), "constant" (K_START), "linear" (K_START until START,
+        # linear to K_END at END), "step" (PHASES: [[progress, K], ...]).
+        "MODE": "linear",
+        "K_START": 0,  # 0: ceil(10% of the non-target classes)
+        "K_END": 0,  # 0: all non-target classes
+        "START": 0.0,  # training progress in [0, 1]
+        "END": 0.6,
+        "PHASES": [],
+    },
+    "GSNR": {
+        "ENABLED": False,
+        "PERIOD": 0,  # iterations between measurements; 0: once per epoch
+        "WINDOW": 8,  # mini-batches per measurement (a variance needs at least 2)
+    },
+}
+
+
+def deepkd_node(node_class):
+    """A fresh ``DEEPKD`` node of ``node_class`` (detectron2's or yacs' CfgNode)."""
+    return node_class(copy.deepcopy(DEEPKD_DEFAULTS))
+
+
+def decoupled(node) -> bool:
+    """Whether the decoupled (per-component momentum) update is on."""
+    return bool(node.ENABLED and node.DECOUPLE)
+
+
+def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int], prefix: str = "DEEPKD") -> List[str]:
+    """Every problem of the node as one message naming the key (empty list: valid).
+
+    ``num_nontarget`` (C - 1) bounds the top-k schedule; None skips that check.
+    """
+    errors: List[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    def choice(key: str, value, choices) -> None:
+        need(value in choices, f"{prefix}.{key} must be one of {tuple(choices)}, got {value!r}")
+
+    choice("OPTIMIZER", node.OPTIMIZER, OPTIMIZERS)
+    choice("COMPAT", node.COMPAT, COMPAT_MODES)
+    choice("GRAD_STRATEGY", node.GRAD_STRATEGY, STRATEGIES)
+    need(0.0 <= node.DAMPENING < 1.0, f"{prefix}.DAMPENING must lie in [0, 1), got {node.DAMPENING}")
+    if node.OPTIMIZER == "dot":
+        need(bool(node.ENABLED), f"{prefix}.OPTIMIZER dot needs {prefix}.ENABLED True")
+        need(bool(node.DECOUPLE), f"{prefix}.OPTIMIZER dot keeps two momentum buffers: it contradicts "
+                                  f"{prefix}.DECOUPLE False")
+        need(node.COMPAT == "paper", f"{prefix}.OPTIMIZER dot has no 'official' mode: set {prefix}.COMPAT paper")
+    if decoupled(node):
+        if node.OPTIMIZER == "dot":
+            for name, m in (("task", momentum - node.DOT_DELTA), ("distillation", momentum + node.DOT_DELTA)):
+                need(0.0 <= m < 1.0, f"DOT {name} momentum SOLVER.MOMENTUM -/+ {prefix}.DOT_DELTA = "
+                                     f"{momentum} -/+ {node.DOT_DELTA} = {m:g} is outside [0, 1)")
+        else:
+            for comp in ("TOG", "TCG", "NCG"):
+                delta = node[f"DELTA_{comp}"]
+                m = momentum + delta
+                need(0.0 <= m < 1.0, f"{comp} momentum SOLVER.MOMENTUM + {prefix}.DELTA_{comp} = "
+                                     f"{momentum} + {delta} = {m:g} is outside [0, 1)")
+
+    t = node.TOPK
+    choice("TOPK.MODE", t.MODE, SCHEDULE_MODES)
+    if t.K_START < 0 or t.K_END < 0:
+        errors.append(f"{prefix}.TOPK.K_START and K_END must be >= 1 (or 0 for the default)")
+    elif any(not (isinstance(p, (list, tuple)) and len(p) == 2) for p in t.PHASES):
+        errors.append(f"{prefix}.TOPK.PHASES must be a list of [progress, K] pairs, got {list(t.PHASES)}")
+    elif num_nontarget is not None and t.MODE in SCHEDULE_MODES:
+        for key in ("K_START", "K_END"):
+            k = t[key]
+            need(k == 0 or 1 <= k <= num_nontarget,
+                 f"{prefix}.TOPK.{key}={k} is out of range: K must lie in [1, C-1] = [1, {num_nontarget}] "
+                 "(the non-target classes), or 0 for the default")
+        try:
+            TopKSchedule.from_cfg(t, num_nontarget)
+        except ValueError as exc:
+            errors.append(f"{prefix}.TOPK ({num_nontarget} non-target classes): {exc}")
+
+    g = node.GSNR
+    need(g.PERIOD >= 0, f"{prefix}.GSNR.PERIOD must be >= 0 (0: once per epoch), got {g.PERIOD}")
+    need(g.WINDOW >= 2, f"{prefix}.GSNR.WINDOW must be >= 2 (a variance needs two mini-batches), got {g.WINDOW}")
+    need(g.PERIOD == 0 or g.PERIOD >= g.WINDOW,
+         f"{prefix}.GSNR.PERIOD ({g.PERIOD}) must be 0 or >= {prefix}.GSNR.WINDOW ({g.WINDOW})")
+    return errors
+
+
+def build_topk_schedule(node, num_nontarget: int) -> Optional[TopKSchedule]:
+    """The dynamic top-k schedule over ``num_nontarget`` classes, or None when DeepKD or the mask is off."""
+    if not node.ENABLED or node.TOPK.MODE == "off":
+        return None
+    return TopKSchedule.from_cfg(node.TOPK, num_nontarget)
+
+
+def build_decoupled_optimizer(node, params, *, lr: float, momentum: float, weight_decay: float):
+    """``DeepKDOptimizer`` (three buffers) or ``DOTOptimizer`` (two) over ``params`` (param groups work)."""
+    from .optim import DeepKDOptimizer, DOTOptimizer
+
+    if node.OPTIMIZER == "dot":
+        return DOTOptimizer(params, lr=lr, momentum=momentum, delta=node.DOT_DELTA, weight_decay=weight_decay,
+                            dampening=node.DAMPENING)
+    return DeepKDOptimizer(params, lr=lr, momentum=momentum, delta_tog=node.DELTA_TOG, delta_tcg=node.DELTA_TCG,
+                           delta_ncg=node.DELTA_NCG, weight_decay=weight_decay, dampening=node.DAMPENING,
+                           compat=node.COMPAT)
+
+
+def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True):
+    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer``."""
+    from .step import DecoupledStep
+
+    return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite)
+
+
+def build_gsnr_meter(node, named_parameters, steps_per_epoch: int):
+    """GSNR/BSNR meter: a window of ``GSNR.WINDOW`` iterations every ``GSNR.PERIOD`` (0: every epoch)."""
+    from .gsnr import GSNRMeter
+
+    window = node.GSNR.WINDOW
+    period = node.GSNR.PERIOD or steps_per_epoch
+    return GSNRMeter(named_parameters, window=window, period=max(period, window))

@@ -1,0 +1,281 @@
+"""Config keys of the DeepKD detection extension, their validation, and a tiny test config.
+
+``add_deepkd_config(cfg)`` adds the keys to a detectron2 ``CfgNode`` (every key is documented
+at its definition below); ``validate_deepkd_config(cfg)`` rejects contradictory or out-of-range
+settings with a ValueError that names the key; ``get_tiny_cfg()`` returns a ready CPU config
+for tests and the embedded demo.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Optional
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
+from deepkd_det.core.settings import decoupled, deepkd_node, validate_deepkd_settings
+from deepkd_det.core.topk import TopKSchedule
+
+__all__ = [
+    "KD_TYPES",
+    "add_deepkd_config",
+    "get_deepkd_cfg",
+    "resolve_teacher_cfg",
+    "build_topk_schedule",
+    "validate_deepkd_config",
+]
+
+KD_TYPES = ("NONE", "KD", "DKD")
+COUPLINGS = ("row", "batch")
+
+
+def _add_mobilenetv2_config(cfg: CN) -> None:
+    # MobileNetV2 backbone (torchvision's architecture) for the R-50 -> MV2 pair.
+    cfg.MODEL.MOBILENETV2 = CN()
+    # Stage outputs: m2/m3/m4/m5 are the ends of the stride-4/8/16/32 stages
+    # (24/32/96/320 channels, torchvision feature indices 3/6/13/17).
+    cfg.MODEL.MOBILENETV2.OUT_FEATURES = ["m2", "m3", "m4", "m5"]
+    # "FrozenBN" (ImageNet statistics, the usual detection setting), "BN", "SyncBN", "GN", ...
+    cfg.MODEL.MOBILENETV2.NORM = "FrozenBN"
+    # Width multiplier of torchvision's MobileNetV2 (1.0 for the ImageNet weights).
+    cfg.MODEL.MOBILENETV2.WIDTH_MULT = 1.0
+
+
+def _fresh_copy(value):
+    """Deep copy that also rebuilds tuples, so that no object is shared with the original
+    (shared objects would appear as YAML anchors/aliases in ``cfg.dump()``)."""
+    if isinstance(value, CN):
+        return CN({k: _fresh_copy(v) for k, v in value.items()})
+    if isinstance(value, tuple):
+        return tuple([_fresh_copy(v) for v in value])
+    if isinstance(value, list):
+        return [_fresh_copy(v) for v in value]
+    return copy.deepcopy(value)
+
+
+def add_deepkd_config(cfg: CN) -> CN:
+    """Add the TEACHER, KD and DEEPKD keys (and MODEL.MOBILENETV2) to ``cfg`` in place."""
+    if "MOBILENETV2" not in cfg.MODEL:
+        _add_mobilenetv2_config(cfg)
+
+    # ---------------------------------------------------------------- teacher
+    cfg.TEACHER = CN()
+    # A full copy of detectron2's MODEL defaults: the teacher's backbone / FPN / RPN / ROI heads,
+    # PIXEL_MEAN / PIXEL_STD (its own normalisation) and WEIGHTS. The teacher runs on the device
+    # of the student (MODEL.DEVICE); TEACHER.MODEL.DEVICE is ignored.
+    # WEIGHTS: a detectron2 checkpoint of the teacher (model-zoo .pkl, or .pth with or without the
+    # "teacher." prefix). Empty: the teacher keys of MODEL.WEIGHTS (a combined release file).
+    # Missing or unexpected teacher keys stop the build with the key names.
+    cfg.TEACHER.MODEL = _fresh_copy(cfg.MODEL)
+    # Channel order the teacher was trained with ("BGR" for detectron2's model zoo). Images are
+    # flipped to it when it differs from INPUT.FORMAT.
+    cfg.TEACHER.INPUT_FORMAT = "BGR"
+    # "" or a detectron2 yaml (a path, or "model_zoo:COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
+    # whose MODEL part is the base of the teacher; TEACHER.MODEL entries that differ from
+    # detectron2's defaults override it. Its MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
+    cfg.TEACHER.CONFIG_FILE = ""
+    # The teacher always runs in eval mode (frozen BN, no dropout); only True is accepted.
+    cfg.TEACHER.EVAL_MODE = True
+    # Allow a teacher without weights (random init). Only for tests and smoke runs: a warning
+    # is logged. Off by default: a teacher with missing weights stops the build.
+    cfg.TEACHER.ALLOW_RANDOM_INIT = False
+
+    # ---------------------------------------------------------------- distillation loss
+    cfg.KD = CN()
+    # "NONE" (plain Faster R-CNN, no teacher built), "KD" (classical KD split into TCKD and the
+    # coupled NCKD), "DKD" (decoupled KD: alpha * TCKD + beta * NCKD), on the R-CNN head logits.
+    cfg.KD.TYPE = "DKD"
+    # DKD weight of TCKD (DKD paper COCO setting: 1.0).
+    cfg.KD.ALPHA = 1.0
+    # DKD weight of NCKD (DKD paper COCO setting: 0.25).
+    cfg.KD.BETA = 0.25
+    # Softmax temperature T of both terms (COCO: 1.0). The terms are multiplied by T^2.
+    cfg.KD.TEMPERATURE = 1.0
+    # Weight of both KD components when TYPE is "KD".
+    cfg.KD.KD_WEIGHT = 1.0
+    # Linear warm-up of the distillation terms over this many iterations (0 = none).
+    cfg.KD.WARMUP_ITERS = 0
+    # Logit standardisation ("logit standardization KD") of both logits before the losses.
+    cfg.KD.LOGIT_STAND = False
+    # KD only: "row" (paper, exact per-row (1 - p_t[y]_i) * NCKD_i) or "batch" (the released
+    # reference code: mean_i(1 - p_t[y]_i) * mean_i NCKD_i).
+    cfg.KD.COUPLING = "row"
+    # ReviewKD feature distillation (Chen et al., CVPR 2021) between the student's and the
+    # teacher's FPN outputs: a trained review head (attention-based fusion) maps the student's
+    # levels to the teacher's, compared by the hierarchical context loss (HCL), returned as
+    # "loss_reviewkd". Works alone (KD.TYPE "NONE": the teacher is built for its features only)
+    # and with KD/DKD/DeepKD on the logits (DeepKD puts it in the task component, TOG).
+    cfg.KD.REVIEWKD = CN()
+    cfg.KD.REVIEWKD.ENABLED = False
+    # Weight of the HCL loss (release: 1.0 R101->R50, 1.2 R101->R18, 2.0 R50->MV2).
+    cfg.KD.REVIEWKD.LOSS_WEIGHT = 1.0
+    # FPN outputs compared, finest first (names and strides must agree between the two FPNs).
+    cfg.KD.REVIEWKD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Channels inside the review head (its fusion maps).
+    cfg.KD.REVIEWKD.MID_CHANNELS = 256
+    # HCL pyramid sizes (adaptive average pooling to l x l, weights 1/2, 1/4, ...).
+    cfg.KD.REVIEWKD.HCL_LEVELS = [4, 2, 1]
+
+    # ---------------------------------------------------------------- DeepKD
+    # The DeepKD node shared with the classifier (deepkd_det/core/settings.py documents every
+    # key): DEEPKD.ENABLED turns on the top-k mask on NCKD (DEEPKD.TOPK, over the C - 1 =
+    # NUM_CLASSES non-target classes, background included) and, with DEEPKD.DECOUPLE, the
+    # decoupled update around SOLVER.MOMENTUM. Needs KD.TYPE "KD" or "DKD".
+    cfg.DEEPKD = deepkd_node(CN)
+    return cfg
+
+
+def get_deepkd_cfg() -> CN:
+    """detectron2's default config with the DeepKD keys added."""
+    return add_deepkd_config(get_cfg())
+
+
+# ---------------------------------------------------------------- teacher config
+
+
+def _config_file_path(name: str) -> str:
+    if name.startswith("model_zoo:"):
+        from detectron2 import model_zoo
+
+        return model_zoo.get_config_file(name[len("model_zoo:") :])
+    return name
+
+
+def _diff(node: CN, base: CN, prefix: str = "") -> Dict[str, Any]:
+    """Flattened ``{dotted.key: value}`` of the entries of ``node`` that differ from ``base``."""
+    out: Dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, CN) and isinstance(base.get(key), CN):
+            out.update(_diff(value, base[key], f"{prefix}{key}."))
+        elif key not in base or base[key] != value:
+            out[prefix + key] = value
+    return out
+
+
+def resolve_teacher_cfg(cfg: CN) -> CN:
+    """A full detectron2 config whose MODEL is the teacher's (CONFIG_FILE, then TEACHER.MODEL).
+
+    The student's MODEL.DEVICE is used for the teacher.
+    """
+    teacher_cfg = get_deepkd_cfg()
+    defaults = teacher_cfg.MODEL.clone()
+    if cfg.TEACHER.CONFIG_FILE:
+        path = _config_file_path(cfg.TEACHER.CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
+        teacher_cfg.set_new_allowed(True)
+        teacher_cfg.merge_from_file(path)
+    overrides = _diff(cfg.TEACHER.MODEL, defaults)
+    teacher_cfg.defrost()
+    for dotted, value in overrides.items():
+        node = teacher_cfg.MODEL
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if p not in node:  # keys another extension added to MODEL before add_deepkd_config
+                node[p] = CN()
+            node = node[p]
+        node[leaf] = _fresh_copy(value)
+    # A model-zoo yaml's WEIGHTS is the ImageNet init of its training, not the trained teacher:
+    # only TEACHER.MODEL.WEIGHTS (or the teacher.* keys of MODEL.WEIGHTS) count.
+    teacher_cfg.MODEL.WEIGHTS = cfg.TEACHER.MODEL.WEIGHTS
+    teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    teacher_cfg.INPUT.FORMAT = cfg.TEACHER.INPUT_FORMAT
+    teacher_cfg.freeze()
+    return teacher_cfg
+
+
+def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
+    """The DTM schedule of cfg.DEEPKD over the C - 1 = NUM_CLASSES non-target classes (None: no mask)."""
+    return core_topk_schedule(cfg.DEEPKD, num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {value!r}")
+
+
+def validate_deepkd_config(cfg: CN) -> None:
+    """Raise ValueError naming the key for contradictory or out-of-range DeepKD settings."""
+    for node in ("TEACHER", "KD"):
+        if node not in cfg:
+            raise ValueError(f"cfg has no {node} node: call deepkd_det.det.config.add_deepkd_config(cfg) first")
+    kd, dk = cfg.KD, cfg.DEEPKD
+    _check_choice("KD.TYPE", kd.TYPE, KD_TYPES)
+    distill = kd.TYPE != "NONE"
+    reviewkd = _validate_reviewkd(cfg)
+    if dk.ENABLED and not distill:
+        raise ValueError(
+            "DEEPKD.ENABLED needs a distillation loss, but KD.TYPE is 'NONE' "
+            "(set KD.TYPE to 'KD' or 'DKD', or disable DEEPKD)"
+            + ("; KD.REVIEWKD alone is a task-side (TOG) loss and needs no DeepKD" if reviewkd else "")
+        )
+    if reviewkd and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
+        raise ValueError(
+            "KD.REVIEWKD.ENABLED needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
+            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no feature distillation would happen)"
+        )
+    if distill and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
+        raise ValueError(
+            f"KD.TYPE {kd.TYPE!r} needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
+            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no distillation would happen)"
+        )
+
+    # loss
+    if not kd.TEMPERATURE > 0:
+        raise ValueError(f"KD.TEMPERATURE must be > 0, got {kd.TEMPERATURE}")
+    for key in ("ALPHA", "BETA", "KD_WEIGHT"):
+        if not kd[key] >= 0:
+            raise ValueError(f"KD.{key} must be >= 0, got {kd[key]}")
+    if kd.WARMUP_ITERS < 0:
+        raise ValueError(f"KD.WARMUP_ITERS must be >= 0, got {kd.WARMUP_ITERS}")
+    _check_choice("KD.COUPLING", kd.COUPLING, COUPLINGS)
+
+    # DeepKD node (shared with the classifier)
+    errors = validate_deepkd_settings(dk, cfg.SOLVER.MOMENTUM, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    if errors:
+        raise ValueError("; ".join(errors))
+    if dk.GSNR.ENABLED and not decoupled(dk):
+        raise ValueError("DEEPKD.GSNR.ENABLED needs the decoupled update (DEEPKD.ENABLED and DEEPKD.DECOUPLE) "
+                         "in detection: the per-component gradients are measured inside the decoupled step")
+
+    # teacher
+    if cfg.TEACHER.EVAL_MODE is not True:
+        raise ValueError("TEACHER.EVAL_MODE must be True: the teacher always runs in eval mode")
+    _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
+    if distill or reviewkd:
+        tcfg = resolve_teacher_cfg(cfg)
+        if tcfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
+            raise ValueError(
+                "TEACHER.MODEL.META_ARCHITECTURE must be 'GeneralizedRCNN' (a two-stage detector "
+                f"with an R-CNN box head), got {tcfg.MODEL.META_ARCHITECTURE!r}"
+            )
+    if distill:
+        t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        if t_classes != s_classes:
+            raise ValueError(
+                f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
+                f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit distillation needs the same classes"
+            )
+
+
+def _validate_reviewkd(cfg: CN) -> bool:
+    """Check KD.REVIEWKD; return whether it is enabled. Feature names and strides are checked
+    against the built FPNs when the model is built."""
+    r = cfg.KD.REVIEWKD
+    if not r.LOSS_WEIGHT >= 0:
+        raise ValueError(f"KD.REVIEWKD.LOSS_WEIGHT must be >= 0, got {r.LOSS_WEIGHT}")
+    if int(r.MID_CHANNELS) != r.MID_CHANNELS or r.MID_CHANNELS < 1:
+        raise ValueError(f"KD.REVIEWKD.MID_CHANNELS must be a positive integer, got {r.MID_CHANNELS}")
+    names = list(r.IN_FEATURES)
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"KD.REVIEWKD.IN_FEATURES must be distinct feature names, at least one, got {names}")
+    for size in r.HCL_LEVELS:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"KD.REVIEWKD.HCL_LEVELS must be positive integers (pooled sizes), got {r.HCL_LEVELS}")
+    return bool(r.ENABLED)

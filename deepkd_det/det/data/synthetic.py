@@ -1,0 +1,222 @@
+"""The embedded default dataset: coloured shapes on textured backgrounds, in COCO format.
+
+No dataset can be downloaded where this project is built and tested, so the demo and the tests
+use this small, deterministic detection set: circles, squares and triangles (three classes,
+category ids 1..3) of random colour, size and position, several per image, on backgrounds made
+of gratings and noise. Each split is a folder of PNG (or JPEG) images plus a COCO instances json
+with ``bbox`` (tight, XYWH), ``area`` (pixel count of the shape), ``iscrowd`` 0 and a polygon
+``segmentation``. The same (seed, sizes) always gives the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from deepkd_det.core.io import atomic_write_json
+
+__all__ = [
+    "SHAPE_CATEGORIES",
+    "SHAPES_TRAIN",
+    "SHAPES_VAL",
+    "generate_shapes_dataset",
+    "render_shapes_image",
+    "shapes_split_paths",
+]
+
+SHAPE_CATEGORIES: List[Dict] = [
+    {"id": 1, "name": "circle", "supercategory": "shape"},
+    {"id": 2, "name": "square", "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "supercategory": "shape"},
+]
+# Dataset names under which deepkd_det.det.data.register registers the two splits.
+SHAPES_TRAIN = "deepkd_shapes_train"
+SHAPES_VAL = "deepkd_shapes_val"
+_SPLIT_IDS = {"train": 1, "val": 2}
+
+
+def shapes_split_paths(root: str, split: str) -> Tuple[str, str]:
+    """``(json_file, image_dir)`` of a split ("train" or "val") under ``root``."""
+    return os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A textured RGB background: a base colour, two oriented gratings and pixel noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(40, 215, size=3)
+    img = np.broadcast_to(base, (size, size, 3)).copy()
+    for _ in range(2):
+        theta = rng.uniform(0, math.pi)
+        freq = rng.uniform(2, 9)
+        phase = rng.uniform(0, 2 * math.pi)
+        wave = np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + phase)
+        img += wave[..., None] * rng.uniform(8, 28, size=3)
+    img += rng.normal(0, 8, size=img.shape)
+    return np.clip(img, 0, 255)
+
+
+def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
+    """Vertices of a shape of circumradius ``r`` (a 24-gon stands for the circle's outline)."""
+    if kind == "circle":
+        n, angle = 24, 0.0
+    elif kind == "square":
+        n = 4
+    else:
+        n = 3
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * i / n), cy + r * math.sin(angle + 2 * math.pi * i / n))
+        for i in range(n)
+    ]
+
+
+def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> Tuple[int, int, int]:
+    """A random colour far enough from the background that the shape is visible."""
+    for _ in range(50):
+        colour = rng.integers(0, 256, size=3)
+        if np.abs(colour - background_mean).sum() > 150:
+            break
+    return tuple(int(c) for c in colour)
+
+
+def render_shapes_image(
+    rng: np.random.Generator, size: int, max_objects: int = 4
+) -> Tuple[Image.Image, List[Dict]]:
+    """One image and its objects: ``[{"category_id", "bbox", "area", "segmentation"}, ...]``.
+
+    Objects never overlap (their boxes keep a 2 px gap), so every box is tight and unoccluded.
+    """
+    img = _background(rng, size)
+    canvas = Image.fromarray(img.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    num_objects = int(rng.integers(1, max_objects + 1))
+    placed: List[Tuple[float, float, float, float]] = []
+    objects: List[Dict] = []
+    for _ in range(num_objects):
+        for _attempt in range(30):
+            cat = SHAPE_CATEGORIES[int(rng.integers(0, len(SHAPE_CATEGORIES)))]
+            r = rng.uniform(0.08, 0.2) * size
+            cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+            angle = rng.uniform(0, 2 * math.pi)
+            poly = _shape_polygon(cat["name"], cx, cy, r, angle)
+            xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+            box = (min(xs) - 2, min(ys) - 2, max(xs) + 2, max(ys) + 2)
+            if all(box[2] < b[0] or b[2] < box[0] or box[3] < b[1] or b[3] < box[1] for b in placed):
+                break
+        else:
+            break  # the image is full; keep the objects placed so far
+        placed.append(box)
+        mask_img = Image.new("L", (size, size), 0)
+        mask_draw = ImageDraw.Draw(mask_img)
+        x0, y0 = box[0] + 2, box[1] + 2
+        region = np.asarray(img[int(max(y0, 0)) : int(box[3]), int(max(x0, 0)) : int(box[2])])
+        colour = _object_colour(rng, region.reshape(-1, 3).mean(axis=0))
+        if cat["name"] == "circle":
+            ellipse = [cx - r, cy - r, cx + r, cy + r]
+            draw.ellipse(ellipse, fill=colour)
+            mask_draw.ellipse(ellipse, fill=1)
+        else:
+            draw.polygon(poly, fill=colour)
+            mask_draw.polygon(poly, fill=1)
+        mask = np.asarray(mask_img, dtype=bool)
+        ys_idx, xs_idx = np.nonzero(mask)
+        bx0, by0 = int(xs_idx.min()), int(ys_idx.min())
+        bw, bh = int(xs_idx.max()) + 1 - bx0, int(ys_idx.max()) + 1 - by0
+        objects.append(
+            {
+                "category_id": cat["id"],
+                "bbox": [bx0, by0, bw, bh],
+                "area": int(mask.sum()),
+                "segmentation": [[round(float(c), 2) for p in poly for c in p]],
+            }
+        )
+    return canvas, objects
+
+
+def _params(num_images: int, image_size: int, seed: int, max_objects: int, image_format: str) -> Dict:
+    return {
+        "num_images": int(num_images),
+        "image_size": int(image_size),
+        "seed": int(seed),
+        "max_objects": int(max_objects),
+        "image_format": image_format,
+        "generator": "deepkd_det.det.data.synthetic v1",
+    }
+
+
+def _split_is_current(json_file: str, params: Dict) -> bool:
+    if not os.path.isfile(json_file):
+        return False
+    try:
+        with open(json_file) as f:
+            info = json.load(f).get("info", {})
+    except (OSError, ValueError):
+        return False
+    return info.get("deepkd_params") == params
+
+
+def _generate_split(root: str, split: str, num_images: int, image_size: int, seed: int,
+                    max_objects: int, image_format: str) -> str:
+    json_file, image_dir = shapes_split_paths(root, split)
+    params = _params(num_images, image_size, seed, max_objects, image_format)
+    if _split_is_current(json_file, params):
+        return json_file
+    os.makedirs(image_dir, exist_ok=True)
+    ext = "png" if image_format == "png" else "jpg"
+    images, annotations = [], []
+    for index in range(num_images):
+        # One generator per image: an image does not depend on how many came before it.
+        rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], index])
+        canvas, objects = render_shapes_image(rng, image_size, max_objects)
+        file_name = f"{split}_{index:06d}.{ext}"
+        if ext == "png":
+            canvas.save(os.path.join(image_dir, file_name), format="PNG")
+        else:
+            canvas.save(os.path.join(image_dir, file_name), format="JPEG", quality=95)
+        image_id = index + 1
+        images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        for obj in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **obj})
+    data = {
+        "info": {"description": f"DeepKD-Det synthetic shapes, {split} split", "deepkd_params": params},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": SHAPE_CATEGORIES,
+    }
+    # The json is written last and atomically: it marks the split as complete.
+    atomic_write_json(json_file, data)
+    return json_file
+
+
+def generate_shapes_dataset(
+    root: str,
+    num_train: int = 200,
+    num_val: int = 50,
+    image_size: int = 128,
+    seed: int = 0,
+    max_objects: int = 4,
+    image_format: str = "png",
+) -> Dict[str, Tuple[str, str]]:
+    """Write (or reuse, when already generated with the same settings) the two splits.
+
+    Returns ``{"train": (json_file, image_dir), "val": (json_file, image_dir)}``. The files are
+    a pure function of the arguments. ``image_format`` is "png" (lossless) or "jpg".
+    """
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"need at least one image per split, got num_train={num_train}, num_val={num_val}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 px, got {image_size}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    out = {}
+    for split, n in (("train", num_train), ("val", num_val)):
+        _generate_split(root, split, n, image_size, seed, max_objects, image_format)
+        out[split] = shapes_split_paths(root, split)
+    return out

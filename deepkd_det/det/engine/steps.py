@@ -1,0 +1,90 @@
+"""The per-iteration steps: detectron2's ordinary step and DeepKD's decoupled step.
+
+Both check every loss for NaN/inf *before* anything is updated, and name the loss that went
+bad (detectron2 only reports the whole dict, after the backward pass). Under
+torch.distributed the check is collective, so every rank raises together instead of the other
+ranks hanging in the next collective.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Mapping
+
+import torch
+from detectron2.engine import SimpleTrainer
+
+from deepkd_det.core.step import check_finite_losses as core_check_finite_losses
+
+__all__ = ["DISTILL_KEYS", "CheckedSimpleTrainer", "DecoupledStepTrainer", "check_finite_losses", "split_components"]
+
+# Loss-dict keys of the two distillation components (DeepKDRCNN's TCG and NCG losses).
+DISTILL_KEYS = {"loss_tckd": "tcg", "loss_nckd": "ncg"}
+
+
+def check_finite_losses(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
+    """FloatingPointError naming every non-finite loss and the iteration (on all ranks at once)."""
+    core_check_finite_losses(
+        loss_dict, f"at iteration {iteration}",
+        hint="Checkpoints and metrics written so far are intact. Lower SOLVER.BASE_LR, add warm-up "
+             "(SOLVER.WARMUP_ITERS, KD.WARMUP_ITERS) or check the data and teacher weights.")
+
+
+def split_components(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``{"tog": sum of the task losses, "tcg": loss_tckd, "ncg": loss_nckd}``."""
+    task = [v for k, v in loss_dict.items() if k not in DISTILL_KEYS]
+    if not task:
+        raise ValueError(f"the model returned no task loss (keys {sorted(loss_dict)})")
+    missing = [k for k in DISTILL_KEYS if k not in loss_dict]
+    if missing:
+        raise ValueError(
+            f"DEEPKD.ENABLED needs the distillation losses {missing} from the model "
+            f"(got {sorted(loss_dict)}); use MODEL.META_ARCHITECTURE DeepKDRCNN with KD.TYPE KD or DKD"
+        )
+    out = {"tog": torch.stack([t.reshape(()) for t in task]).sum()}
+    for key, component in DISTILL_KEYS.items():
+        out[component] = loss_dict[key]
+    return out
+
+
+class CheckedSimpleTrainer(SimpleTrainer):
+    """detectron2's SimpleTrainer step (sum of all losses, one backward, optimizer step) with
+    the named non-finite check before the backward pass."""
+
+    def _next_losses(self):
+        assert self.model.training, "[CheckedSimpleTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        check_finite_losses(loss_dict, self.iter)
+        return loss_dict, data_time
+
+    def run_step(self):
+        loss_dict, data_time = self._next_losses()
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        if hasattr(self, "after_backward"):  # detectron2 > v0.6 has an after_backward hook point
+            self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+class DecoupledStepTrainer(CheckedSimpleTrainer):
+    """The DeepKD step: one forward, then the core ``DecoupledStep``, which computes each
+    component's gradient (TOG: every detector loss; TCG: loss_tckd; NCG: loss_nckd), averages it
+    over processes and folds it into its own momentum buffer; then the parameter update.
+    """
+
+    def __init__(self, model, data_loader, optimizer, decoupled_step):
+        super().__init__(model, data_loader, optimizer)
+        self.decoupled_step = decoupled_step
+
+    def run_step(self):
+        loss_dict, data_time = self._next_losses()
+        self.decoupled_step(self.optimizer.component_losses(**split_components(loss_dict)))
+        self.optimizer.step()
+        self._write_metrics(loss_dict, data_time)

@@ -1,0 +1,295 @@
+"""DeepKDRCNN: Faster R-CNN student + frozen teacher, logit distillation on the R-CNN box head.
+
+Training: the student runs as GeneralizedRCNN; the exact boxes its box head pooled (the sampled
+proposals) and its class logits are captured with hooks, the teacher's box head classifies the
+same boxes on its own features (its own normalisation and channel order, no gradient), and the
+TCKD / NCKD terms come from ``deepkd_det.core.losses`` with labels = gt_classes of the sampled
+proposals (background = NUM_CLASSES, the last index). With KD.REVIEWKD the student's FPN maps go
+through a trained review head and are compared with the teacher's FPN maps (HCL), as
+``loss_reviewkd``; the teacher backbone runs once per iteration for both. Inference: the student
+alone.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.utils.events import get_event_storage
+from torch import nn
+
+from deepkd_det.core.losses import dkd_components, kd_components, warmup_factor
+from deepkd_det.core.reviewkd import HCL_LEVELS, hcl_loss
+from deepkd_det.core.topk import TopKSchedule
+from deepkd_det.det.config import build_topk_schedule, validate_deepkd_config
+
+from .reviewkd import build_reviewkd_head
+from .teacher import Teacher, build_teacher
+
+__all__ = ["DeepKDRCNN", "DISTILL_LOSS_KEYS"]
+
+# Loss-dict keys of the two distillation components (the engine's TCG and NCG).
+DISTILL_LOSS_KEYS = ("loss_tckd", "loss_nckd")
+
+
+class _BoxHeadTap:
+    """Records what the student's box head saw in one training forward: the boxes its pooler
+    pooled (per image, copied) and the predictor's class logits (with their graph)."""
+
+    def __init__(self):
+        self.active = False
+        self.start()
+        self.active = False
+
+    def start(self):
+        self.active, self.calls = True, 0
+        self.boxes: list | None = None
+        self.scores: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    def stop(self):
+        self.active = False
+
+    def pooler_pre_hook(self, module, args):
+        if self.active:
+            self.boxes = [b.clone() for b in args[1]]
+
+    def predictor_hook(self, module, args, output):
+        if self.active:
+            self.calls += 1
+            self.scores = output[0]
+
+    def roi_heads_hook(self, module, args, output):
+        # In training ROI heads return (sampled proposals, losses); the pooler saw these
+        # proposals in this order, so their gt_classes line up with the logits row by row.
+        if self.active:
+            self.labels = torch.cat([p.gt_classes for p in output[0]])
+
+
+class _BackboneTap:
+    """Records the student backbone's input size (the padded batch) and its output feature maps
+    (with their graph) in one training forward."""
+
+    def __init__(self):
+        self.active = False
+        self.image_size = self.features = None
+
+    def start(self):
+        self.active, self.calls = True, 0
+        self.image_size: tuple | None = None
+        self.features: Dict[str, torch.Tensor] | None = None
+
+    def stop(self):
+        self.active = False
+
+    def hook(self, module, args, output):
+        if self.active:
+            self.calls += 1
+            self.image_size = tuple(args[0].shape[-2:])
+            self.features = output
+
+
+@META_ARCH_REGISTRY.register()
+class DeepKDRCNN(GeneralizedRCNN):
+    """GeneralizedRCNN student with a frozen teacher under ``self.teacher``.
+
+    State-dict keys: the student's as in GeneralizedRCNN, the teacher's under ``teacher.`` (the
+    layout of the ReviewKD/mdistiller combined release files). ``self.teacher`` is None and the
+    model is a plain GeneralizedRCNN when KD.TYPE is "NONE" and KD.REVIEWKD is off. With
+    KD.REVIEWKD the trained review head is ``self.reviewkd_head`` (keys ``reviewkd_head.*``, a
+    student part, not the teacher's); KD.TYPE "NONE" + KD.REVIEWKD gives ReviewKD alone.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        teacher: Teacher | None,
+        kd_type: str,
+        alpha: float = 1.0,
+        beta: float = 0.25,
+        temperature: float = 1.0,
+        kd_weight: float = 1.0,
+        warmup_iters: int = 0,
+        logit_stand: bool = False,
+        coupling: str = "row",
+        topk_schedule: TopKSchedule | None = None,
+        max_iter: int = 1,
+        reviewkd_head: nn.Module | None = None,
+        reviewkd_in_features: Sequence[str] = (),
+        reviewkd_weight: float = 1.0,
+        reviewkd_levels: Sequence[int] = HCL_LEVELS,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.teacher = teacher
+        self.kd_type = kd_type
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.kd_weight, self.warmup_iters = kd_weight, warmup_iters
+        self.logit_stand, self.coupling = logit_stand, coupling
+        self.topk_schedule = topk_schedule
+        self.max_iter = max(int(max_iter), 1)
+        if kd_type != "NONE" and teacher is None:
+            raise ValueError(f"KD.TYPE {kd_type!r} needs a teacher")
+        if reviewkd_head is not None and teacher is None:
+            raise ValueError("KD.REVIEWKD needs a teacher")
+        self.reviewkd_head = reviewkd_head
+        self.reviewkd_in_features = list(reviewkd_in_features)
+        self.reviewkd_weight = float(reviewkd_weight)
+        self.reviewkd_levels = tuple(reviewkd_levels)
+        self._backbone_tap = _BackboneTap()
+        if reviewkd_head is not None:
+            if not self.reviewkd_in_features:
+                raise ValueError("KD.REVIEWKD needs at least one feature name (KD.REVIEWKD.IN_FEATURES)")
+            self.backbone.register_forward_hook(self._backbone_tap.hook)
+        self._tap = _BoxHeadTap()
+        if kd_type != "NONE":
+            for attr in ("box_pooler", "box_predictor"):
+                if not hasattr(self.roi_heads, attr):
+                    raise ValueError(
+                        f"the student's ROI heads ({type(self.roi_heads).__name__}) have no {attr}"
+                    )
+            s_classes, t_classes = self.roi_heads.num_classes, teacher.num_classes
+            if s_classes != t_classes:
+                raise ValueError(f"teacher has {t_classes} classes, student {s_classes}: they must agree")
+            self.roi_heads.box_pooler.register_forward_pre_hook(self._tap.pooler_pre_hook)
+            self.roi_heads.box_predictor.register_forward_hook(self._tap.predictor_hook)
+            self.roi_heads.register_forward_hook(self._tap.roi_heads_hook)
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_deepkd_config(cfg)
+        ret = super().from_config(cfg)
+        kd = cfg.KD
+        distill = kd.TYPE != "NONE"
+        reviewkd = bool(kd.REVIEWKD.ENABLED)
+        teacher = build_teacher(cfg) if distill or reviewkd else None
+        ret.update(
+            teacher=teacher,
+            kd_type=kd.TYPE,
+            alpha=kd.ALPHA,
+            beta=kd.BETA,
+            temperature=kd.TEMPERATURE,
+            kd_weight=kd.KD_WEIGHT,
+            warmup_iters=kd.WARMUP_ITERS,
+            logit_stand=kd.LOGIT_STAND,
+            coupling=kd.COUPLING,
+            topk_schedule=build_topk_schedule(cfg) if distill else None,
+            max_iter=cfg.SOLVER.MAX_ITER,
+            reviewkd_head=build_reviewkd_head(cfg, ret["backbone"], teacher.backbone) if reviewkd else None,
+            reviewkd_in_features=list(kd.REVIEWKD.IN_FEATURES),
+            reviewkd_weight=kd.REVIEWKD.LOSS_WEIGHT,
+            reviewkd_levels=[int(v) for v in kd.REVIEWKD.HCL_LEVELS],
+        )
+        return ret
+
+    def train(self, mode: bool = True) -> DeepKDRCNN:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # Teacher.train() is a no-op already; stated for clarity
+        return self
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        if not self.training or self.teacher is None:
+            return super().forward(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("DeepKDRCNN training needs ground-truth 'instances' in the inputs")
+        distill_logits = self.kd_type != "NONE"
+        reviewkd = self.reviewkd_head is not None
+        tap, btap = self._tap, self._backbone_tap
+        if distill_logits:
+            tap.start()
+        if reviewkd:
+            btap.start()
+        try:
+            losses = super().forward(batched_inputs)
+        finally:
+            tap.stop()
+            btap.stop()
+        if distill_logits and (tap.calls != 1 or tap.boxes is None or tap.labels is None):
+            raise RuntimeError(
+                f"the student's box head ran {tap.calls} times in one forward; DeepKDRCNN needs a "
+                "single-stage box head (StandardROIHeads)"
+            )
+        if reviewkd and btap.calls != 1:
+            raise RuntimeError(f"the student's backbone ran {btap.calls} times in one forward, expected once")
+        # One teacher backbone pass per iteration serves both the box-head logits and ReviewKD.
+        # With ReviewKD the teacher's batch is padded to the student's padded size, so that the
+        # FPN maps of both have the same shapes level by level.
+        images = [x["image"].to(self.device) for x in batched_inputs]
+        teacher_features = self.teacher.features(images, self.input_format, btap.image_size if reviewkd else None)
+        if distill_logits:
+            losses.update(
+                self._distill_losses(batched_inputs, tap.boxes, tap.scores, tap.labels, teacher_features)
+            )
+        if reviewkd:
+            # The engine puts every loss except loss_tckd / loss_nckd into TOG: under DeepKD the
+            # feature loss rides with the task gradient (it is neither a target- nor a
+            # non-target-class logit term), which is the intended placement.
+            losses["loss_reviewkd"] = self._reviewkd_loss(btap.features, teacher_features)
+        tap.boxes = tap.scores = tap.labels = None  # drop the graph references
+        btap.features = None
+        return losses
+
+    def _reviewkd_loss(
+        self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """LOSS_WEIGHT * HCL(review head(student FPN levels), teacher FPN levels), finest first."""
+        names = self.reviewkd_in_features
+        reviewed = self.reviewkd_head([student_features[n] for n in names])
+        return self.reviewkd_weight * hcl_loss(reviewed, [teacher_features[n] for n in names], self.reviewkd_levels)
+
+    def _distill_losses(
+        self, batched_inputs, boxes, student_logits, labels, teacher_features=None
+    ) -> Dict[str, torch.Tensor]:
+        """Weighted TCKD / NCKD of the student's box logits against the teacher's on the same boxes.
+
+        ``teacher_features``: the teacher's FPN maps of this batch when already computed."""
+        if labels.numel() != student_logits.shape[0]:
+            raise RuntimeError(f"{labels.numel()} sampled labels for {student_logits.shape[0]} logits")
+        images = None if teacher_features is not None else [x["image"].to(self.device) for x in batched_inputs]
+        teacher_logits = self.teacher.box_logits(images, self.input_format, boxes, features=teacher_features)
+        if teacher_logits.shape != student_logits.shape:
+            raise RuntimeError(
+                f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                f"{tuple(student_logits.shape)} differ; teacher and student must have the same classes"
+            )
+        storage = get_event_storage()
+        progress = storage.iter / self.max_iter
+        num_nontarget = student_logits.shape[1] - 1
+        # No schedule (DeepKD off or DEEPKD.TOPK.MODE off): every non-target class is kept.
+        k = self.topk_schedule(progress) if self.topk_schedule is not None else num_nontarget
+        topk = None if k >= num_nontarget else k
+        storage.put_scalar("kd/topk_k", float(k), smoothing_hint=False)
+        warm = warmup_factor(storage.iter, self.warmup_iters)
+        if student_logits.shape[0] == 0:
+            zero = student_logits.sum() * 0.0
+            return {"loss_tckd": zero, "loss_nckd": zero}
+        if self.kd_type == "DKD":
+            tckd, nckd = dkd_components(
+                student_logits,
+                teacher_logits,
+                labels,
+                alpha=self.alpha,
+                beta=self.beta,
+                temperature=self.temperature,
+                warmup=warm,
+                topk=topk,
+                logit_stand=self.logit_stand,
+            )
+        else:
+            tckd, nckd = kd_components(
+                student_logits,
+                teacher_logits,
+                labels,
+                temperature=self.temperature,
+                weight=self.kd_weight * warm,
+                topk=topk,
+                logit_stand=self.logit_stand,
+                coupling=self.coupling,
+            )
+        return {"loss_tckd": tckd, "loss_nckd": nckd}

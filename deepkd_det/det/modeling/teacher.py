@@ -1,0 +1,273 @@
+"""The frozen teacher detector: built from cfg.TEACHER, loaded, checked, always in eval mode.
+
+A randomly initialised teacher must never train silently: every teacher parameter and buffer
+must come from the checkpoint (missing or unexpected keys stop the build with their names),
+unless TEACHER.ALLOW_RANDOM_INIT is set for a smoke run.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.backbone import build_backbone
+from detectron2.modeling.proposal_generator import build_proposal_generator
+from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.structures import Boxes, ImageList
+from torch import nn
+
+from deepkd_det.det.config import resolve_teacher_cfg
+
+from .weights import IGNORED_CHECKPOINT_KEYS, TEACHER_PREFIX, read_checkpoint
+
+__all__ = [
+    "Teacher",
+    "build_teacher",
+    "teacher_state_from_checkpoint",
+    "load_teacher_weights",
+    "check_teacher_state",
+    "TeacherWeightsError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherWeightsError(ValueError):
+    """The teacher checkpoint does not match the teacher model."""
+
+
+class Teacher(nn.Module):
+    """A GeneralizedRCNN-like teacher: ``backbone``, ``proposal_generator``, ``roi_heads`` and its
+    own ``pixel_mean`` / ``pixel_std`` (non-persistent, so the state-dict keys are detectron2's).
+
+    Frozen (no gradients) and always in eval mode: ``train()`` is a no-op.
+    """
+
+    def __init__(
+        self, backbone, proposal_generator, roi_heads, pixel_mean, pixel_std, input_format: str = "BGR"
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.roi_heads = roi_heads
+        self.input_format = input_format
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
+        )
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Frozen BN statistics and deterministic heads, whatever the student does.
+        return super().train(False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_heads.num_classes
+
+    def preprocess(
+        self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
+    ) -> ImageList:
+        """Student-format images -> the teacher's channel order and normalisation, padded.
+
+        ``pad_to`` (H, W): pad the batch to exactly this size (the student's padded size, so that
+        the two FPNs' maps line up for feature distillation); it must be a multiple of the
+        teacher's size divisibility and at least the teacher's own padded size.
+        """
+        if input_format != self.input_format:
+            if {input_format, self.input_format} != {"BGR", "RGB"}:
+                raise ValueError(f"cannot convert {input_format} images to the teacher's {self.input_format}")
+            images = [x.flip(0) for x in images]
+        images = [(x.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std for x in images]
+        image_list = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        if pad_to is not None:
+            h, w = image_list.tensor.shape[-2:]
+            div = max(int(self.backbone.size_divisibility), 1)
+            if pad_to[0] < h or pad_to[1] < w or pad_to[0] % div or pad_to[1] % div:
+                raise ValueError(
+                    f"cannot pad the teacher's {h}x{w} batch to {pad_to[0]}x{pad_to[1]} (teacher size "
+                    f"divisibility {div}): the student's padding must be a multiple of the teacher's"
+                )
+            # Zero padding after normalisation, as ImageList.from_tensors pads.
+            tensor = F.pad(image_list.tensor, (0, pad_to[1] - w, 0, pad_to[0] - h), value=0.0)
+            image_list = ImageList(tensor, image_list.image_sizes)
+        return image_list
+
+    @torch.no_grad()
+    def features(
+        self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
+    ) -> Dict[str, torch.Tensor]:
+        """The teacher backbone's (FPN) feature maps of the student-format images, no gradient."""
+        return self.backbone(self.preprocess(images, input_format, pad_to).tensor)
+
+    @torch.no_grad()
+    def box_logits(
+        self,
+        images: List[torch.Tensor] | None,
+        input_format: str,
+        boxes: List[Boxes],
+        features: Dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Classification logits of the teacher's box head on the given boxes (image coordinates).
+
+        ``features``: the teacher's feature maps when already computed (``Teacher.features``), so
+        that the backbone runs once per iteration; otherwise they are computed from ``images``.
+        """
+        if features is None:
+            features = self.features(images, input_format)
+        rh = self.roi_heads
+        pooled = rh.box_pooler([features[f] for f in rh.box_in_features], boxes)
+        scores, _ = rh.box_predictor(rh.box_head(pooled))
+        return scores
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("the teacher is used through DeepKDRCNN (Teacher.box_logits), not called directly")
+
+
+def teacher_state_from_checkpoint(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The teacher's state dict inside a checkpoint.
+
+    A combined file (``teacher.*`` keys next to the student's) gives its ``teacher.*`` entries,
+    prefix removed; any other file is a teacher detector checkpoint as a whole. Keys of old
+    detectron2 checkpoints that are not model state (pixel_mean/std, cell anchors) are dropped.
+    """
+    if any(k.startswith(TEACHER_PREFIX) for k in state):
+        state = {k[len(TEACHER_PREFIX) :]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
+    return {k: v for k, v in state.items() if not IGNORED_CHECKPOINT_KEYS.search(k)}
+
+
+def _short_list(keys: List[str], limit: int = 30) -> str:
+    shown = "\n  ".join(keys[:limit])
+    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"\n  {shown}{more}"
+
+
+def _legacy_frozen_bn_stats(
+    teacher: nn.Module, tstate: Mapping[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """Running statistics of FrozenBatchNorm2d layers that old detectron2 checkpoints omit.
+
+    Those files store only weight/bias (statistics folded in); detectron2 itself fills in
+    mean 0 / variance 1 for them, and so do we, only when the layer's weight is present.
+    """
+    fills = {}
+    for name, module in teacher.named_modules():
+        if isinstance(module, FrozenBatchNorm2d) and f"{name}.weight" in tstate:
+            if f"{name}.running_mean" not in tstate:
+                fills[f"{name}.running_mean"] = torch.zeros_like(module.running_mean)
+            if f"{name}.running_var" not in tstate:
+                fills[f"{name}.running_var"] = torch.ones_like(module.running_var)
+    return fills
+
+
+def check_teacher_state(teacher: nn.Module, tstate: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise TeacherWeightsError naming missing keys, unexpected keys and shape mismatches.
+
+    ``tstate`` is the teacher's state dict (no ``teacher.`` prefix). A different class count
+    gets its own message.
+    """
+    own = teacher.state_dict()
+    cls_key = "roi_heads.box_predictor.cls_score.weight"
+    if cls_key in tstate and cls_key in own and tstate[cls_key].shape[0] != own[cls_key].shape[0]:
+        raise TeacherWeightsError(
+            f"teacher checkpoint {source} has {tstate[cls_key].shape[0] - 1} classes but the teacher is built "
+            f"with TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={own[cls_key].shape[0] - 1}; teacher and student "
+            "must classify the same classes"
+        )
+    missing = sorted(k for k in own if k not in tstate and k not in _legacy_frozen_bn_stats(teacher, tstate))
+    unexpected = sorted(k for k in tstate if k not in own)
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(tstate[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in tstate and tuple(tstate[k].shape) != tuple(own[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} teacher keys missing from the checkpoint:{_short_list(missing)}")
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} unexpected keys (not in the teacher model):{_short_list(unexpected)}"
+        )
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches:{_short_list(shapes)}")
+    if problems:
+        raise TeacherWeightsError(
+            f"teacher checkpoint {source} does not match the teacher built from cfg.TEACHER "
+            "(a partly random teacher must not be trained against):\n" + "\n".join(problems)
+        )
+
+
+def load_teacher_weights(
+    teacher: Teacher, path: str, state: Mapping[str, torch.Tensor] | None = None
+) -> None:
+    """Load the teacher from ``path`` (or its already read ``state``), checking it completely.
+
+    Raises TeacherWeightsError naming missing keys, unexpected keys and shape mismatches.
+    """
+    if state is None:
+        state, extra = read_checkpoint(path)
+        if extra.get("matching_heuristics"):
+            raise TeacherWeightsError(
+                f"{path} is a Caffe2/Detectron1 or ImageNet file, not a detectron2 detector checkpoint; "
+                "the teacher needs a trained detectron2 detector (model zoo .pkl or .pth)"
+            )
+    tstate = teacher_state_from_checkpoint(state)
+    check_teacher_state(teacher, tstate, path)
+    tstate.update(_legacy_frozen_bn_stats(teacher, tstate))
+    own = teacher.state_dict()
+    teacher.load_state_dict({k: v.to(own[k].dtype) for k, v in tstate.items()}, strict=True)
+    logger.info("Loaded all %d teacher tensors from %s", len(own), path)
+
+
+def _has_teacher_keys(path: str) -> Mapping[str, torch.Tensor] | None:
+    state, _ = read_checkpoint(path)
+    return state if any(k.startswith(TEACHER_PREFIX) for k in state) else None
+
+
+def build_teacher(cfg) -> Teacher:
+    """Build the teacher from cfg.TEACHER and load its weights.
+
+    Weights come from TEACHER.MODEL.WEIGHTS, else from the ``teacher.*`` keys of MODEL.WEIGHTS
+    (a combined release file). Without either, the build fails unless TEACHER.ALLOW_RANDOM_INIT.
+    """
+    tcfg = resolve_teacher_cfg(cfg)
+    backbone = build_backbone(tcfg)
+    teacher = Teacher(
+        backbone=backbone,
+        proposal_generator=build_proposal_generator(tcfg, backbone.output_shape()),
+        roi_heads=build_roi_heads(tcfg, backbone.output_shape()),
+        pixel_mean=tcfg.MODEL.PIXEL_MEAN,
+        pixel_std=tcfg.MODEL.PIXEL_STD,
+        input_format=cfg.TEACHER.INPUT_FORMAT,
+    )
+    for attr in ("box_pooler", "box_head", "box_predictor", "box_in_features"):
+        if not hasattr(teacher.roi_heads, attr):
+            raise ValueError(
+                f"the teacher's ROI heads ({type(teacher.roi_heads).__name__}) have no {attr}; "
+                "a StandardROIHeads-like box head is needed"
+            )
+    path = cfg.TEACHER.MODEL.WEIGHTS
+    if path:
+        load_teacher_weights(teacher, path)
+    elif (
+        cfg.MODEL.WEIGHTS
+        and not cfg.MODEL.WEIGHTS.endswith(".pkl")
+        and (state := _has_teacher_keys(cfg.MODEL.WEIGHTS))
+    ):
+        load_teacher_weights(teacher, cfg.MODEL.WEIGHTS, state)
+    elif cfg.TEACHER.ALLOW_RANDOM_INIT:
+        logger.warning(
+            "TEACHER.ALLOW_RANDOM_INIT: the teacher is RANDOMLY INITIALISED (tests / smoke runs only)"
+        )
+    else:
+        raise TeacherWeightsError(
+            "no teacher weights: set TEACHER.MODEL.WEIGHTS to a detectron2 checkpoint of the teacher, or "
+            "MODEL.WEIGHTS to a combined file with teacher.* keys (tools/make_kd_weights.py); "
+            f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} has no teacher keys"
+        )
+    return teacher

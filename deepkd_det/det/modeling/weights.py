@@ -1,0 +1,268 @@
+"""Reading checkpoints and renaming ImageNet backbone weights to detectron2's layout.
+
+Pure key renaming, shared by ``tools/make_kd_weights.py``, the teacher loader and
+``DeepKDCheckpointer``. A checkpoint is untrusted input: ``.pth`` files are read with
+``torch.load(weights_only=True)``; ``.pkl`` files (detectron2 model zoo) are pickles and are
+read through detectron2's checkpointer, so only trusted ``.pkl`` files should be loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from deepkd_det.core.io import load_weights_only
+
+__all__ = [
+    "STUDENT_PREFIX",
+    "TEACHER_PREFIX",
+    "IGNORED_CHECKPOINT_KEYS",
+    "read_checkpoint",
+    "torchvision_resnet_to_d2",
+    "mobilenetv2_to_backbone",
+    "student_backbone_from_imagenet",
+    "detect_student_layout",
+    "convert_student_keys",
+]
+
+logger = logging.getLogger(__name__)
+
+STUDENT_PREFIX = "backbone.bottom_up."
+TEACHER_PREFIX = "teacher."
+# Present in old detectron2 checkpoints but not part of the model's state (non-persistent buffers).
+IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors\.")
+
+
+def _to_tensor(v):
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return v
+
+
+def read_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """``(state_dict, extra)`` of a checkpoint file.
+
+    ``.pkl``: detectron2 / Caffe2 model-zoo pickles, via detectron2's checkpointer (trusted files
+    only). Anything else: ``torch.load(weights_only=True)``; a dict with a ``"model"`` entry is a
+    detectron2 checkpoint, a plain dict of tensors a bare state dict (torchvision weights).
+    ``extra`` holds the other top-level entries (``__author__``, ``matching_heuristics``, ...).
+    """
+    from detectron2.utils.file_io import PathManager
+
+    local = PathManager.get_local_path(path)
+    if local.endswith(".pkl"):
+        from detectron2.checkpoint import DetectionCheckpointer
+
+        # A pickle: only load trusted .pkl files (see pretrained/README.md).
+        data = DetectionCheckpointer(torch.nn.Module())._load_file(local)
+    else:
+        data = load_weights_only(local)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(data).__name__})")
+    if "model" in data and isinstance(data["model"], Mapping):
+        state, extra = data["model"], {k: v for k, v in data.items() if k != "model"}
+    elif "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        state, extra = data["state_dict"], {k: v for k, v in data.items() if k != "state_dict"}
+    else:
+        state, extra = data, {}
+    state = OrderedDict((k, _to_tensor(v)) for k, v in state.items())
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"{path}: entries that are not tensors: {bad[:10]}")
+    return state, extra
+
+
+# ---------------------------------------------------------------- ResNet
+
+_TV_BN = re.compile(r"^layer(\d)\.(\d+)\.bn(\d)\.(.+)$")
+_TV_CONV = re.compile(r"^layer(\d)\.(\d+)\.conv(\d)\.weight$")
+_TV_DOWN = re.compile(r"^layer(\d)\.(\d+)\.downsample\.([01])\.(.+)$")
+
+
+def _tv_resnet_key(key: str) -> str | None:
+    """detectron2 name of one torchvision ResNet key; None for dropped keys (fc, counters)."""
+    if key.endswith("num_batches_tracked") or key.startswith("fc."):
+        return None
+    if key == "conv1.weight":
+        return "stem.conv1.weight"
+    if key.startswith("bn1."):
+        return "stem.conv1.norm." + key[len("bn1.") :]
+    m = _TV_CONV.match(key)
+    if m:
+        return f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"
+    m = _TV_BN.match(key)
+    if m:
+        return f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"
+    m = _TV_DOWN.match(key)
+    if m:
+        part = "shortcut.weight" if m[3] == "0" else f"shortcut.norm.{m[4]}"
+        return f"res{int(m[1]) + 1}.{m[2]}.{part}"
+    raise ValueError(f"unexpected key {key!r} in a torchvision ResNet state dict")
+
+
+def torchvision_resnet_to_d2(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """torchvision ResNet names -> detectron2 ResNet names (no prefix); fc and counters dropped.
+
+    ``layer1.0.conv1.weight`` -> ``res2.0.conv1.weight``, ``layer1.0.bn1.*`` -> ``res2.0.conv1.norm.*``,
+    ``downsample.0/1`` -> ``shortcut`` / ``shortcut.norm``, ``conv1`` / ``bn1`` -> ``stem.conv1(.norm)``.
+    """
+    out = OrderedDict()
+    for k, v in state.items():
+        new = _tv_resnet_key(k)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+# ---------------------------------------------------------------- MobileNetV2
+
+# tonylins/pytorch-mobilenet-v2 layout (the mdistiller/ReviewKD MV2 student) -> torchvision.
+_TONYLINS_EXPAND1 = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+_TONYLINS_EXPAND = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_MV2_KEY = re.compile(r"^features\.(\d+)\.(.+)$")
+_MV2_LAST_BACKBONE_BLOCK = 17  # features.18 (1x1 conv to 1280) is not part of the detection backbone
+
+
+def _is_tonylins_mv2(state: Mapping[str, torch.Tensor]) -> bool:
+    # features.1 (expand ratio 1) has conv.0-conv.4 there, conv.0.0-conv.2 in torchvision.
+    return "features.1.conv.3.weight" in state
+
+
+def _mv2_key(key: str, tonylins: bool) -> str | None:
+    """Backbone name of one MobileNetV2 ImageNet key; None for dropped keys."""
+    if key.endswith("num_batches_tracked") or key.startswith(("classifier.", "conv.", "fc.")):
+        return None
+    m = _MV2_KEY.match(key)
+    if not m:
+        raise ValueError(f"unexpected key {key!r} in a MobileNetV2 state dict")
+    idx, rest = int(m[1]), m[2]
+    if idx > _MV2_LAST_BACKBONE_BLOCK:
+        return None
+    if tonylins and idx > 0:
+        parts = rest.split(".")  # conv.<i>.<param>
+        table = _TONYLINS_EXPAND1 if idx == 1 else _TONYLINS_EXPAND
+        if parts[0] != "conv" or len(parts) < 3 or parts[1] not in table:
+            raise ValueError(f"unexpected key {key!r} in a MobileNetV2 (tonylins layout) state dict")
+        rest = "conv." + table[parts[1]] + "." + ".".join(parts[2:])
+    return f"features.{idx}.{rest}"
+
+
+def mobilenetv2_to_backbone(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """MobileNetV2 ImageNet weights (torchvision or tonylins layout) -> this project's backbone names.
+
+    The backbone uses torchvision's layers, so torchvision keys stay as they are; ``features.18``,
+    the classifier and BN counters are dropped.
+    """
+    tonylins = _is_tonylins_mv2(state)
+    out = OrderedDict()
+    for k, v in state.items():
+        new = _mv2_key(k, tonylins)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+def student_backbone_from_imagenet(
+    state: Mapping[str, torch.Tensor], arch: str
+) -> OrderedDict[str, torch.Tensor]:
+    """ImageNet weights of the student -> ``backbone.bottom_up.*`` keys of the detector."""
+    if arch in ("R-18", "R-50"):
+        renamed = torchvision_resnet_to_d2(state)
+        expected = 4 if arch == "R-50" else 3  # conv3 exists only in bottleneck blocks
+        has_conv3 = any(k.endswith(".conv3.weight") for k in renamed)
+        if has_conv3 != (expected == 4):
+            raise ValueError(
+                f"--student-arch {arch} does not match the weights (bottleneck blocks: {has_conv3})"
+            )
+    elif arch == "MV2":
+        renamed = mobilenetv2_to_backbone(state)
+    else:
+        raise ValueError(f"student arch must be one of R-18, R-50, MV2, got {arch!r}")
+    if not renamed:
+        raise ValueError(f"no {arch} backbone weights found in the student file")
+    return OrderedDict((STUDENT_PREFIX + k, v) for k, v in renamed.items())
+
+
+# ---------------------------------------------------------------- layouts of combined files
+
+# Anchor key of each student layout a combined (release) file may use, possibly under a prefix.
+_LAYOUT_ANCHORS = (
+    ("d2", "res2.0.conv1.weight"),
+    ("d2-mv2", "features.1.conv.0.0.weight"),
+    ("tonylins-mv2", "features.1.conv.3.weight"),
+    ("torchvision-resnet", "layer1.0.conv1.weight"),
+)
+
+
+def detect_student_layout(state: Mapping[str, torch.Tensor]) -> Tuple[str, str] | None:
+    """``(layout, prefix)`` of the student backbone keys of a state dict (teacher keys ignored)."""
+    keys = [k for k in state if not k.startswith(TEACHER_PREFIX)]
+    for layout, anchor in _LAYOUT_ANCHORS:
+        for k in keys:
+            if k.endswith(anchor) and (k == anchor or k[: -len(anchor)].endswith(".")):
+                return layout, k[: -len(anchor)]
+    return None
+
+
+def convert_student_keys(state: Mapping[str, torch.Tensor], model_keys) -> OrderedDict[str, torch.Tensor]:
+    """Rename the student backbone keys of a combined file to the model's ``backbone.bottom_up.*``.
+
+    ``teacher.*`` keys and keys outside the detected student layout are left alone; nothing is
+    renamed when the student keys are already in place.
+    """
+    model_keys = set(model_keys)
+    found = detect_student_layout(state)
+    if found is None:
+        return OrderedDict(state)
+    layout, prefix = found
+    if prefix == STUDENT_PREFIX and layout in ("d2", "d2-mv2"):
+        return OrderedDict(state)
+    stripped = {
+        k: k[len(prefix) :] for k in state if k.startswith(prefix) and not k.startswith(TEACHER_PREFIX)
+    }
+    if layout == "torchvision-resnet":
+        heads = ("conv1.", "bn1.", "layer", "fc.")
+
+        def rename(k):
+            return _tv_resnet_key(k)
+    elif layout in ("tonylins-mv2", "d2-mv2"):
+        heads = ("features.", "classifier.")
+        tonylins = layout == "tonylins-mv2"
+
+        def rename(k):
+            return _mv2_key(k, tonylins)
+    else:
+        heads = ("stem.", "res")
+
+        def rename(k):
+            return k
+
+    out = OrderedDict()
+    moved = 0
+    for k, v in state.items():
+        short = stripped.get(k)
+        if short is None or not short.startswith(heads):
+            out[k] = v
+            continue
+        new = rename(short)
+        if new is None:
+            continue  # dropped on purpose (classifier, BN counters, features.18)
+        new = STUDENT_PREFIX + new
+        if new in model_keys:
+            out[new] = v
+            moved += 1
+        else:
+            out[k] = v  # keep it visible as an unexpected key
+    logger.info(
+        "Renamed %d student backbone keys (%s layout, prefix %r) to %s*",
+        moved,
+        layout,
+        prefix,
+        STUDENT_PREFIX,
+    )
+    return out

@@ -1,0 +1,167 @@
+"""Datasets: the synthetic shapes generator and COCO-json registration from the config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("detectron2")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from deepkd_det.det.data import (  # noqa: E402
+    SHAPE_CATEGORIES,
+    SHAPES_TRAIN,
+    SHAPES_VAL,
+    add_data_config,
+    generate_shapes_dataset,
+    register_coco_dataset,
+    register_datasets_from_cfg,
+)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            with open(os.path.join(dirpath, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def _shoelace(flat):
+    xs, ys = np.asarray(flat[0::2]), np.asarray(flat[1::2])
+    return 0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1)))
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    return root, generate_shapes_dataset(root, num_train=6, num_val=3, image_size=64, seed=3)
+
+
+def test_generator_is_deterministic_and_seeded(shapes, tmp_path):
+    root, _ = shapes
+    again = str(tmp_path / "again")
+    generate_shapes_dataset(again, num_train=6, num_val=3, image_size=64, seed=3)
+    assert _digest(again) == _digest(root)
+    other = str(tmp_path / "other")
+    generate_shapes_dataset(other, num_train=6, num_val=3, image_size=64, seed=4)
+    assert _digest(other) != _digest(root)
+
+
+def test_generated_annotations_are_consistent_coco(shapes):
+    _, paths = shapes
+    json_file, image_dir = paths["train"]
+    with open(json_file) as f:
+        data = json.load(f)
+    assert data["categories"] == SHAPE_CATEGORIES and [c["id"] for c in data["categories"]] == [1, 2, 3]
+    assert len(data["images"]) == 6 and len(data["annotations"]) >= 6
+    images = {im["id"]: im for im in data["images"]}
+    for ann in data["annotations"]:
+        im = images[ann["image_id"]]
+        assert Image.open(os.path.join(image_dir, im["file_name"])).size == (im["width"], im["height"]) == (64, 64)
+        x, y, w, h = ann["bbox"]
+        assert ann["iscrowd"] == 0 and ann["category_id"] in (1, 2, 3)
+        assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w > 0 and h > 0
+        poly = ann["segmentation"][0]
+        # bbox (XYWH) is the tight box of the shape's outline, area its pixel count.
+        assert abs(min(poly[0::2]) - x) <= 1.5 and abs(max(poly[0::2]) - (x + w)) <= 1.5
+        assert abs(min(poly[1::2]) - y) <= 1.5 and abs(max(poly[1::2]) - (y + h)) <= 1.5
+        assert ann["area"] <= w * h
+        assert abs(ann["area"] - _shoelace(poly)) <= 0.25 * _shoelace(poly) + 8
+
+
+def test_shapes_registered_from_cfg_and_loaded_by_detectron2(shapes):
+    root, _ = shapes
+    cfg = add_data_config(get_cfg())
+    cfg.DATASETS.SHAPES.ROOT = root
+    cfg.DATASETS.SHAPES.NUM_TRAIN, cfg.DATASETS.SHAPES.NUM_VAL = 6, 3
+    cfg.DATASETS.SHAPES.IMAGE_SIZE, cfg.DATASETS.SHAPES.SEED = 64, 3
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (SHAPES_TRAIN,), (SHAPES_VAL,)
+    register_datasets_from_cfg(cfg)
+    dicts = DatasetCatalog.get(SHAPES_TRAIN)
+    assert len(dicts) == 6 and len(DatasetCatalog.get(SHAPES_VAL)) == 3
+    assert MetadataCatalog.get(SHAPES_TRAIN).thing_classes == ["circle", "square", "triangle"]
+    assert {a["category_id"] for d in dicts for a in d["annotations"]} <= {0, 1, 2}  # contiguous ids
+
+
+def _write_custom_coco(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(images / "a.png")
+    Image.new("RGB", (40, 30), (200, 20, 30)).save(images / "b.png")
+    data = {
+        "images": [
+            {"id": 7, "file_name": "a.png", "width": 40, "height": 30},
+            {"id": 9, "file_name": "b.png", "width": 40, "height": 30},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 5, "bbox": [1, 2, 10, 12], "area": 120, "iscrowd": 0},
+            {"id": 2, "image_id": 9, "category_id": 8, "bbox": [3, 4, 5, 6], "area": 30, "iscrowd": 0},
+        ],
+        "categories": [{"id": 5, "name": "cat"}, {"id": 8, "name": "dog"}],
+    }
+    json_file = tmp_path / "train.json"
+    json_file.write_text(json.dumps(data))
+    return str(json_file), str(images)
+
+
+def test_custom_coco_dataset_from_config_and_command_line(tmp_path):
+    json_file, images = _write_custom_coco(tmp_path)
+    cfg = add_data_config(get_cfg())
+    # The command-line form: trailing KEY VALUE opts of train_net.py.
+    cfg.merge_from_list(["DATASETS.REGISTER", f"[['my_custom_train', '{json_file}', '{images}']]"])
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("my_custom_train",), ()
+    register_datasets_from_cfg(cfg)
+    dicts = DatasetCatalog.get("my_custom_train")
+    assert [os.path.basename(d["file_name"]) for d in dicts] == ["a.png", "b.png"]
+    assert [d["image_id"] for d in dicts] == [7, 9]
+    assert dicts[0]["annotations"][0]["bbox"] == [1, 2, 10, 12]
+    assert [d["annotations"][0]["category_id"] for d in dicts] == [0, 1]
+    meta = MetadataCatalog.get("my_custom_train")
+    assert meta.thing_classes == ["cat", "dog"] and meta.evaluator_type == "coco"
+    # Re-registering the same name at another place replaces it (a new run, a new directory).
+    (tmp_path / "second").mkdir()
+    json2, images2 = _write_custom_coco(tmp_path / "second")
+    register_coco_dataset("my_custom_train", json2, images2)
+    assert MetadataCatalog.get("my_custom_train").json_file == json2
+
+
+def test_missing_paths_and_names_fail_at_start_up_with_the_name(tmp_path):
+    json_file, images = _write_custom_coco(tmp_path)
+    cfg = add_data_config(get_cfg())
+    cfg.DATASETS.TEST = ()
+    cfg.DATASETS.REGISTER = [["broken_json", str(tmp_path / "nope.json"), images]]
+    cfg.DATASETS.TRAIN = ("broken_json",)
+    with pytest.raises(FileNotFoundError, match=r"broken_json.*nope\.json.*does not exist"):
+        register_datasets_from_cfg(cfg)
+    cfg.DATASETS.REGISTER = [["broken_dir", json_file, str(tmp_path / "no_images")]]
+    cfg.DATASETS.TRAIN = ("broken_dir",)
+    with pytest.raises(FileNotFoundError, match=r"broken_dir.*image folder.*no_images"):
+        register_datasets_from_cfg(cfg)
+    cfg.DATASETS.REGISTER = [["only_two", json_file]]
+    with pytest.raises(ValueError, match=r"\[name, json_file, image_dir\]"):
+        register_datasets_from_cfg(cfg)
+    cfg.DATASETS.REGISTER = []
+    cfg.DATASETS.TRAIN = ("never_registered",)
+    with pytest.raises(KeyError, match="never_registered.*DATASETS.REGISTER"):
+        register_datasets_from_cfg(cfg)
+
+
+def test_builtin_coco_without_files_points_to_the_readme(tmp_path, monkeypatch):
+    # detectron2 registered coco_2017_val at import under $DETECTRON2_DATASETS (default ./datasets).
+    monkeypatch.chdir(tmp_path)
+    cfg = add_data_config(get_cfg())
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ("coco_2017_val",)
+    with pytest.raises(FileNotFoundError, match=r"coco_2017_val.*instances_val2017\.json.*datasets/README\.md"):
+        register_datasets_from_cfg(cfg)
+    json_file, images = _write_custom_coco(tmp_path)
+    with pytest.raises(ValueError, match="already registered"):
+        register_coco_dataset("coco_2017_val", json_file, images)
