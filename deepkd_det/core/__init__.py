@@ -67,3 +67,15 @@ __all__ += [
     "mlkd_confidence_masks",
     "mlkd_loss",
 ]
+
+# DiffKD (knowledge diffusion); diffusers is imported only when a DiffKD is built.
+from .diffkd import DIFFKD_LOSS_WEIGHTS, DIFFKD_PREFIX, DiffKD, DiffKDOutput, diffkd_total, drop_diffkd_keys  # noqa: E402
+
+__all__ += [
+    "DIFFKD_LOSS_WEIGHTS",
+    "DIFFKD_PREFIX",
+    "DiffKD",
+    "DiffKDOutput",
+    "diffkd_total",
+    "drop_diffkd_keys",
+]
