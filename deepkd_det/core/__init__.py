@@ -79,3 +79,28 @@ __all__ += [
     "diffkd_total",
     "drop_diffkd_keys",
 ]
+
+# GPD: the width-shared dynamic teacher (slicing, IR, CBR, export) and its soft-target loss.
+from .gpd import (  # noqa: E402
+    DYNAMIC_TEACHER,
+    STUDENT,
+    at_width,
+    export,
+    gpd_ratio,
+    gpd_soft_target_loss,
+    ir_gap,
+    set_width,
+    widen,
+)
+
+__all__ += [
+    "DYNAMIC_TEACHER",
+    "STUDENT",
+    "at_width",
+    "export",
+    "gpd_ratio",
+    "gpd_soft_target_loss",
+    "ir_gap",
+    "set_width",
+    "widen",
+]
