@@ -540,17 +540,17 @@ class DOTOptimizer(DecoupledMomentumSGD):
     The special case of DeepKD with TCG and NCG summed into one distillation component
     (``component_losses`` does the summing). Weight decay rides with the task gradient.
 
-    ``compat="official"`` reproduces mdistiller's DOT (``mdistiller/engine/dot.py``), which
-    differs for a parameter that gets only one of the two gradients in a step (in the detector:
-    the RPN and box-regression parameters, task only): that buffer decays with the mean
-    momentum ``(mu_task + mu_kd) / 2``, and a distillation-only gradient gets weight decay
-    (except on its buffer's first step, which copies the raw gradient). Per step: task first,
-    ``d = g_task + wd * w``, ``m_task = d`` on its first step, else ``mu * m_task + (1 -
-    dampening) * d`` (``mu`` = ``mu_task`` if the parameter also got a distillation gradient,
-    else the mean; with ``mu_task == 0`` no buffer, ``m_task = d``), ``w -= lr * m_task``; then
-    distillation, ``m_kd = g_kd`` on its first step, else ``mu_kd * m_kd + (1 - dampening) *
-    g_kd`` if the parameter got a task gradient, else ``mean * m_kd + (1 - dampening) * (g_kd +
-    wd * w)``; ``w -= lr * m_kd``. A parameter with both gradients gets the paper's update.
+    ``compat="official"`` reproduces mdistiller's DOT (public repository megvii-research/mdistiller;
+    docs/maths.md §5). It differs for a parameter that gets only one of the two gradients in a
+    step (in the detector: the RPN and box-regression parameters, task only): that buffer decays
+    with the mean momentum ``(mu_task + mu_kd) / 2``, and a distillation-only gradient gets
+    weight decay (except on its buffer's first step, which copies the raw gradient). Per step,
+    task first: ``d = g_task + wd * w``; ``m_task = d`` the first time, else ``mu * m_task + (1 -
+    dampening) * d`` with ``mu = mu_task`` if the parameter also got a distillation gradient,
+    else the mean (``mu_task == 0``: no buffer, ``m_task = d``); ``w -= lr * m_task``. Then
+    distillation: ``m_kd = g_kd`` the first time, else ``mu_kd * m_kd + (1 - dampening) * g_kd``
+    if the parameter got a task gradient, else ``mean * m_kd + (1 - dampening) * (g_kd + wd *
+    w)``; ``w -= lr * m_kd``. A parameter with both gradients gets the paper's update.
     """
 
     components = DOT_COMPONENTS

@@ -157,7 +157,7 @@ def test_rank_setting_auto_follows_compat():
 
 
 def mdistiller_dot(w, steps, lr, mu_task, mu_kd, wd, damp=0.0):
-    """Plain-python replica of mdistiller's DOT on scalars (mdistiller/engine/dot.py).
+    """Plain-python replica of mdistiller's DOT update on scalars (megvii-research/mdistiller).
 
     ``steps``: per step a dict name -> (task grad or None, kd grad or None). Task first:
     d = g + wd * w; buffer = d first, else mu * buf + (1 - damp) * d with mu = mu_task if the
