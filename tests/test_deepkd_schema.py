@@ -28,7 +28,8 @@ def test_both_tasks_mount_the_same_node_with_the_same_defaults():
     det, cls = _flat(get_deepkd_cfg().DEEPKD), _flat(get_cls_cfg().DEEPKD)
     assert det == cls == _flat(DEEPKD_DEFAULTS)
     assert set(det) >= {"ENABLED", "DECOUPLE", "OPTIMIZER", "COMPAT", "DELTA_TOG", "DELTA_TCG", "DELTA_NCG",
-                        "DOT_DELTA", "DAMPENING", "GRAD_STRATEGY", "TOPK.MODE", "TOPK.K_START", "GSNR.PERIOD"}
+                        "DOT_DELTA", "DAMPENING", "GRAD_STRATEGY", "TOPK.MODE", "TOPK.K_START", "TOPK.RANK",
+                        "GSNR.PERIOD"}
     # Both use SOLVER.MOMENTUM as the base of every buffer's momentum.
     assert "MOMENTUM" in get_deepkd_cfg().SOLVER and "MOMENTUM" in get_cls_cfg().SOLVER
 
@@ -42,8 +43,8 @@ BAD = [
     ({"DELTA_TOG": 0.1}, "TOG momentum SOLVER.MOMENTUM + DEEPKD.DELTA_TOG = 0.9 + 0.1 = 1 is outside [0, 1)"),
     ({"DELTA_TCG": -0.95}, "TCG momentum SOLVER.MOMENTUM + DEEPKD.DELTA_TCG"),
     ({"OPTIMIZER": "dot", "DOT_DELTA": 0.2}, "DOT distillation momentum"),
-    ({"OPTIMIZER": "dot", "COMPAT": "official"}, "DEEPKD.OPTIMIZER dot has no 'official' mode"),
     ({"TOPK.MODE": "cosine"}, "DEEPKD.TOPK.MODE must be one of"),
+    ({"TOPK.RANK": "target"}, "DEEPKD.TOPK.RANK must be one of ('auto', 'nontarget', 'all')"),
     ({"TOPK.K_START": 12}, "DEEPKD.TOPK.K_START=12 is out of range: K must lie in [1, C-1] = [1, 9]"),
     ({"TOPK.K_START": 5, "TOPK.K_END": 3}, "k_start=5 > k_end=3"),
     ({"TOPK.MODE": "step", "TOPK.PHASES": [[0.5, 2], [0.3, 3]]}, "strictly increasing"),

@@ -122,11 +122,13 @@ def crld_components(
     topk: TopK = None,
     confidence_mask: str = "row",
     logit_stand: bool = False,
+    topk_rank: str = "nontarget",
 ) -> Dict[str, torch.Tensor]:
     """CRLD as DeepKD's three losses ``{"tog", "tcg", "ncg"}`` (formulas in the module docstring).
 
     Defaults are the DeepKD release's CIFAR-100 CRLD configs. ``warmup`` is the already-computed
-    warm-up factor; ``topk`` (None, int or per-row LongTensor) masks every NCKD term.
+    warm-up factor; ``topk`` (None, int or per-row LongTensor) masks every NCKD term, its
+    classes ranked as ``topk_rank`` says (core.losses.topk_nontarget_mask).
     """
     check_two_views(logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong, target)
     check_mask_mode(confidence_mask)
@@ -138,7 +140,7 @@ def crld_components(
     for pairs, keep, weight in ((within, keep_w, within_weight), (cross, keep_s, cross_weight)):
         tc_rows = nc_rows = 0.0
         for zs, zt in pairs:
-            parts = kd_parts(zs, zt, target, temperature, topk, logit_stand, reduction="none")
+            parts = kd_parts(zs, zt, target, temperature, topk, logit_stand, reduction="none", topk_rank=topk_rank)
             if split == "dkd":
                 tc_rows = tc_rows + alpha * parts.tckd
                 nc_rows = nc_rows + beta * parts.nckd

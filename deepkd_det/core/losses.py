@@ -19,7 +19,13 @@ import torch.nn.functional as F
 
 TopK = Union[None, int, torch.Tensor]
 
+# How the top-k mask ranks classes: "nontarget" (the paper: the K non-target classes the
+# teacher ranks highest) or "all" (the released DeepKD code: the teacher's top K over all
+# classes, target included, minus the target; see topk_nontarget_mask).
+TOPK_RANKS = ("nontarget", "all")
+
 __all__ = [
+    "TOPK_RANKS",
     "KDParts",
     "kd_parts",
     "kd_components",
@@ -51,8 +57,11 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (logits - mean) / (std + eps)
 
 
-def _as_row_k(topk: TopK, n: int, num_classes: int, device) -> Optional[torch.Tensor]:
-    """Normalise ``topk`` to a per-row LongTensor, or None when no class is removed."""
+def _as_row_k(topk: TopK, n: int, device, no_mask_from: int) -> Optional[torch.Tensor]:
+    """Normalise ``topk`` to a per-row LongTensor, or None when no class is removed.
+
+    ``no_mask_from`` is the smallest K that keeps every non-target class of every row.
+    """
     if topk is None:
         return None
     if isinstance(topk, torch.Tensor):
@@ -64,33 +73,47 @@ def _as_row_k(topk: TopK, n: int, num_classes: int, device) -> Optional[torch.Te
                 raise ValueError(f"per-row topk has {k.numel()} entries for {n} rows")
             if bool((k < 1).any()):
                 raise ValueError("topk must keep at least one non-target class (K >= 1)")
-            if bool((k >= num_classes - 1).all()):
+            if bool((k >= no_mask_from).all()):
                 return None
             return k
     k = int(topk)
     if k < 1:
         raise ValueError(f"topk must keep at least one non-target class, got K={k}")
-    if k >= num_classes - 1:
+    if k >= no_mask_from:
         return None
     return torch.full((n,), k, dtype=torch.long, device=device)
 
 
-def topk_nontarget_mask(logits_teacher: torch.Tensor, target: torch.Tensor, topk: TopK) -> torch.Tensor:
-    """Boolean ``(N, C)`` mask of the non-target classes NCKD keeps.
+def topk_nontarget_mask(
+    logits_teacher: torch.Tensor, target: torch.Tensor, topk: TopK, rank: str = "nontarget"
+) -> torch.Tensor:
+    """Boolean ``(N, C)`` mask of the classes NCKD keeps; the same mask serves teacher and student.
 
-    For each row the non-target classes are ranked by the teacher's logits and the top K are
-    kept; the target class is never kept. The same mask is applied to teacher and student.
+    ``rank="nontarget"`` (the paper, default): the non-target classes are ranked by the
+    teacher's logits and the top K kept; the target is never kept; ``K >= C - 1`` keeps all.
+    ``rank="all"`` (the released DeepKD code): all C classes are ranked, target included, the
+    top K kept and the target then removed, so a row whose target the teacher ranks inside its
+    top K keeps only K - 1 non-target classes, and ``K >= C`` keeps all. When that leaves
+    nothing (K = 1, target ranked first) the release's softmax runs over every class shifted
+    alike, i.e. NCKD becomes full KD over all C classes: such a row's mask is all True.
     """
+    if rank not in TOPK_RANKS:
+        raise ValueError(f"topk rank must be one of {TOPK_RANKS}, got {rank!r}")
     n, c = logits_teacher.shape
     target_onehot = F.one_hot(target.long(), c).bool()
-    k = _as_row_k(topk, n, c, logits_teacher.device)
+    k = _as_row_k(topk, n, logits_teacher.device, no_mask_from=c - 1 if rank == "nontarget" else c)
     if k is None:
         return ~target_onehot
-    ranked = logits_teacher.detach().masked_fill(target_onehot, float("-inf"))
+    ranked = logits_teacher.detach()
+    if rank == "nontarget":
+        ranked = ranked.masked_fill(target_onehot, float("-inf"))
     order = ranked.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(c, device=order.device).expand(n, c))
-    return (rank < k[:, None]) & ~target_onehot
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(c, device=order.device).expand(n, c))
+    keep = (position < k[:, None]) & ~target_onehot
+    if rank == "all":
+        keep = keep | ~keep.any(dim=1, keepdim=True)  # the release's empty set: every class
+    return keep
 
 
 def _kl_over(log_p_t: torch.Tensor, log_p_s: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -148,11 +171,13 @@ def kd_parts(
     topk: TopK = None,
     logit_stand: bool = False,
     reduction: str = "mean",
+    topk_rank: str = "nontarget",
 ) -> KDParts:
     """TCKD and NCKD (times ``T**2``) and the teacher's target probability.
 
     ``topk`` is None (all non-target classes), an int, or a LongTensor of per-row K: only the K
-    non-target classes the teacher ranks highest enter NCKD, for teacher and student alike.
+    non-target classes the teacher ranks highest enter NCKD, for teacher and student alike;
+    ``topk_rank`` says how they are ranked (:func:`topk_nontarget_mask`).
     TCKD is never masked. Gradients flow to ``logits_student`` only.
     """
     zs, zt = _prepare(logits_student, logits_teacher, target, temperature, logit_stand)
@@ -171,7 +196,7 @@ def kd_parts(
     tckd = _kl_over(log_bt, log_bs, None)
 
     # Non-target distribution over the kept classes (target and masked classes removed).
-    mask = topk_nontarget_mask(zt, target, topk)
+    mask = topk_nontarget_mask(zt, target, topk, topk_rank)
     log_qs = zs.masked_fill(~mask, float("-inf")).log_softmax(dim=1)
     log_qt = zt.masked_fill(~mask, float("-inf")).log_softmax(dim=1)
     nckd = _kl_over(log_qt, log_qs, mask)
@@ -215,13 +240,14 @@ def dkd_components(
     warmup: float = 1.0,
     topk: TopK = None,
     logit_stand: bool = False,
+    topk_rank: str = "nontarget",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DKD's two terms as DeepKD's (TCG, NCG) losses: ``w*alpha*TCKD``, ``w*beta*NCKD``.
 
     ``warmup`` is the already-computed warm-up factor ``w`` (see :func:`warmup_factor`).
     Plain DKD is the sum of the two.
     """
-    parts = kd_parts(logits_student, logits_teacher, target, temperature, topk, logit_stand)
+    parts = kd_parts(logits_student, logits_teacher, target, temperature, topk, logit_stand, topk_rank=topk_rank)
     return warmup * alpha * parts.tckd, warmup * beta * parts.nckd
 
 
@@ -234,6 +260,7 @@ def kd_components(
     topk: TopK = None,
     logit_stand: bool = False,
     coupling: str = "row",
+    topk_rank: str = "nontarget",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """KD split into DeepKD's (TCG, NCG) losses.
 
@@ -241,7 +268,8 @@ def kd_components(
     with no mask their sum is exactly :func:`kd_loss`. ``coupling="batch"`` reproduces the
     released reference code: ``mean_i(1 - p_t[y]_i) * mean_i NCKD_i``.
     """
-    parts = kd_parts(logits_student, logits_teacher, target, temperature, topk, logit_stand, reduction="none")
+    parts = kd_parts(logits_student, logits_teacher, target, temperature, topk, logit_stand, reduction="none",
+                     topk_rank=topk_rank)
     not_target = 1.0 - parts.teacher_target_prob
     if coupling == "row":
         ncg = (not_target * parts.nckd).mean()

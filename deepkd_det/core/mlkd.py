@@ -183,12 +183,14 @@ def mlkd_components(
     topk: TopK = None,
     confidence_mask: str = "release",
     logit_stand: bool = False,
+    topk_rank: str = "nontarget",
 ) -> Dict[str, torch.Tensor]:
     """MLKD as DeepKD's three losses ``{"tog", "tcg", "ncg"}`` (formulas in the module docstring).
 
     Defaults are the DeepKD release's CIFAR-100 MLKD configs (CE 0.5, KD 0.5, DKD split with
     alpha 1, beta 2). ``warmup`` is the already-computed warm-up factor; ``topk`` (None, int or
-    per-row LongTensor) masks the NCKD terms of both views, ranked by each view's teacher.
+    per-row LongTensor) masks the NCKD terms of both views, ranked by each view's teacher as
+    ``topk_rank`` says (core.losses.topk_nontarget_mask).
     """
     check_two_views(logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong, target)
     temps = check_temperatures(temperatures)
@@ -202,7 +204,7 @@ def mlkd_components(
     tcg = ncg = 0.0
     for t in temps:
         for zs, zt, keep in views:
-            parts = kd_parts(zs, zt, target, t, topk, logit_stand, reduction="none")
+            parts = kd_parts(zs, zt, target, t, topk, logit_stand, reduction="none", topk_rank=topk_rank)
             tc_rows, nc_rows = _split_rows(parts, split, alpha, beta)
             tcg = tcg + masked_reduce(tc_rows, keep, confidence_mask, "mean")
             ncg = ncg + masked_reduce(nc_rows, keep, confidence_mask, "mean")

@@ -539,6 +539,18 @@ class DOTOptimizer(DecoupledMomentumSGD):
 
     The special case of DeepKD with TCG and NCG summed into one distillation component
     (``component_losses`` does the summing). Weight decay rides with the task gradient.
+
+    ``compat="official"`` reproduces mdistiller's DOT (public repository megvii-research/mdistiller;
+    docs/maths.md §5). It differs for a parameter that gets only one of the two gradients in a
+    step (in the detector: the RPN and box-regression parameters, task only): that buffer decays
+    with the mean momentum ``(mu_task + mu_kd) / 2``, and a distillation-only gradient gets
+    weight decay (except on its buffer's first step, which copies the raw gradient). Per step,
+    task first: ``d = g_task + wd * w``; ``m_task = d`` the first time, else ``mu * m_task + (1 -
+    dampening) * d`` with ``mu = mu_task`` if the parameter also got a distillation gradient,
+    else the mean (``mu_task == 0``: no buffer, ``m_task = d``); ``w -= lr * m_task``. Then
+    distillation: ``m_kd = g_kd`` the first time, else ``mu_kd * m_kd + (1 - dampening) * g_kd``
+    if the parameter got a task gradient, else ``mean * m_kd + (1 - dampening) * (g_kd + wd *
+    w)``; ``w -= lr * m_kd``. A parameter with both gradients gets the paper's update.
     """
 
     components = DOT_COMPONENTS
@@ -552,9 +564,45 @@ class DOTOptimizer(DecoupledMomentumSGD):
         delta: float = 0.075,
         weight_decay: float = 0.0,
         dampening: float = 0.0,
+        compat: str = "paper",
     ):
+        if compat not in COMPAT_MODES:
+            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
+        self.compat = compat
         defaults = dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay, dampening=dampening)
         super().__init__(params, defaults)
+
+    def _step_official(self) -> None:
+        """mdistiller's DOT update (class docstring), parameter by parameter, task then distillation."""
+        got = {c: {id(p): g for p, g in self._stash.get(c, ())} for c in DOT_COMPONENTS}
+        for group in self.param_groups:
+            mus = self._momenta(group)
+            mu_mean = (mus["task"] + mus["kd"]) / 2.0
+            damp, wd, lr = float(group["dampening"]), float(group["weight_decay"]), float(group["lr"])
+            for component, other in (("task", "kd"), ("kd", "task")):
+                for p in group["params"]:
+                    g = got[component].get(id(p))
+                    if g is None:
+                        continue
+                    both = id(p) in got[other]
+                    if wd and (component == "task" or not both):
+                        g = g.add(p, alpha=wd)  # a first distillation step drops it again below
+                    if component == "task" and mus["task"] == 0.0:
+                        p.add_(g, alpha=-lr)  # mdistiller keeps no task buffer then
+                        continue
+                    state = self.state[p]
+                    buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+                    buf = state.get(buf_key)
+                    if buf is None:
+                        raw = got[component][id(p)]
+                        buf = state[buf_key] = (g if component == "task" else raw).clone()
+                        state[scale_key] = 1.0
+                    else:
+                        if state[scale_key] != 1.0:  # buffer saved by paper mode: store it unscaled
+                            buf.div_(state[scale_key])
+                            state[scale_key] = 1.0
+                        buf.mul_(mus[component] if both else mu_mean).add_(g, alpha=1.0 - damp)
+                    p.add_(buf, alpha=-lr)
 
     def _momenta(self, group: dict) -> Dict[str, float]:
         mu, delta = float(group["momentum"]), float(group["delta"])

@@ -15,6 +15,9 @@ classifier in its yacs tree) with the same keys, defaults and meanings; the base
     DEEPKD.DAMPENING      torch SGD's dampening, on every buffer
     DEEPKD.GRAD_STRATEGY  how the per-component gradients are computed (core.step.STRATEGIES)
     DEEPKD.TOPK.*         the dynamic top-k schedule (core.topk.TopKSchedule), used when ENABLED
+    DEEPKD.TOPK.RANK      how the mask ranks classes (core.losses.topk_nontarget_mask): "nontarget"
+                          (the paper), "all" (the released code: target included), "auto" (the
+                          default: "all" under COMPAT official, else "nontarget"); see topk_rank
     DEEPKD.GSNR.*         gradient signal-to-noise measurement (core.gsnr.GSNRMeter)
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional
 
+from .losses import TOPK_RANKS
 from .step import STRATEGIES
 from .topk import SCHEDULE_MODES, TopKSchedule
 
@@ -35,12 +39,15 @@ __all__ = [
     "build_gsnr_meter",
     "build_topk_schedule",
     "decoupled",
+    "TOPK_RANK_CHOICES",
+    "topk_rank",
     "deepkd_node",
     "validate_deepkd_settings",
 ]
 
 OPTIMIZERS = ("deepkd", "dot")
 COMPAT_MODES = ("paper", "official")
+TOPK_RANK_CHOICES = ("auto",) + TOPK_RANKS
 
 # One definition of every key; each task wraps it in its own CfgNode class (deepkd_node).
 DEEPKD_DEFAULTS: Dict[str, Any] = {
@@ -65,6 +72,8 @@ DEEPKD_DEFAULTS: Dict[str, Any] = {
         "START": 0.0,  # training progress in [0, 1]
         "END": 0.6,
         "PHASES": [],
+        # "auto": "all" (the released code's ranking) under COMPAT official, else "nontarget".
+        "RANK": "auto",
     },
     "GSNR": {
         "ENABLED": False,
@@ -82,6 +91,15 @@ def deepkd_node(node_class):
 def decoupled(node) -> bool:
     """Whether the decoupled (per-component momentum) update is on."""
     return bool(node.ENABLED and node.DECOUPLE)
+
+
+def topk_rank(node) -> str:
+    """The ``topk_rank`` of the losses: ``TOPK.RANK``, where "auto" follows ``COMPAT``
+    ("official" -> "all", the released code's ranking; "paper" -> "nontarget")."""
+    rank = node.TOPK.RANK
+    if rank == "auto":
+        return "all" if node.COMPAT == "official" else "nontarget"
+    return rank
 
 
 def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int], prefix: str = "DEEPKD") -> List[str]:
@@ -106,7 +124,6 @@ def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int]
         need(bool(node.ENABLED), f"{prefix}.OPTIMIZER dot needs {prefix}.ENABLED True")
         need(bool(node.DECOUPLE), f"{prefix}.OPTIMIZER dot keeps two momentum buffers: it contradicts "
                                   f"{prefix}.DECOUPLE False")
-        need(node.COMPAT == "paper", f"{prefix}.OPTIMIZER dot has no 'official' mode: set {prefix}.COMPAT paper")
     if decoupled(node):
         if node.OPTIMIZER == "dot":
             for name, m in (("task", momentum - node.DOT_DELTA), ("distillation", momentum + node.DOT_DELTA)):
@@ -121,6 +138,7 @@ def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int]
 
     t = node.TOPK
     choice("TOPK.MODE", t.MODE, SCHEDULE_MODES)
+    choice("TOPK.RANK", t.RANK, TOPK_RANK_CHOICES)
     if t.K_START < 0 or t.K_END < 0:
         errors.append(f"{prefix}.TOPK.K_START and K_END must be >= 1 (or 0 for the default)")
     elif any(not (isinstance(p, (list, tuple)) and len(p) == 2) for p in t.PHASES):
@@ -152,12 +170,15 @@ def build_topk_schedule(node, num_nontarget: int) -> Optional[TopKSchedule]:
 
 
 def build_decoupled_optimizer(node, params, *, lr: float, momentum: float, weight_decay: float):
-    """``DeepKDOptimizer`` (three buffers) or ``DOTOptimizer`` (two) over ``params`` (param groups work)."""
+    """``DeepKDOptimizer`` (three buffers) or ``DOTOptimizer`` (two) over ``params`` (param groups work).
+
+    ``COMPAT official`` selects each one's reference update: the released DeepKD optimizer, or
+    mdistiller's DOT."""
     from .optim import DeepKDOptimizer, DOTOptimizer
 
     if node.OPTIMIZER == "dot":
         return DOTOptimizer(params, lr=lr, momentum=momentum, delta=node.DOT_DELTA, weight_decay=weight_decay,
-                            dampening=node.DAMPENING)
+                            dampening=node.DAMPENING, compat=node.COMPAT)
     return DeepKDOptimizer(params, lr=lr, momentum=momentum, delta_tog=node.DELTA_TOG, delta_tcg=node.DELTA_TCG,
                            delta_ncg=node.DELTA_NCG, weight_decay=weight_decay, dampening=node.DAMPENING,
                            compat=node.COMPAT)

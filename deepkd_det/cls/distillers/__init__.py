@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Type
 
+from deepkd_det.core.settings import topk_rank
+
 from .base import Distiller, StepContext, TwoViewDistiller
 from .crld import CRLD
 from .dkd import DKD
@@ -29,28 +31,39 @@ def build_distiller(cfg, student, teacher=None) -> Distiller:
     """The distiller ``cfg.DISTILLER.TYPE`` names, with its loss settings from ``cfg``."""
     kind = cfg.DISTILLER.TYPE
     stand = cfg.DISTILLER.LOGIT_STAND
-    # compat "official" reproduces the released reference code where it differs from the paper.
-    official = cfg.DEEPKD.ENABLED and cfg.DEEPKD.COMPAT == "official"
+    # compat "official" reproduces the released code's losses where they differ from the paper:
+    # with OPTIMIZER deepkd those of its DeepKD trainer; with OPTIMIZER dot those of mdistiller's
+    # DOT trainer, i.e. the plain losses, never masked. Its DeepKD trainer masks DKD and CRLD
+    # (ranked as DEEPKD.TOPK.RANK says, "auto" = its ranking), never KD (a keyword typo) nor
+    # MLKD (no top-k argument), and its KD there ignores KD.KD_WEIGHT.
+    deep = cfg.DEEPKD
+    official = deep.ENABLED and deep.COMPAT == "official"
+    release_deepkd = official and deep.OPTIMIZER == "deepkd"
+    release_dot = official and deep.OPTIMIZER == "dot"
+    rank = topk_rank(deep)
     if kind == "NONE":
         return Vanilla(student)
     if kind == "KD":
         return KD(student, teacher, temperature=cfg.KD.TEMPERATURE, ce_weight=cfg.KD.CE_WEIGHT,
-                  kd_weight=cfg.KD.KD_WEIGHT, warmup=cfg.KD.WARMUP,
-                  coupling="batch" if official else "row", apply_topk=not official, logit_stand=stand)
+                  kd_weight=1.0 if release_deepkd else cfg.KD.KD_WEIGHT, warmup=cfg.KD.WARMUP,
+                  coupling="batch" if release_deepkd else "row", apply_topk=not official, logit_stand=stand,
+                  topk_rank=rank)
     if kind == "DKD":
         d = cfg.DKD
         return DKD(student, teacher, ce_weight=d.CE_WEIGHT, alpha=d.ALPHA, beta=d.BETA, temperature=d.T,
-                   warmup=d.WARMUP, logit_stand=stand)
+                   warmup=d.WARMUP, logit_stand=stand, apply_topk=not release_dot, topk_rank=rank)
     if kind == "MLKD":
         m = cfg.MLKD
         return MLKD(student, teacher, temperatures=m.TEMPERATURES, ce_weight=m.CE_WEIGHT, kd_weight=m.KD_WEIGHT,
                     split=m.SPLIT, alpha=m.ALPHA, beta=m.BETA, warmup=m.WARMUP,
-                    confidence_mask=m.CONFIDENCE_MASK, logit_stand=stand)
+                    confidence_mask=m.CONFIDENCE_MASK, logit_stand=stand, apply_topk=not official,
+                    topk_rank=rank)
     if kind == "CRLD":
         c = cfg.CRLD
         # The DeepKD release gates batch-mean CRLD terms, i.e. by the kept fraction ("release").
         return CRLD(student, teacher, temperature=c.T, ce_weight=c.CE_WEIGHT, within_weight=c.WITHIN_WEIGHT,
                     cross_weight=c.CROSS_WEIGHT, tau_weak=c.TAU_WEAK, tau_strong=c.TAU_STRONG, split=c.SPLIT,
                     alpha=c.ALPHA, beta=c.BETA, warmup=c.WARMUP,
-                    confidence_mask="release" if official else c.CONFIDENCE_MASK, logit_stand=stand)
+                    confidence_mask="release" if release_deepkd else c.CONFIDENCE_MASK, logit_stand=stand,
+                    apply_topk=not release_dot, topk_rank=rank)
     raise ValueError(f"unknown DISTILLER.TYPE {kind!r}; choose from {sorted(DISTILLERS)}")

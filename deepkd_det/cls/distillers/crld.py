@@ -18,7 +18,7 @@ class CRLD(TwoViewDistiller):
                  within_weight: float = 2.0, cross_weight: float = 0.5, tau_weak: float = CRLD_TAU_WEAK,
                  tau_strong: float = CRLD_TAU_STRONG, split: str = "kd", alpha: float = 1.0,
                  beta: float = 2.0, warmup: float = 0.0, confidence_mask: str = "row",
-                 logit_stand: bool = False):
+                 logit_stand: bool = False, apply_topk: bool = True, topk_rank: str = "nontarget"):
         super().__init__(student, teacher)
         self.temperature = temperature
         self.ce_weight = ce_weight
@@ -32,6 +32,8 @@ class CRLD(TwoViewDistiller):
         self.warmup = warmup
         self.confidence_mask = confidence_mask
         self.logit_stand = logit_stand
+        self.apply_topk = apply_topk  # False: ctx.topk is ignored (no mask)
+        self.topk_rank = topk_rank
 
     def component_losses(self, logits_student, logits_teacher, target, ctx):
         (zs_weak, zs_strong), (zt_weak, zt_strong) = logits_student, logits_teacher
@@ -39,6 +41,6 @@ class CRLD(TwoViewDistiller):
             zs_weak, zt_weak, zs_strong, zt_strong, target, temperature=self.temperature,
             ce_weight=self.ce_weight, within_weight=self.within_weight, cross_weight=self.cross_weight,
             tau_weak=self.tau_weak, tau_strong=self.tau_strong, split=self.split, alpha=self.alpha,
-            beta=self.beta, warmup=warmup_factor(ctx.epoch, self.warmup), topk=ctx.topk,
-            confidence_mask=self.confidence_mask, logit_stand=self.logit_stand,
+            beta=self.beta, warmup=warmup_factor(ctx.epoch, self.warmup), topk=ctx.topk if self.apply_topk else None,
+            confidence_mask=self.confidence_mask, logit_stand=self.logit_stand, topk_rank=self.topk_rank,
         )

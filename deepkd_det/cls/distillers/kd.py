@@ -16,7 +16,7 @@ from .base import Distiller
 class KD(Distiller):
     def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 0.1,
                  kd_weight: float = 0.9, warmup: float = 0.0, coupling: str = "row",
-                 apply_topk: bool = True, logit_stand: bool = False):
+                 apply_topk: bool = True, logit_stand: bool = False, topk_rank: str = "nontarget"):
         super().__init__(student, teacher)
         self.temperature = temperature
         self.ce_weight = ce_weight
@@ -25,6 +25,7 @@ class KD(Distiller):
         self.coupling = coupling
         # The released reference code never masks its KD path; compat "official" turns this off.
         self.apply_topk = apply_topk
+        self.topk_rank = topk_rank
         self.logit_stand = logit_stand
 
     def component_losses(self, logits_student, logits_teacher, target, ctx):
@@ -32,6 +33,6 @@ class KD(Distiller):
         tcg, ncg = kd_components(
             logits_student, logits_teacher, target, temperature=self.temperature,
             weight=w * self.kd_weight, topk=ctx.topk if self.apply_topk else None,
-            logit_stand=self.logit_stand, coupling=self.coupling,
+            logit_stand=self.logit_stand, coupling=self.coupling, topk_rank=self.topk_rank,
         )
         return {"tog": self.ce_weight * F.cross_entropy(logits_student, target), "tcg": tcg, "ncg": ncg}

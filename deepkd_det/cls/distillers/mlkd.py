@@ -17,7 +17,8 @@ from .base import TwoViewDistiller
 class MLKD(TwoViewDistiller):
     def __init__(self, student, teacher, temperatures=MLKD_TEMPERATURES, ce_weight: float = 0.1,
                  kd_weight: float = 0.9, split: str = "kd", alpha: float = 1.0, beta: float = 2.0,
-                 warmup: float = 0.0, confidence_mask: str = "release", logit_stand: bool = False):
+                 warmup: float = 0.0, confidence_mask: str = "release", logit_stand: bool = False,
+                 apply_topk: bool = True, topk_rank: str = "nontarget"):
         super().__init__(student, teacher)
         self.temperatures = tuple(float(t) for t in temperatures)
         self.ce_weight = ce_weight
@@ -28,12 +29,14 @@ class MLKD(TwoViewDistiller):
         self.warmup = warmup
         self.confidence_mask = confidence_mask
         self.logit_stand = logit_stand
+        self.apply_topk = apply_topk  # False: ctx.topk is ignored (no mask)
+        self.topk_rank = topk_rank
 
     def component_losses(self, logits_student, logits_teacher, target, ctx):
         (zs_weak, zs_strong), (zt_weak, zt_strong) = logits_student, logits_teacher
         return mlkd_components(
             zs_weak, zt_weak, zs_strong, zt_strong, target, temperatures=self.temperatures,
             ce_weight=self.ce_weight, kd_weight=self.kd_weight, split=self.split, alpha=self.alpha,
-            beta=self.beta, warmup=warmup_factor(ctx.epoch, self.warmup), topk=ctx.topk,
-            confidence_mask=self.confidence_mask, logit_stand=self.logit_stand,
+            beta=self.beta, warmup=warmup_factor(ctx.epoch, self.warmup), topk=ctx.topk if self.apply_topk else None,
+            confidence_mask=self.confidence_mask, logit_stand=self.logit_stand, topk_rank=self.topk_rank,
         )

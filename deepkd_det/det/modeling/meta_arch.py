@@ -22,6 +22,7 @@ from torch import nn
 
 from deepkd_det.core.losses import dkd_components, kd_components, warmup_factor
 from deepkd_det.core.reviewkd import HCL_LEVELS, hcl_loss
+from deepkd_det.core.settings import topk_rank
 from deepkd_det.core.topk import TopKSchedule
 from deepkd_det.det.config import build_topk_schedule, validate_deepkd_config
 
@@ -116,6 +117,7 @@ class DeepKDRCNN(GeneralizedRCNN):
         logit_stand: bool = False,
         coupling: str = "row",
         topk_schedule: TopKSchedule | None = None,
+        topk_rank: str = "nontarget",
         max_iter: int = 1,
         reviewkd_head: nn.Module | None = None,
         reviewkd_in_features: Sequence[str] = (),
@@ -130,6 +132,7 @@ class DeepKDRCNN(GeneralizedRCNN):
         self.kd_weight, self.warmup_iters = kd_weight, warmup_iters
         self.logit_stand, self.coupling = logit_stand, coupling
         self.topk_schedule = topk_schedule
+        self.topk_rank = topk_rank  # DEEPKD.TOPK.RANK as resolved by core.settings.topk_rank
         self.max_iter = max(int(max_iter), 1)
         if kd_type != "NONE" and teacher is None:
             raise ValueError(f"KD.TYPE {kd_type!r} needs a teacher")
@@ -177,6 +180,7 @@ class DeepKDRCNN(GeneralizedRCNN):
             logit_stand=kd.LOGIT_STAND,
             coupling=kd.COUPLING,
             topk_schedule=build_topk_schedule(cfg) if distill else None,
+            topk_rank=topk_rank(cfg.DEEPKD),
             max_iter=cfg.SOLVER.MAX_ITER,
             reviewkd_head=build_reviewkd_head(cfg, ret["backbone"], teacher.backbone) if reviewkd else None,
             reviewkd_in_features=list(kd.REVIEWKD.IN_FEATURES),
@@ -280,6 +284,7 @@ class DeepKDRCNN(GeneralizedRCNN):
                 warmup=warm,
                 topk=topk,
                 logit_stand=self.logit_stand,
+                topk_rank=self.topk_rank,
             )
         else:
             tckd, nckd = kd_components(
@@ -291,5 +296,6 @@ class DeepKDRCNN(GeneralizedRCNN):
                 topk=topk,
                 logit_stand=self.logit_stand,
                 coupling=self.coupling,
+                topk_rank=self.topk_rank,
             )
         return {"loss_tckd": tckd, "loss_nckd": nckd}
