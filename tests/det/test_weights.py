@@ -239,15 +239,24 @@ def test_model_zoo_pkl_teacher_loads(files, tmp_path):
     model = build_model(_kd_cfg(teacher_weights=tmp_path / "model_final.pkl"))
     _assert_teacher_equals(model, files["teacher"])
 
-    # Old files without FrozenBN running statistics: filled with detectron2's mean 0 / var 1.
+    # Old files without any FrozenBN running statistic (folded into weight / bias): filled with
+    # detectron2's mean 0 / var 1.
     bn = "backbone.bottom_up.res4.1.conv2.norm."
-    legacy = {k: v for k, v in model_state.items() if k not in (bn + "running_mean", bn + "running_var")}
+    legacy = {k: v for k, v in model_state.items() if not k.endswith(("running_mean", "running_var"))}
     with open(tmp_path / "legacy.pkl", "wb") as f:
         pickle.dump({"model": legacy, "__author__": "Detectron2 Model Zoo"}, f)
     own = build_model(_kd_cfg(teacher_weights=tmp_path / "legacy.pkl")).teacher.state_dict()
     assert torch.equal(own[bn + "running_mean"], torch.zeros(256))
     assert torch.equal(own[bn + "running_var"], torch.ones(256))
     assert torch.equal(own[bn + "weight"], files["teacher"][bn + "weight"])
+
+    # A file that holds statistics but lacks some is refused by name: one layer, one running_var.
+    for dropped in ((bn + "running_mean", bn + "running_var"), (bn + "running_var",)):
+        partial = {k: v for k, v in model_state.items() if k not in dropped}
+        with open(tmp_path / "partial.pkl", "wb") as f:
+            pickle.dump({"model": partial, "__author__": "Detectron2 Model Zoo"}, f)
+        with pytest.raises(TeacherWeightsError, match=r"missing[\s\S]*res4\.1\.conv2\.norm\.running_var"):
+            build_model(_kd_cfg(teacher_weights=tmp_path / "partial.pkl"))
 
     out = tmp_path / "from_pkl.pth"
     assert (
@@ -386,3 +395,172 @@ def test_pth_files_are_read_weights_only(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(a=1)}, tmp_path / "pickled.pth")
     with pytest.raises(ValueError, match="weights-only"):
         read_checkpoint(str(tmp_path / "pickled.pth"))
+
+
+# ---------------------------------------------------------------- the trainer's full load
+
+DEMO = ROOT / "configs" / "DEEPKD" / "demo"
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    from deepkd_det.det.data import generate_shapes_dataset
+
+    root = str(tmp_path_factory.mktemp("shapes"))
+    generate_shapes_dataset(root, num_train=4, num_val=2, image_size=64, seed=0)
+    return root
+
+
+def _demo_cfg(out, shapes_root, *opts):
+    """The demo DKD student (R-18-FPN, FrozenBN in both backbones) through train_net's setup."""
+    from detectron2.engine import default_argument_parser
+
+    import train_net
+
+    argv = ["--config-file", str(DEMO / "student-dkd.yaml"),
+            "OUTPUT_DIR", str(out),
+            "DATASETS.SHAPES.ROOT", shapes_root, "DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2",
+            "DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
+            "MODEL.RESNETS.NORM", "FrozenBN", "TEACHER.MODEL.RESNETS.NORM", "FrozenBN", *opts]
+    return train_net.setup(default_argument_parser().parse_args([str(a) for a in argv]))
+
+
+def _random_teacher_state(cfg):
+    """A trained-looking teacher of cfg.TEACHER: every tensor non-trivial, FrozenBN statistics included."""
+    from deepkd_det.det.config import resolve_teacher_cfg
+
+    torch.manual_seed(1)
+    teacher = build_model(resolve_teacher_cfg(cfg))
+    state = {}
+    for k, v in teacher.state_dict().items():
+        if k.endswith("running_var"):
+            v = torch.rand_like(v) + 0.5
+        elif v.is_floating_point():
+            v = torch.randn_like(v) * 0.1
+        state[k] = v.clone()
+    assert sum(k.endswith("running_var") for k in state) > 10  # FrozenBN layers, all four tensors each
+    return state
+
+
+def _save_zoo_pkl(state, path):
+    with open(path, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in state.items()}, "__author__": "Detectron2 Model Zoo"}, f)
+
+
+@pytest.fixture(scope="module")
+def separate_files(tmp_path_factory, shapes_root):
+    d = tmp_path_factory.mktemp("separate")
+    cfg = _demo_cfg(d / "probe", shapes_root)
+    t_state = _random_teacher_state(cfg)
+    _save_zoo_pkl(t_state, d / "model_final.pkl")
+    torch.manual_seed(2)
+    tv = torchvision.models.resnet18(weights=None)
+    _randomise_bn(tv)
+    torch.save(tv.state_dict(), d / "resnet18.pth")
+    return {"dir": d, "teacher": t_state, "tv": tv.state_dict()}
+
+
+def _trainer_load(cfg):
+    from deepkd_det.det.engine import DeepKDTrainer
+
+    trainer = DeepKDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    return trainer.model
+
+
+def test_separate_teacher_file_survives_the_trainers_load(separate_files, shapes_root, tmp_path):
+    """TEACHER.MODEL.WEIGHTS = a model-zoo .pkl, MODEL.WEIGHTS = a torchvision student: after the
+    trainer's full load every teacher parameter and buffer (FrozenBN statistics included) is the file's."""
+    d = separate_files["dir"]
+    cfg = _demo_cfg(tmp_path, shapes_root, "TEACHER.MODEL.WEIGHTS", d / "model_final.pkl",
+                    "MODEL.WEIGHTS", d / "resnet18.pth")
+    model = _trainer_load(cfg)
+    _assert_teacher_equals(model, separate_files["teacher"])
+    _assert_student_backbone_is_tv(model, separate_files["tv"])
+
+
+def test_two_different_teachers_are_refused_naming_both_keys(separate_files, shapes_root, tmp_path):
+    d = separate_files["dir"]
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in separate_files["teacher"].items()}
+    combined = {"teacher." + k: v for k, v in other.items()}
+    combined.update({k: v for k, v in separate_files["tv"].items()})
+    torch.save({"model": combined}, tmp_path / "combined.pth")
+    same = {"teacher." + k: v for k, v in separate_files["teacher"].items()}
+    same.update(separate_files["tv"])
+    torch.save({"model": same}, tmp_path / "same.pth")
+
+    # .pth MODEL.WEIGHTS: refused when the model is built.
+    with pytest.raises(TeacherWeightsError, match=r"TEACHER\.MODEL\.WEIGHTS=.*model_final\.pkl.*combined\.pth"):
+        build_model(_demo_cfg(tmp_path / "a", shapes_root, "TEACHER.MODEL.WEIGHTS", d / "model_final.pkl",
+                              "MODEL.WEIGHTS", tmp_path / "combined.pth"))
+    # Any file with another teacher, loaded by the checkpointer into a loaded teacher: refused too.
+    model = build_model(_demo_cfg(tmp_path / "b", shapes_root, "TEACHER.MODEL.WEIGHTS", d / "model_final.pkl"))
+    with pytest.raises(TeacherWeightsError, match="two different teachers"):
+        DeepKDCheckpointer(model).load(str(tmp_path / "combined.pth"))
+    _assert_teacher_equals(model, separate_files["teacher"])  # refused before anything was loaded
+    # The same teacher in both: accepted (e.g. a checkpoint of this very run).
+    cfg = _demo_cfg(tmp_path / "c", shapes_root, "TEACHER.MODEL.WEIGHTS", d / "model_final.pkl",
+                    "MODEL.WEIGHTS", tmp_path / "same.pth")
+    model = _trainer_load(cfg)
+    _assert_teacher_equals(model, separate_files["teacher"])
+    _assert_student_backbone_is_tv(model, separate_files["tv"])
+
+
+def _plain_r50_student():
+    cfg = get_tiny_cfg(kd_type="NONE")
+    cfg.MODEL.RESNETS.DEPTH = 50
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+    return build_model(cfg)
+
+
+def test_student_side_mismatches_are_refused_by_name(files, tmp_path):
+    from deepkd_det.det.modeling.weights import StudentWeightsError
+
+    combined = torch.load(files["combined"], weights_only=True)["model"]
+    model = build_model(_kd_cfg(random_teacher=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # A missing backbone key (a FrozenBN statistic: detectron2 would fill it with ones silently).
+    _write_without(combined, "backbone.bottom_up.res3.1.conv2.norm.running_var", tmp_path / "m.pth")
+    with pytest.raises(StudentWeightsError, match=r"missing.*res3\.1\.conv2\.norm\.running_var"):
+        DeepKDCheckpointer(model).load(str(tmp_path / "m.pth"))
+    _write_without(combined, "backbone.bottom_up.res5.0.conv1.weight", tmp_path / "w.pth")
+    with pytest.raises(StudentWeightsError, match=r"missing.*res5\.0\.conv1\.weight"):
+        DeepKDCheckpointer(model).load(str(tmp_path / "w.pth"))
+
+    # A teacher-only file.
+    torch.save({"model": {k: v for k, v in combined.items() if k.startswith("teacher.")}}, tmp_path / "t.pth")
+    with pytest.raises(StudentWeightsError, match="only teacher.* keys"):
+        DeepKDCheckpointer(model).load(str(tmp_path / "t.pth"))
+    for k, v in model.state_dict().items():  # nothing was loaded by the refused files
+        assert torch.equal(v, before[k]), k
+
+    # The R-18 pair's file into an R-50 student: mis-shaped and missing bottleneck keys.
+    with pytest.raises(StudentWeightsError, match=r"another pair[\s\S]*res2\.0\.conv3\.weight"):
+        DeepKDCheckpointer(_plain_r50_student()).load(str(files["combined"]))
+
+
+def test_release_reviewkd_head_keys_are_mapped(files, tmp_path):
+    """The release's ``kd_trans.abfs.<j>`` (j = 0 coarsest; conv1 / conv2 / att_conv) -> ours."""
+    cfg = _kd_cfg(random_teacher=True)
+    cfg.KD.REVIEWKD.ENABLED = True
+    cfg.KD.REVIEWKD.MID_CHANNELS = 16
+    model = build_model(cfg)
+    levels = len(cfg.KD.REVIEWKD.IN_FEATURES)
+    torch.manual_seed(3)
+    ours = {k: torch.randn_like(v) if v.is_floating_point() else v
+            for k, v in model.state_dict().items() if k.startswith("reviewkd_head.")}
+    part = {"lateral": "conv1", "output": "conv2", "attention": "att_conv"}
+    release = {}
+    for k, v in ours.items():
+        _, _, i, name, rest = k.split(".", 4)  # reviewkd_head.abfs.<i>.<part>.<rest>
+        release[f"kd_trans.abfs.{levels - 1 - int(i)}.{part[name]}.{rest}"] = v
+    assert "kd_trans.abfs.0.att_conv.0.weight" not in release  # the release's coarsest level: no fusion
+    assert "kd_trans.abfs.4.att_conv.0.weight" in release
+    data = dict(torch.load(files["combined"], weights_only=True)["model"])
+    data.update(release)
+    torch.save({"model": data}, tmp_path / "release.pth")
+    DeepKDCheckpointer(model).load(str(tmp_path / "release.pth"))
+    own = model.state_dict()
+    for k, v in ours.items():
+        assert torch.equal(own[k], v), k

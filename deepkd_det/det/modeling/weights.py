@@ -28,6 +28,9 @@ __all__ = [
     "student_backbone_from_imagenet",
     "detect_student_layout",
     "convert_student_keys",
+    "frozen_bn_statistics",
+    "absent_statistics_allowed",
+    "StudentWeightsError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +39,33 @@ STUDENT_PREFIX = "backbone.bottom_up."
 TEACHER_PREFIX = "teacher."
 # Present in old detectron2 checkpoints but not part of the model's state (non-persistent buffers).
 IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors\.")
+
+
+class StudentWeightsError(ValueError):
+    """MODEL.WEIGHTS does not fit the student: part of it would stay randomly initialised."""
+
+
+def frozen_bn_statistics(module: torch.nn.Module, prefix: str = "") -> Dict[str, str]:
+    """``{running_mean/var key: weight key}`` of every FrozenBatchNorm2d layer of ``module``."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            base = f"{prefix}{name}." if name else prefix
+            out[base + "running_mean"] = out[base + "running_var"] = base + "weight"
+    return out
+
+
+def absent_statistics_allowed(stats: Mapping[str, str], file_keys) -> set:
+    """FrozenBN running statistics that may be absent from a file: all of them when the file
+    holds none (a Caffe2 / old detectron2 file, statistics folded into weight and bias; detectron2
+    then uses mean 0 / variance 1, which is right for such files), none otherwise: a file that
+    holds some statistics must hold every one, or a layer would be normalised with made-up ones."""
+    file_keys = set(file_keys)
+    if any(k in file_keys for k in stats):
+        return set()
+    return {k for k, w in stats.items() if w in file_keys}
 
 
 def _to_tensor(v):
