@@ -41,12 +41,14 @@ from .modeling.teacher import (
     teacher_state_from_checkpoint,
 )
 from .modeling.weights import (
+    IMAGENET_INPUT,
     STUDENT_PREFIX,
     TEACHER_PREFIX,
     StudentWeightsError,
     absent_statistics_allowed,
     convert_student_keys,
     frozen_bn_statistics,
+    imagenet_flavour,
 )
 
 __all__ = ["DeepKDCheckpointer", "check_student_state"]
@@ -219,3 +221,35 @@ def check_student_state(model, state, source: str, had_teacher_keys: bool = Fals
             f"MODEL.WEIGHTS {source} does not fit the student backbone (a file of another pair or student "
             "architecture?): " + "; ".join(problems)
         )
+    imagenet_only = not any(k in own and not k.startswith(STUDENT_PREFIX) for k in state)
+    flavour = imagenet_flavour(state) if imagenet_only else None
+    if flavour is not None:
+        wrong = _input_mismatches(model, flavour)
+        if wrong:
+            want = ", ".join(f"{k} {v}" for k, v in IMAGENET_INPUT[flavour].items())
+            raise StudentWeightsError(
+                f"MODEL.WEIGHTS {source} holds {flavour} ImageNet weights of the student, but the student is "
+                f"configured for the other kind ({'; '.join(wrong)}); these weights need {want}"
+            )
+
+
+def _input_mismatches(model, flavour: str) -> list:
+    """Settings of ``model`` that contradict the input its ImageNet weights were trained with."""
+    want = IMAGENET_INPUT[flavour]
+    wrong = []
+    fmt = getattr(model, "input_format", None)
+    if fmt is not None and fmt != want["INPUT.FORMAT"]:
+        wrong.append(f"INPUT.FORMAT {fmt}")
+    std = getattr(model, "pixel_std", None)
+    if isinstance(std, torch.Tensor):
+        unit_scale = bool((std.flatten() < 10).all())  # 0-255 input, not divided per channel
+        if unit_scale != (flavour == "caffe2"):
+            wrong.append(f"MODEL.PIXEL_STD {[round(float(v), 3) for v in std.flatten()]}")
+    bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
+    block = getattr(bottom_up, "res3", None)
+    first = block[0] if isinstance(block, torch.nn.Sequential) and len(block) else None
+    if first is not None and hasattr(first, "conv3"):  # a bottleneck block: where is the stride?
+        stride_in_1x1 = tuple(first.conv1.stride) != (1, 1)
+        if stride_in_1x1 != want["MODEL.RESNETS.STRIDE_IN_1X1"]:
+            wrong.append(f"MODEL.RESNETS.STRIDE_IN_1X1 {stride_in_1x1}")
+    return wrong

@@ -9,6 +9,7 @@ for tests and the embedded demo.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from typing import Any, Dict, Optional
 
@@ -23,6 +24,7 @@ __all__ = [
     "KD_TYPES",
     "add_deepkd_config",
     "get_deepkd_cfg",
+    "model_zoo_config_file",
     "resolve_teacher_cfg",
     "build_topk_schedule",
     "validate_deepkd_config",
@@ -136,11 +138,29 @@ def get_deepkd_cfg() -> CN:
 # ---------------------------------------------------------------- teacher config
 
 
+def model_zoo_config_file(name: str) -> str:
+    """Path of detectron2's model-zoo config ``name`` (e.g. ``COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml``),
+    found next to the installed detectron2 package (``detectron2/model_zoo/configs/``, or
+    ``configs/`` of a source checkout) without importing ``detectron2.model_zoo``, which needs
+    ``pkg_resources`` on detectron2 after v0.6 (gone from setuptools >= 81)."""
+    spec = importlib.util.find_spec("detectron2")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    tried = []
+    for root in roots:
+        for candidate in (os.path.join(root, "model_zoo", "configs", name), os.path.join(root, "..", "configs", name)):
+            candidate = os.path.normpath(candidate)
+            tried.append(candidate)
+            if os.path.isfile(candidate):
+                return candidate
+    raise ValueError(f"{name!r} is not a detectron2 model-zoo config (looked for {tried})")
+
+
 def _config_file_path(name: str) -> str:
     if name.startswith("model_zoo:"):
-        from detectron2 import model_zoo
-
-        return model_zoo.get_config_file(name[len("model_zoo:") :])
+        try:
+            return model_zoo_config_file(name[len("model_zoo:") :])
+        except ValueError as e:
+            raise ValueError(f"TEACHER.CONFIG_FILE: {e}") from None
     return name
 
 

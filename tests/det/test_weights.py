@@ -19,7 +19,7 @@ import deepkd_det.det.modeling  # noqa: E402,F401
 from deepkd_det.det.checkpoint import DeepKDCheckpointer
 from deepkd_det.det.modeling import TeacherWeightsError  # noqa: E402
 from deepkd_det.det.modeling.weights import mobilenetv2_to_backbone, read_checkpoint  # noqa: E402
-from tests.det.tiny import get_tiny_cfg  # noqa: E402
+from tests.det.tiny import STUDENT_MEAN, STUDENT_STD, get_tiny_cfg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,8 +83,15 @@ def files(tmp_path_factory):
     return {"dir": d, "tv": tv_state, "teacher": t_state, "combined": out}
 
 
+def _torchvision_input(cfg):
+    """The input torchvision ImageNet weights were trained with (the checkpointer checks it)."""
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = list(STUDENT_MEAN), list(STUDENT_STD)
+    return cfg
+
+
 def _kd_cfg(weights="", teacher_weights="", random_teacher=False):
-    cfg = get_tiny_cfg(kd_type="DKD", random_teacher=random_teacher)
+    cfg = _torchvision_input(get_tiny_cfg(kd_type="DKD", random_teacher=random_teacher))
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.TEACHER.MODEL.WEIGHTS = str(teacher_weights)
     return cfg
@@ -337,7 +344,7 @@ def test_mobilenetv2_weights_conversion(tmp_path):
     combined = make_kd_weights.make_kd_weights(
         str(tmp_path / "teacher.pth"), str(tmp_path / "mv2.pth"), "MV2"
     )["model"]
-    cfg = get_tiny_cfg(random_teacher=True)
+    cfg = _torchvision_input(get_tiny_cfg(random_teacher=True))
     cfg.MODEL.BACKBONE.NAME = "build_mobilenetv2_fpn_backbone"
     cfg.MODEL.FPN.IN_FEATURES = ["m2", "m3", "m4", "m5"]
     model = build_model(cfg)
@@ -421,7 +428,8 @@ def _demo_cfg(out, shapes_root, *opts):
             "OUTPUT_DIR", str(out),
             "DATASETS.SHAPES.ROOT", shapes_root, "DATASETS.SHAPES.NUM_TRAIN", "4", "DATASETS.SHAPES.NUM_VAL", "2",
             "DATASETS.SHAPES.IMAGE_SIZE", "64", "DATASETS.TEST", "()", "SOLVER.IMS_PER_BATCH", "2",
-            "MODEL.RESNETS.NORM", "FrozenBN", "TEACHER.MODEL.RESNETS.NORM", "FrozenBN", *opts]
+            "MODEL.RESNETS.NORM", "FrozenBN", "TEACHER.MODEL.RESNETS.NORM", "FrozenBN",
+            "INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN", STUDENT_MEAN, "MODEL.PIXEL_STD", STUDENT_STD, *opts]
     return train_net.setup(default_argument_parser().parse_args([str(a) for a in argv]))
 
 
@@ -506,10 +514,17 @@ def test_two_different_teachers_are_refused_naming_both_keys(separate_files, sha
     _assert_student_backbone_is_tv(model, separate_files["tv"])
 
 
-def _plain_r50_student():
+def _plain_r50_student(flavour="torchvision"):
+    """A tiny-head R-50-FPN student configured for one kind of ImageNet weights."""
     cfg = get_tiny_cfg(kd_type="NONE")
     cfg.MODEL.RESNETS.DEPTH = 50
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 256
+    if flavour == "torchvision":
+        _torchvision_input(cfg).MODEL.RESNETS.STRIDE_IN_1X1 = False
+    else:  # detectron2's MSRA settings, the release's R-50 pair (configs/DEEPKD/Base-R50-R101.yaml)
+        cfg.INPUT.FORMAT = "BGR"
+        cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD = [103.53, 116.28, 123.675], [1.0, 1.0, 1.0]
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = True
     return build_model(cfg)
 
 
@@ -564,3 +579,66 @@ def test_release_reviewkd_head_keys_are_mapped(files, tmp_path):
     own = model.state_dict()
     for k, v in ours.items():
         assert torch.equal(own[k], v), k
+
+
+def _caffe2_name(d2_key):
+    """detectron2 ResNet name -> detectron2's MSRA (Caffe2) blob name, spelled out independently."""
+    import re
+
+    if d2_key.startswith("stem.conv1."):
+        return {"stem.conv1.weight": "conv1_w", "stem.conv1.norm.weight": "res_conv1_bn_s",
+                "stem.conv1.norm.bias": "res_conv1_bn_b"}[d2_key]
+    stage, block, layer, rest = re.match(r"(res\d)\.(\d+)\.(conv\d|shortcut)\.(.+)", d2_key).groups()
+    branch = {"shortcut": "branch1", "conv1": "branch2a", "conv2": "branch2b", "conv3": "branch2c"}[layer]
+    suffix = {"weight": "_w", "norm.weight": "_bn_s", "norm.bias": "_bn_b"}[rest]
+    return f"{stage}_{block}_{branch}{suffix}"
+
+
+def test_release_r50_pair_msra_weights(files, tmp_path):
+    """The release's R-50 student is detectron2's MSRA R-50 (Caffe2, BN folded, BGR, stride in the
+    1x1 conv): make_kd_weights reads it, the MSRA-configured pair loads it, a torchvision-configured
+    student refuses it, and the other way round."""
+    from deepkd_det.det.modeling.weights import StudentWeightsError
+
+    msra = _plain_r50_student("caffe2")
+    torch.manual_seed(4)
+    d2 = {k[len("backbone.bottom_up."):]: torch.randn_like(v)
+          for k, v in msra.state_dict().items()
+          if k.startswith("backbone.bottom_up.") and not k.endswith(("running_mean", "running_var"))}
+    blobs = {_caffe2_name(k): v.numpy() for k, v in d2.items()}
+    blobs["fc1000_w"], blobs["fc1000_b"] = torch.zeros(1000, 2048).numpy(), torch.zeros(1000).numpy()
+    with open(tmp_path / "R-50.pkl", "wb") as f:
+        pickle.dump(blobs, f)  # the ImageNetPretrained/MSRA layout: a plain dict of blobs
+
+    out = tmp_path / "r50-r18.pth"
+    argv = ["--teacher", str(files["dir"] / "teacher.pth"), "--student", str(tmp_path / "R-50.pkl"),
+            "--student-arch", "R-50", "--output", str(out)]
+    assert make_kd_weights.main(argv) == 0
+    combined = torch.load(out, weights_only=True)["model"]
+    for k, v in d2.items():
+        assert torch.equal(combined["backbone.bottom_up." + k], v), k
+    assert torch.equal(combined["backbone.bottom_up.res3.0.conv2.norm.running_var"], torch.ones(128))
+    assert not any("fc1000" in k for k in combined)
+
+    DeepKDCheckpointer(msra).load(str(out))
+    own = msra.state_dict()
+    for k, v in d2.items():
+        assert torch.equal(own["backbone.bottom_up." + k], v), k
+    with pytest.raises(StudentWeightsError, match=r"caffe2 ImageNet weights[\s\S]*STRIDE_IN_1X1 False"):
+        DeepKDCheckpointer(_plain_r50_student("torchvision")).load(str(out))
+
+    # A release-style file: d2 names, no running statistics at all (folded), teacher.* beside.
+    release = {"backbone.bottom_up." + k: v for k, v in d2.items()}
+    release.update({k: v for k, v in combined.items() if k.startswith("teacher.")})
+    torch.save(release, tmp_path / "release-r50.pth")
+    fresh = _plain_r50_student("caffe2")
+    DeepKDCheckpointer(fresh).load(str(tmp_path / "release-r50.pth"))
+    assert torch.equal(fresh.state_dict()["backbone.bottom_up.res4.2.conv1.norm.running_mean"], torch.zeros(256))
+
+    # torchvision R-50 weights into the MSRA-configured pair: refused, naming what to set.
+    tv = torchvision.models.resnet50(weights=None)
+    _randomise_bn(tv)
+    torch.save(tv.state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(StudentWeightsError, match=r"torchvision ImageNet weights[\s\S]*INPUT.FORMAT BGR"):
+        DeepKDCheckpointer(_plain_r50_student("caffe2")).load(str(tmp_path / "resnet50.pth"))
+    DeepKDCheckpointer(_plain_r50_student("torchvision")).load(str(tmp_path / "resnet50.pth"))
