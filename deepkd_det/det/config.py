@@ -65,8 +65,9 @@ def add_deepkd_config(cfg: CN) -> CN:
 
     # ---------------------------------------------------------------- teacher
     cfg.TEACHER = CN()
-    # A full copy of detectron2's MODEL defaults: the teacher's backbone / FPN / RPN / ROI heads,
-    # PIXEL_MEAN / PIXEL_STD (its own normalisation) and WEIGHTS. The teacher runs on the device
+    # A full copy of detectron2's MODEL defaults; the entries set to another value override the
+    # teacher's base (TEACHER.CONFIG_FILE's MODEL, else the student's MODEL): its backbone / FPN /
+    # RPN / ROI heads, PIXEL_MEAN / PIXEL_STD (its own normalisation) and WEIGHTS. The teacher runs on the device
     # of the student (MODEL.DEVICE); TEACHER.MODEL.DEVICE is ignored.
     # WEIGHTS: a detectron2 checkpoint of the teacher (model-zoo .pkl, or .pth with or without the
     # "teacher." prefix). Empty: the teacher keys of MODEL.WEIGHTS (a combined release file).
@@ -76,8 +77,9 @@ def add_deepkd_config(cfg: CN) -> CN:
     # flipped to it when it differs from INPUT.FORMAT.
     cfg.TEACHER.INPUT_FORMAT = "BGR"
     # "" or a detectron2 yaml (a path, or "model_zoo:COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
-    # whose MODEL part is the base of the teacher; TEACHER.MODEL entries that differ from
-    # detectron2's defaults override it. Its MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
+    # whose MODEL part is the base of the teacher; "": the student's MODEL is. TEACHER.MODEL
+    # entries that differ from detectron2's defaults override the base (resolve_teacher_cfg). Its
+    # MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
     cfg.TEACHER.CONFIG_FILE = ""
     # The teacher always runs in eval mode (frozen BN, no dropout); only True is accepted.
     cfg.TEACHER.EVAL_MODE = True
@@ -176,9 +178,16 @@ def _diff(node: CN, base: CN, prefix: str = "") -> Dict[str, Any]:
 
 
 def resolve_teacher_cfg(cfg: CN) -> CN:
-    """A full detectron2 config whose MODEL is the teacher's (CONFIG_FILE, then TEACHER.MODEL).
+    """A full detectron2 config whose MODEL is the teacher's.
 
-    The student's MODEL.DEVICE is used for the teacher.
+    The teacher's MODEL starts from TEACHER.CONFIG_FILE's MODEL (on detectron2's defaults) when
+    that is set, else from the student's MODEL (a ``DeepKDRCNN`` meta-architecture becomes
+    ``GeneralizedRCNN``: the teacher is a plain detector); then every TEACHER.MODEL entry that
+    differs from detectron2's default overrides it. So a teacher block states only what differs
+    from the student; a teacher value equal to detectron2's default where the student differs
+    (normalisation, RES2_OUT_CHANNELS, ...) is stated by its config file, which is the config the
+    teacher's weights were trained with (the COCO pairs name the model-zoo one). The student's
+    MODEL.DEVICE is used for the teacher; its weights are TEACHER.MODEL.WEIGHTS only.
     """
     teacher_cfg = get_deepkd_cfg()
     defaults = teacher_cfg.MODEL.clone()
@@ -188,6 +197,10 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
             raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
         teacher_cfg.set_new_allowed(True)
         teacher_cfg.merge_from_file(path)
+    else:
+        teacher_cfg.MODEL = _fresh_copy(cfg.MODEL)
+        if teacher_cfg.MODEL.META_ARCHITECTURE == "DeepKDRCNN":
+            teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     overrides = _diff(cfg.TEACHER.MODEL, defaults)
     teacher_cfg.defrost()
     for dotted, value in overrides.items():

@@ -312,7 +312,9 @@ def test_configs_merge_and_validate(path):
         assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.02, 90000)
         assert tuple(cfg.SOLVER.STEPS) == (60000, 80000)
         assert (cfg.KD.ALPHA, cfg.KD.BETA, cfg.KD.TEMPERATURE) == (1.0, 0.25, 1.0)
-        assert cfg.TEACHER.MODEL.RESNETS.DEPTH == (50 if "MV2" in path else 101)
+        from deepkd_det.det.config import resolve_teacher_cfg
+
+        assert resolve_teacher_cfg(cfg).MODEL.RESNETS.DEPTH == (50 if "MV2" in path else 101)
 
 
 def _post_v06_trainer_state(monkeypatch):
