@@ -10,9 +10,17 @@ detectron2's ``DetectionCheckpointer`` with:
 - combined release files: student backbone keys in an ImageNet layout (torchvision ResNet,
   torchvision or tonylins MobileNetV2, or detectron2 names under another prefix) are renamed to
   ``backbone.bottom_up.*``;
-- a checkpoint that carries ``teacher.*`` keys must match the teacher exactly (missing,
-  unexpected or mis-shaped teacher keys raise ``TeacherWeightsError`` with their names); a
-  checkpoint without teacher keys leaves the teacher loaded at build time alone;
+- the teacher is detached while detectron2 loads the student, so nothing the student's file
+  holds or lacks can touch it (detectron2's FrozenBN would reset absent statistics to 0 / 1). A
+  checkpoint that carries ``teacher.*`` keys must match the teacher exactly (missing, unexpected
+  or mis-shaped teacher keys raise ``TeacherWeightsError`` with their names) and, once the
+  teacher is loaded, hold the same tensors (a different teacher is refused, naming where the
+  loaded one came from); a random teacher (TEACHER.ALLOW_RANDOM_INIT) is loaded from it;
+- the student backbone (``backbone.bottom_up.*``) must be filled completely: missing, unexpected
+  or mis-shaped backbone keys, a teacher-only file, and ImageNet weights of the other kind
+  (caffe2/MSRA vs torchvision, against INPUT.FORMAT, PIXEL_STD, RESNETS.STRIDE_IN_1X1) raise
+  ``StudentWeightsError``; FPN and heads absent from an ImageNet file keep their initialisation;
+- the release's ReviewKD head keys ``kd_trans.*`` are renamed to ``reviewkd_head.*``;
 - the ReviewKD head (``reviewkd_head.*``, training-only) may be absent as a whole from a
   checkpoint (release files and plain detectors have none): it then keeps its initialisation,
   said in one log line; a partly present head is refused with the missing key names. Head keys
