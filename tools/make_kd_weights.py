@@ -7,9 +7,11 @@
         --output pretrained/r18-r101.pth
 
 The teacher is a detectron2 checkpoint (model-zoo ``.pkl`` or ``.pth``; a combined file's
-``teacher.*`` part also works); its keys go under ``teacher.``. The student is a plain
-torchvision ImageNet state dict (ResNet-18/50, MobileNetV2), renamed to detectron2's layout
-under ``backbone.bottom_up.`` (fc / classifier dropped). The output is a weights-only ``.pth``,
+``teacher.*`` part also works); its keys go under ``teacher.``. The student is an ImageNet
+backbone: a torchvision state dict (ResNet-18/50, MobileNetV2) or, for the R-50 pair as in the
+ReviewKD release, detectron2's MSRA ``R-50.pkl`` (Caffe2), renamed to detectron2's layout under
+``backbone.bottom_up.`` (fc / classifier dropped). The student config must match the kind of
+weights (printed at the end; DeepKDCheckpointer refuses a mismatch). The output is a weights-only ``.pth``,
 ``{"model": state_dict, "__author__": ...}``, for MODEL.WEIGHTS of a DeepKD config.
 
 ``.pkl`` files are pickles: only convert trusted ones. The output loads with
@@ -29,7 +31,9 @@ import torch
 from deepkd_det.core.io import atomic_save
 from deepkd_det.det.modeling.weights import (
     IGNORED_CHECKPOINT_KEYS,
+    IMAGENET_INPUT,
     TEACHER_PREFIX,
+    imagenet_flavour,
     read_checkpoint,
     student_backbone_from_imagenet,
 )
@@ -37,15 +41,12 @@ from deepkd_det.det.modeling.weights import (
 AUTHOR = "deepkd_det tools/make_kd_weights.py"
 STUDENT_ARCHS = ("R-18", "R-50", "MV2")
 
-# Config the student needs to match torchvision's ImageNet training (printed as a reminder).
+# Architecture settings the student needs (printed as a reminder, with the input settings).
 STUDENT_HINTS = {
     "R-18": "MODEL.RESNETS.DEPTH 18, MODEL.RESNETS.RES2_OUT_CHANNELS 64",
-    "R-50": "MODEL.RESNETS.DEPTH 50, MODEL.RESNETS.STRIDE_IN_1X1 False (torchvision puts the stride in the 3x3 conv)",
+    "R-50": "MODEL.RESNETS.DEPTH 50",
     "MV2": "MODEL.BACKBONE.NAME build_mobilenetv2_fpn_backbone, MODEL.FPN.IN_FEATURES [m2, m3, m4, m5]",
 }
-TORCHVISION_INPUT = (
-    "INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.28, 103.53], MODEL.PIXEL_STD [58.395, 57.12, 57.375]"
-)
 
 
 def teacher_part(state: Dict[str, torch.Tensor], source: str) -> OrderedDict[str, torch.Tensor]:
@@ -110,7 +111,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"wrote {args.output}: {n_teacher} teacher tensors (teacher.*), {len(model) - n_teacher} student backbone tensors"
     )
-    print(f"student config for these weights: {STUDENT_HINTS[args.student_arch]}; {TORCHVISION_INPUT}")
+    flavour = imagenet_flavour(model) or "torchvision"
+    settings = IMAGENET_INPUT[flavour]
+    if args.student_arch != "R-50":
+        settings = {k: v for k, v in settings.items() if k != "MODEL.RESNETS.STRIDE_IN_1X1"}
+    inputs = ", ".join(f"{k} {v}" for k, v in settings.items())
+    print(f"student config for these {flavour} weights: {STUDENT_HINTS[args.student_arch]}, {inputs}")
     print("use it as MODEL.WEIGHTS (TEACHER.MODEL.WEIGHTS may stay empty)")
     return 0
 

@@ -10,9 +10,17 @@ detectron2's ``DetectionCheckpointer`` with:
 - combined release files: student backbone keys in an ImageNet layout (torchvision ResNet,
   torchvision or tonylins MobileNetV2, or detectron2 names under another prefix) are renamed to
   ``backbone.bottom_up.*``;
-- a checkpoint that carries ``teacher.*`` keys must match the teacher exactly (missing,
-  unexpected or mis-shaped teacher keys raise ``TeacherWeightsError`` with their names); a
-  checkpoint without teacher keys leaves the teacher loaded at build time alone;
+- the teacher is detached while detectron2 loads the student, so nothing the student's file
+  holds or lacks can touch it (detectron2's FrozenBN would reset absent statistics to 0 / 1). A
+  checkpoint that carries ``teacher.*`` keys must match the teacher exactly (missing, unexpected
+  or mis-shaped teacher keys raise ``TeacherWeightsError`` with their names) and, once the
+  teacher is loaded, hold the same tensors (a different teacher is refused, naming where the
+  loaded one came from); a random teacher (TEACHER.ALLOW_RANDOM_INIT) is loaded from it;
+- the student backbone (``backbone.bottom_up.*``) must be filled completely: missing, unexpected
+  or mis-shaped backbone keys, a teacher-only file, and ImageNet weights of the other kind
+  (caffe2/MSRA vs torchvision, against INPUT.FORMAT, PIXEL_STD, RESNETS.STRIDE_IN_1X1) raise
+  ``StudentWeightsError``; FPN and heads absent from an ImageNet file keep their initialisation;
+- the release's ReviewKD head keys ``kd_trans.*`` are renamed to ``reviewkd_head.*``;
 - the ReviewKD head (``reviewkd_head.*``, training-only) may be absent as a whole from a
   checkpoint (release files and plain detectors have none): it then keeps its initialisation,
   said in one log line; a partly present head is refused with the missing key names. Head keys
@@ -22,20 +30,36 @@ Works for any model (a plain ``GeneralizedRCNN`` too).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from deepkd_det.core.io import atomic_write, load_weights_only
 
-from .modeling.reviewkd import REVIEWKD_HEAD_PREFIX
-from .modeling.teacher import check_teacher_state, teacher_state_from_checkpoint
-from .modeling.weights import TEACHER_PREFIX, convert_student_keys
+from .modeling.reviewkd import REVIEWKD_HEAD_PREFIX, release_head_keys_to_ours
+from .modeling.teacher import (
+    check_same_teacher,
+    check_teacher_state,
+    load_teacher_weights,
+    teacher_state_from_checkpoint,
+)
+from .modeling.weights import (
+    IMAGENET_INPUT,
+    STUDENT_PREFIX,
+    TEACHER_PREFIX,
+    StudentWeightsError,
+    absent_statistics_allowed,
+    convert_student_keys,
+    frozen_bn_statistics,
+    imagenet_flavour,
+)
 
-__all__ = ["DeepKDCheckpointer"]
+__all__ = ["DeepKDCheckpointer", "check_student_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +101,30 @@ class DeepKDCheckpointer(DetectionCheckpointer):
             loaded = {"model": loaded}
         return loaded
 
+    def load(self, path: str, *args, **kwargs):
+        self._loading = path  # named in the errors of _load_model
+        return super().load(path, *args, **kwargs)
+
     def _load_model(self, checkpoint):
+        source = getattr(self, "_loading", None) or "(checkpoint being loaded)"
         teacher = getattr(self.model, "teacher", None)
         state = checkpoint["model"]
         if not checkpoint.get("matching_heuristics", False):
             self._convert_ndarray_to_tensor(state)
             state = convert_student_keys(state, self.model.state_dict().keys())
-            checkpoint["model"] = state
-        has_teacher_keys = any(k.startswith(TEACHER_PREFIX) for k in state)
-        if teacher is not None and has_teacher_keys:
-            check_teacher_state(teacher, teacher_state_from_checkpoint(state), "(checkpoint being loaded)")
-        elif has_teacher_keys:
-            # A combined file loaded into a model without teacher (KD.TYPE NONE): the teacher
-            # part is not this model's business.
-            checkpoint["model"] = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
-        state = checkpoint["model"]
+            try:
+                state = release_head_keys_to_ours(state)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
+        tstate = teacher_state_from_checkpoint(state) if any(k.startswith(TEACHER_PREFIX) for k in state) else {}
+        state = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
+        if teacher is not None and tstate:
+            # Checked in full before anything is loaded, so a refused file leaves the model as it was.
+            check_teacher_state(teacher, tstate, source)
+            check_same_teacher(teacher, tstate, source)
+        elif tstate:
+            logger.info("Ignoring the %d teacher tensors of %s: this model has no teacher", len(tstate), source)
+
         head_in_model = getattr(self.model, "reviewkd_head", None) is not None
         head_in_file = [k for k in state if k.startswith(REVIEWKD_HEAD_PREFIX)]
         if head_in_file and not head_in_model:
@@ -99,9 +132,8 @@ class DeepKDCheckpointer(DetectionCheckpointer):
                 "Ignoring the %d ReviewKD head tensors (%s*) of the checkpoint: this model has no head",
                 len(head_in_file), REVIEWKD_HEAD_PREFIX,
             )
-            checkpoint["model"] = {k: v for k, v in state.items() if not k.startswith(REVIEWKD_HEAD_PREFIX)}
+            state = {k: v for k, v in state.items() if not k.startswith(REVIEWKD_HEAD_PREFIX)}
         if head_in_model and head_in_file:
-            # Checked before loading, so that a refused file leaves the model untouched.
             partial = sorted(
                 k for k in self.model.state_dict()
                 if k.startswith(REVIEWKD_HEAD_PREFIX) and k not in state and not k.endswith("num_batches_tracked")
@@ -111,7 +143,25 @@ class DeepKDCheckpointer(DetectionCheckpointer):
                     f"the checkpoint holds part of the ReviewKD head but lacks {len(partial)} of its keys: "
                     f"{partial[:10]}"
                 )
-        incompatible = super()._load_model(checkpoint)
+        checkpoint["model"] = state
+        with _teacher_detached(self.model) as student:
+            if checkpoint.get("matching_heuristics", False):
+                # Caffe2 / ImageNet files (e.g. detectron2's MSRA R-50.pkl): detectron2's name
+                # matching, against the student only.
+                self._convert_ndarray_to_tensor(state)
+                checkpoint["model"] = state = align_and_update_state_dicts(
+                    student.state_dict(), state, c2_conversion=checkpoint.get("__author__", None) == "Caffe2"
+                )
+                checkpoint["matching_heuristics"] = False
+            check_student_state(student, state, source, had_teacher_keys=bool(tstate))
+            # The teacher is out of the model while detectron2 loads: its tensors cannot be touched
+            # (detectron2's FrozenBN would reset the running statistics a file lacks to 0 / 1).
+            incompatible = super()._load_model(checkpoint)
+        if teacher is not None and tstate and teacher.weights_source is None:
+            # A teacher without weights yet (TEACHER.ALLOW_RANDOM_INIT): loaded from this file,
+            # strictly (a loaded teacher equals the file already, checked above).
+            load_teacher_weights(teacher, source, {TEACHER_PREFIX + k: v for k, v in tstate.items()},
+                                 source_key="checkpoint")
         if head_in_model and not head_in_file:
             # Release files (teacher + ImageNet student) never hold the head: it is trained from
             # its initialisation, like the student's FPN and heads. Not reported as missing.
@@ -122,10 +172,92 @@ class DeepKDCheckpointer(DetectionCheckpointer):
             incompatible.missing_keys[:] = [
                 k for k in incompatible.missing_keys if not k.startswith(REVIEWKD_HEAD_PREFIX)
             ]
-        if teacher is not None and not has_teacher_keys:
-            # Loaded at build time from TEACHER.MODEL.WEIGHTS; not missing here.
-            incompatible.missing_keys[:] = [
-                k for k in incompatible.missing_keys if not k.startswith(TEACHER_PREFIX)
-            ]
         return incompatible
 
+
+@contextlib.contextmanager
+def _teacher_detached(model):
+    """``model`` without its ``teacher`` submodule for the duration (restored afterwards)."""
+    teacher = model._modules.get("teacher")
+    if teacher is None:
+        yield model
+        return
+    del model._modules["teacher"]
+    try:
+        yield model
+    finally:
+        model._modules["teacher"] = teacher
+
+
+def check_student_state(model, state, source: str, had_teacher_keys: bool = False) -> None:
+    """Raise StudentWeightsError when ``state`` would leave part of the student backbone
+    (``backbone.bottom_up.*``, the part ImageNet or a trained detector initialises) randomly
+    initialised or mis-shaped: missing, unexpected or mis-shaped backbone keys (a file of another
+    pair, e.g. R-18 weights for an R-50 student), or a file with teacher keys only. The FPN and
+    the heads may be absent (an ImageNet-initialised student trains them from initialisation);
+    a model without ``backbone.bottom_up`` (e.g. a C4 detector) is not checked here."""
+    own = model.state_dict()
+    backbone = [k for k in own if k.startswith(STUDENT_PREFIX) and not k.endswith("num_batches_tracked")]
+    if not backbone:
+        return
+    if not any(k in own for k in state):
+        what = "only teacher.* keys" if had_teacher_keys else "no key of this model"
+        raise StudentWeightsError(
+            f"MODEL.WEIGHTS {source} holds {what}: the whole student (backbone included) would stay randomly "
+            "initialised; use the combined teacher + ImageNet-student file of tools/make_kd_weights.py "
+            "(or put a teacher-only file in TEACHER.MODEL.WEIGHTS)"
+        )
+    stats = frozen_bn_statistics(model)
+    allowed = absent_statistics_allowed({k: w for k, w in stats.items() if k.startswith(STUDENT_PREFIX)}, state)
+    missing = sorted(k for k in backbone if k not in state and k not in allowed)
+    unexpected = sorted(k for k in state if k.startswith(STUDENT_PREFIX) and k not in own)
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in backbone
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} student backbone keys missing (would stay randomly initialised): "
+                        f"{missing[:10]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected backbone keys: {unexpected[:10]}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {shapes[:10]}")
+    if problems:
+        raise StudentWeightsError(
+            f"MODEL.WEIGHTS {source} does not fit the student backbone (a file of another pair or student "
+            "architecture?): " + "; ".join(problems)
+        )
+    imagenet_only = not any(k in own and not k.startswith(STUDENT_PREFIX) for k in state)
+    flavour = imagenet_flavour(state) if imagenet_only else None
+    if flavour is not None:
+        wrong = _input_mismatches(model, flavour)
+        if wrong:
+            want = ", ".join(f"{k} {v}" for k, v in IMAGENET_INPUT[flavour].items())
+            raise StudentWeightsError(
+                f"MODEL.WEIGHTS {source} holds {flavour} ImageNet weights of the student, but the student is "
+                f"configured for the other kind ({'; '.join(wrong)}); these weights need {want}"
+            )
+
+
+def _input_mismatches(model, flavour: str) -> list:
+    """Settings of ``model`` that contradict the input its ImageNet weights were trained with."""
+    want = IMAGENET_INPUT[flavour]
+    wrong = []
+    fmt = getattr(model, "input_format", None)
+    if fmt is not None and fmt != want["INPUT.FORMAT"]:
+        wrong.append(f"INPUT.FORMAT {fmt}")
+    std = getattr(model, "pixel_std", None)
+    if isinstance(std, torch.Tensor):
+        unit_scale = bool((std.flatten() < 10).all())  # 0-255 input, not divided per channel
+        if unit_scale != (flavour == "caffe2"):
+            wrong.append(f"MODEL.PIXEL_STD {[round(float(v), 3) for v in std.flatten()]}")
+    bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
+    block = getattr(bottom_up, "res3", None)
+    first = block[0] if isinstance(block, torch.nn.Sequential) and len(block) else None
+    if first is not None and hasattr(first, "conv3"):  # a bottleneck block: where is the stride?
+        stride_in_1x1 = tuple(first.conv1.stride) != (1, 1)
+        if stride_in_1x1 != want["MODEL.RESNETS.STRIDE_IN_1X1"]:
+            wrong.append(f"MODEL.RESNETS.STRIDE_IN_1X1 {stride_in_1x1}")
+    return wrong

@@ -9,6 +9,7 @@ for tests and the embedded demo.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from typing import Any, Dict, Optional
 
@@ -23,6 +24,7 @@ __all__ = [
     "KD_TYPES",
     "add_deepkd_config",
     "get_deepkd_cfg",
+    "model_zoo_config_file",
     "resolve_teacher_cfg",
     "build_topk_schedule",
     "validate_deepkd_config",
@@ -63,8 +65,9 @@ def add_deepkd_config(cfg: CN) -> CN:
 
     # ---------------------------------------------------------------- teacher
     cfg.TEACHER = CN()
-    # A full copy of detectron2's MODEL defaults: the teacher's backbone / FPN / RPN / ROI heads,
-    # PIXEL_MEAN / PIXEL_STD (its own normalisation) and WEIGHTS. The teacher runs on the device
+    # A full copy of detectron2's MODEL defaults; the entries set to another value override the
+    # teacher's base (TEACHER.CONFIG_FILE's MODEL, else the student's MODEL): its backbone / FPN /
+    # RPN / ROI heads, PIXEL_MEAN / PIXEL_STD (its own normalisation) and WEIGHTS. The teacher runs on the device
     # of the student (MODEL.DEVICE); TEACHER.MODEL.DEVICE is ignored.
     # WEIGHTS: a detectron2 checkpoint of the teacher (model-zoo .pkl, or .pth with or without the
     # "teacher." prefix). Empty: the teacher keys of MODEL.WEIGHTS (a combined release file).
@@ -74,8 +77,9 @@ def add_deepkd_config(cfg: CN) -> CN:
     # flipped to it when it differs from INPUT.FORMAT.
     cfg.TEACHER.INPUT_FORMAT = "BGR"
     # "" or a detectron2 yaml (a path, or "model_zoo:COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
-    # whose MODEL part is the base of the teacher; TEACHER.MODEL entries that differ from
-    # detectron2's defaults override it. Its MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
+    # whose MODEL part is the base of the teacher; "": the student's MODEL is. TEACHER.MODEL
+    # entries that differ from detectron2's defaults override the base (resolve_teacher_cfg). Its
+    # MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
     cfg.TEACHER.CONFIG_FILE = ""
     # The teacher always runs in eval mode (frozen BN, no dropout); only True is accepted.
     cfg.TEACHER.EVAL_MODE = True
@@ -136,11 +140,29 @@ def get_deepkd_cfg() -> CN:
 # ---------------------------------------------------------------- teacher config
 
 
+def model_zoo_config_file(name: str) -> str:
+    """Path of detectron2's model-zoo config ``name`` (e.g. ``COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml``),
+    found next to the installed detectron2 package (``detectron2/model_zoo/configs/``, or
+    ``configs/`` of a source checkout) without importing ``detectron2.model_zoo``, which needs
+    ``pkg_resources`` on detectron2 after v0.6 (gone from setuptools >= 81)."""
+    spec = importlib.util.find_spec("detectron2")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    tried = []
+    for root in roots:
+        for candidate in (os.path.join(root, "model_zoo", "configs", name), os.path.join(root, "..", "configs", name)):
+            candidate = os.path.normpath(candidate)
+            tried.append(candidate)
+            if os.path.isfile(candidate):
+                return candidate
+    raise ValueError(f"{name!r} is not a detectron2 model-zoo config (looked for {tried})")
+
+
 def _config_file_path(name: str) -> str:
     if name.startswith("model_zoo:"):
-        from detectron2 import model_zoo
-
-        return model_zoo.get_config_file(name[len("model_zoo:") :])
+        try:
+            return model_zoo_config_file(name[len("model_zoo:") :])
+        except ValueError as e:
+            raise ValueError(f"TEACHER.CONFIG_FILE: {e}") from None
     return name
 
 
@@ -156,9 +178,16 @@ def _diff(node: CN, base: CN, prefix: str = "") -> Dict[str, Any]:
 
 
 def resolve_teacher_cfg(cfg: CN) -> CN:
-    """A full detectron2 config whose MODEL is the teacher's (CONFIG_FILE, then TEACHER.MODEL).
+    """A full detectron2 config whose MODEL is the teacher's.
 
-    The student's MODEL.DEVICE is used for the teacher.
+    The teacher's MODEL starts from TEACHER.CONFIG_FILE's MODEL (on detectron2's defaults) when
+    that is set, else from the student's MODEL (a ``DeepKDRCNN`` meta-architecture becomes
+    ``GeneralizedRCNN``: the teacher is a plain detector); then every TEACHER.MODEL entry that
+    differs from detectron2's default overrides it. So a teacher block states only what differs
+    from the student; a teacher value equal to detectron2's default where the student differs
+    (normalisation, RES2_OUT_CHANNELS, ...) is stated by its config file, which is the config the
+    teacher's weights were trained with (the COCO pairs name the model-zoo one). The student's
+    MODEL.DEVICE is used for the teacher; its weights are TEACHER.MODEL.WEIGHTS only.
     """
     teacher_cfg = get_deepkd_cfg()
     defaults = teacher_cfg.MODEL.clone()
@@ -168,6 +197,10 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
             raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
         teacher_cfg.set_new_allowed(True)
         teacher_cfg.merge_from_file(path)
+    else:
+        teacher_cfg.MODEL = _fresh_copy(cfg.MODEL)
+        if teacher_cfg.MODEL.META_ARCHITECTURE == "DeepKDRCNN":
+            teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
     overrides = _diff(cfg.TEACHER.MODEL, defaults)
     teacher_cfg.defrost()
     for dotted, value in overrides.items():

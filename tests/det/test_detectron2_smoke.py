@@ -16,7 +16,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_tes
 from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.engine import DefaultTrainer  # noqa: E402
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset  # noqa: E402
-from detectron2.model_zoo import get_config_file  # noqa: E402
+
+from deepkd_det.det.config import model_zoo_config_file  # noqa: E402  (no detectron2.model_zoo import)
 
 
 def write_coco(root, name, n_images, size=96, seed=0):
@@ -60,7 +61,7 @@ def coco_data(tmp_path):
 
 def r18_fpn_cfg(train_name, val_name, out_dir):
     cfg = get_cfg()
-    cfg.merge_from_file(get_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
+    cfg.merge_from_file(model_zoo_config_file("COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18

@@ -312,4 +312,58 @@ def test_configs_merge_and_validate(path):
         assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.02, 90000)
         assert tuple(cfg.SOLVER.STEPS) == (60000, 80000)
         assert (cfg.KD.ALPHA, cfg.KD.BETA, cfg.KD.TEMPERATURE) == (1.0, 0.25, 1.0)
-        assert cfg.TEACHER.MODEL.RESNETS.DEPTH == (50 if "MV2" in path else 101)
+        from deepkd_det.det.config import resolve_teacher_cfg
+
+        assert resolve_teacher_cfg(cfg).MODEL.RESNETS.DEPTH == (50 if "MV2" in path else 101)
+
+
+def _post_v06_trainer_state(monkeypatch):
+    """DefaultTrainer's state_dict / load_state_dict as detectron2 main has them
+    (detectron2/engine/defaults.py after v0.6; v0.6 has neither): written out again here."""
+    from detectron2.engine import DefaultTrainer
+    from detectron2.engine.train_loop import TrainerBase
+
+    def state_dict(self):
+        ret = TrainerBase.state_dict(self)
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])  # unconditional, as there
+
+    monkeypatch.setattr(DefaultTrainer, "state_dict", state_dict, raising=False)
+    monkeypatch.setattr(DefaultTrainer, "load_state_dict", load_state_dict, raising=False)
+
+
+@pytest.mark.parametrize("post_v06", [False, True], ids=["v0.6", "main"])
+def test_resume_through_current_detectron2s_calls(tmp_path, shapes_root, monkeypatch, post_v06):
+    if post_v06:
+        _post_v06_trainer_state(monkeypatch)
+    out = tmp_path / "run"
+    opts = ("SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1")
+    _trainer(_args(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, *opts)).train()
+    saved = torch.load(out / "model_0000000.pth", weights_only=True)
+    assert saved["trainer"]["_trainer"]["optimizer"]["state"]  # the momentum buffers are in the file
+
+    resumed = _trainer(_args(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, *opts, resume=True))
+    assert resumed.start_iter == 2
+    live = resumed._trainer.state_dict()["optimizer"]["state"]
+    final = torch.load(out / "model_final.pth", weights_only=True)["trainer"]["_trainer"]["optimizer"]["state"]
+    assert live.keys() == final.keys()
+    for i in live:
+        for name, v in live[i].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, final[i][name]), (i, name)
+
+    # A checkpoint without "_trainer" (no optimizer state): the intended warning, not a KeyError.
+    saved["trainer"].pop("_trainer")
+    torch.save(saved, out / "model_0000000.pth")
+    (out / "last_checkpoint").write_text("model_0000000.pth")
+    from deepkd_det.det.engine import trainer as trainer_module
+
+    warned = []
+    monkeypatch.setattr(trainer_module.logger, "warning", lambda msg, *a: warned.append(msg % a if a else msg))
+    again = _trainer(_args(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, *opts, resume=True))
+    assert again.start_iter == 1
+    assert any("checkpoint has no optimizer state" in w for w in warned)

@@ -374,3 +374,25 @@ def test_teacher_config_file_is_the_base_and_explicit_keys_win():
     assert t.ROI_HEADS.NUM_CLASSES == 3  # explicit TEACHER.MODEL setting
     assert t.WEIGHTS == ""  # the yaml's ImageNet init is not a teacher checkpoint
     assert t.DEVICE == "cpu"
+
+
+def test_model_zoo_names_resolve_without_importing_detectron2_model_zoo(monkeypatch):
+    """detectron2 after v0.6 imports pkg_resources in detectron2.model_zoo: our lookup must not need it."""
+    import os
+    import sys
+
+    import detectron2
+
+    from deepkd_det.det.config import get_deepkd_cfg, model_zoo_config_file, resolve_teacher_cfg
+
+    monkeypatch.setitem(sys.modules, "detectron2.model_zoo", None)  # any import of it now fails
+    name = "COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml"
+    path = model_zoo_config_file(name)
+    expected = os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs", name)
+    assert os.path.samefile(path, expected)
+    cfg = get_deepkd_cfg()
+    cfg.TEACHER.CONFIG_FILE = "model_zoo:" + name
+    assert resolve_teacher_cfg(cfg).MODEL.RESNETS.DEPTH == 101
+    cfg.TEACHER.CONFIG_FILE = "model_zoo:COCO-Detection/no_such.yaml"
+    with pytest.raises(ValueError, match=r"TEACHER.CONFIG_FILE: 'COCO-Detection/no_such.yaml' is not a detectron2"):
+        resolve_teacher_cfg(cfg)

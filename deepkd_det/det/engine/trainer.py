@@ -232,7 +232,10 @@ class DeepKDTrainer(DefaultTrainer):
         return ret
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
+        # TrainerBase's part (iteration, hooks) called directly: after v0.6, DefaultTrainer's
+        # load_state_dict reads state_dict["_trainer"] unconditionally (a KeyError for a
+        # checkpoint without it); v0.6 has no override. Same behaviour on both.
+        TrainerBase.load_state_dict(self, state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:

@@ -12,7 +12,6 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import build_backbone
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
@@ -21,7 +20,13 @@ from torch import nn
 
 from deepkd_det.det.config import resolve_teacher_cfg
 
-from .weights import IGNORED_CHECKPOINT_KEYS, TEACHER_PREFIX, read_checkpoint
+from .weights import (
+    IGNORED_CHECKPOINT_KEYS,
+    TEACHER_PREFIX,
+    absent_statistics_allowed,
+    frozen_bn_statistics,
+    read_checkpoint,
+)
 
 __all__ = [
     "Teacher",
@@ -29,6 +34,8 @@ __all__ = [
     "teacher_state_from_checkpoint",
     "load_teacher_weights",
     "check_teacher_state",
+    "teacher_differences",
+    "check_same_teacher",
     "TeacherWeightsError",
 ]
 
@@ -54,6 +61,9 @@ class Teacher(nn.Module):
         self.proposal_generator = proposal_generator
         self.roi_heads = roi_heads
         self.input_format = input_format
+        # (config key, file) the weights came from at build time; None for a random teacher.
+        # Once loaded, a teacher never changes (DeepKDCheckpointer refuses a different one).
+        self.weights_source: Tuple[str, str] | None = None
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False
         )
@@ -150,18 +160,14 @@ def _short_list(keys: List[str], limit: int = 30) -> str:
 def _legacy_frozen_bn_stats(
     teacher: nn.Module, tstate: Mapping[str, torch.Tensor]
 ) -> Dict[str, torch.Tensor]:
-    """Running statistics of FrozenBatchNorm2d layers that old detectron2 checkpoints omit.
-
-    Those files store only weight/bias (statistics folded in); detectron2 itself fills in
-    mean 0 / variance 1 for them, and so do we, only when the layer's weight is present.
-    """
+    """Running statistics to fill (mean 0 / variance 1) for a file that holds no FrozenBN
+    statistic at all (statistics folded into weight and bias, as detectron2 reads such files);
+    nothing for a file that holds some of them (see ``absent_statistics_allowed``)."""
+    own = dict(teacher.named_buffers())
     fills = {}
-    for name, module in teacher.named_modules():
-        if isinstance(module, FrozenBatchNorm2d) and f"{name}.weight" in tstate:
-            if f"{name}.running_mean" not in tstate:
-                fills[f"{name}.running_mean"] = torch.zeros_like(module.running_mean)
-            if f"{name}.running_var" not in tstate:
-                fills[f"{name}.running_var"] = torch.ones_like(module.running_var)
+    for k in absent_statistics_allowed(frozen_bn_statistics(teacher), tstate):
+        fill = torch.zeros_like if k.endswith("running_mean") else torch.ones_like
+        fills[k] = fill(own[k])
     return fills
 
 
@@ -202,12 +208,48 @@ def check_teacher_state(teacher: nn.Module, tstate: Mapping[str, torch.Tensor], 
         )
 
 
+def teacher_differences(teacher: nn.Module, tstate: Mapping[str, torch.Tensor], limit: int = 10) -> List[str]:
+    """Keys (at most ``limit``) whose tensors in ``tstate`` differ from the teacher's, or that
+    only one of the two holds (statistics a legacy file may omit excepted)."""
+    own = teacher.state_dict()
+    tstate = {**_legacy_frozen_bn_stats(teacher, tstate), **tstate}
+    out = sorted(set(own) ^ set(tstate))[:limit]
+    for k, v in own.items():
+        if len(out) >= limit:
+            break
+        if k in tstate and not (
+            tstate[k].shape == v.shape and torch.equal(tstate[k].to(device=v.device, dtype=v.dtype), v)
+        ):
+            out.append(k)
+    return out
+
+
+def check_same_teacher(teacher: Teacher, tstate: Mapping[str, torch.Tensor], path: str) -> None:
+    """A teacher loaded at build time and the ``teacher.*`` part of ``path`` must hold the same
+    tensors: TEACHER.MODEL.WEIGHTS and a combined MODEL.WEIGHTS never compete silently."""
+    if teacher.weights_source is None:
+        return
+    diff = teacher_differences(teacher, tstate)
+    if diff:
+        key, source = teacher.weights_source
+        raise TeacherWeightsError(
+            f"two different teachers: {key}={source!r} (loaded at build time) and the teacher.* keys of "
+            f"{path!r} (MODEL.WEIGHTS or a checkpoint being loaded) differ, e.g. in {diff[:5]}; set only one "
+            "of them (TEACHER.MODEL.WEIGHTS empty to use the combined file's teacher, or a MODEL.WEIGHTS "
+            "without teacher.* keys)"
+        )
+
+
 def load_teacher_weights(
-    teacher: Teacher, path: str, state: Mapping[str, torch.Tensor] | None = None
+    teacher: Teacher,
+    path: str,
+    state: Mapping[str, torch.Tensor] | None = None,
+    source_key: str = "TEACHER.MODEL.WEIGHTS",
 ) -> None:
     """Load the teacher from ``path`` (or its already read ``state``), checking it completely.
 
     Raises TeacherWeightsError naming missing keys, unexpected keys and shape mismatches.
+    ``source_key``: the config key that named ``path`` (recorded in ``teacher.weights_source``).
     """
     if state is None:
         state, extra = read_checkpoint(path)
@@ -221,6 +263,8 @@ def load_teacher_weights(
     tstate.update(_legacy_frozen_bn_stats(teacher, tstate))
     own = teacher.state_dict()
     teacher.load_state_dict({k: v.to(own[k].dtype) for k, v in tstate.items()}, strict=True)
+    if isinstance(teacher, Teacher):
+        teacher.weights_source = (source_key, str(path))
     logger.info("Loaded all %d teacher tensors from %s", len(own), path)
 
 
@@ -234,6 +278,8 @@ def build_teacher(cfg) -> Teacher:
 
     Weights come from TEACHER.MODEL.WEIGHTS, else from the ``teacher.*`` keys of MODEL.WEIGHTS
     (a combined release file). Without either, the build fails unless TEACHER.ALLOW_RANDOM_INIT.
+    Both set and holding different teachers is an error (here for a ``.pth`` MODEL.WEIGHTS, in
+    DeepKDCheckpointer for any file): the two keys must not compete.
     """
     tcfg = resolve_teacher_cfg(cfg)
     backbone = build_backbone(tcfg)
@@ -254,12 +300,19 @@ def build_teacher(cfg) -> Teacher:
     path = cfg.TEACHER.MODEL.WEIGHTS
     if path:
         load_teacher_weights(teacher, path)
+        combined = (
+            _has_teacher_keys(cfg.MODEL.WEIGHTS)
+            if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.endswith(".pkl")
+            else None
+        )
+        if combined is not None:
+            check_same_teacher(teacher, teacher_state_from_checkpoint(combined), cfg.MODEL.WEIGHTS)
     elif (
         cfg.MODEL.WEIGHTS
         and not cfg.MODEL.WEIGHTS.endswith(".pkl")
         and (state := _has_teacher_keys(cfg.MODEL.WEIGHTS))
     ):
-        load_teacher_weights(teacher, cfg.MODEL.WEIGHTS, state)
+        load_teacher_weights(teacher, cfg.MODEL.WEIGHTS, state, source_key="MODEL.WEIGHTS")
     elif cfg.TEACHER.ALLOW_RANDOM_INIT:
         logger.warning(
             "TEACHER.ALLOW_RANDOM_INIT: the teacher is RANDOMLY INITIALISED (tests / smoke runs only)"

@@ -28,6 +28,11 @@ __all__ = [
     "student_backbone_from_imagenet",
     "detect_student_layout",
     "convert_student_keys",
+    "frozen_bn_statistics",
+    "absent_statistics_allowed",
+    "StudentWeightsError",
+    "imagenet_flavour",
+    "IMAGENET_INPUT",
 ]
 
 logger = logging.getLogger(__name__)
@@ -36,6 +41,33 @@ STUDENT_PREFIX = "backbone.bottom_up."
 TEACHER_PREFIX = "teacher."
 # Present in old detectron2 checkpoints but not part of the model's state (non-persistent buffers).
 IGNORED_CHECKPOINT_KEYS = re.compile(r"(^|\.)(pixel_mean|pixel_std)$|anchor_generator\.cell_anchors\.")
+
+
+class StudentWeightsError(ValueError):
+    """MODEL.WEIGHTS does not fit the student: part of it would stay randomly initialised."""
+
+
+def frozen_bn_statistics(module: torch.nn.Module, prefix: str = "") -> Dict[str, str]:
+    """``{running_mean/var key: weight key}`` of every FrozenBatchNorm2d layer of ``module``."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            base = f"{prefix}{name}." if name else prefix
+            out[base + "running_mean"] = out[base + "running_var"] = base + "weight"
+    return out
+
+
+def absent_statistics_allowed(stats: Mapping[str, str], file_keys) -> set:
+    """FrozenBN running statistics that may be absent from a file: all of them when the file
+    holds none (a Caffe2 / old detectron2 file, statistics folded into weight and bias; detectron2
+    then uses mean 0 / variance 1, which is right for such files), none otherwise: a file that
+    holds some statistics must hold every one, or a layer would be normalised with made-up ones."""
+    file_keys = set(file_keys)
+    if any(k in file_keys for k in stats):
+        return set()
+    return {k for k, w in stats.items() if w in file_keys}
 
 
 def _to_tensor(v):
@@ -167,12 +199,71 @@ def mobilenetv2_to_backbone(state: Mapping[str, torch.Tensor]) -> OrderedDict[st
     return out
 
 
+# ---------------------------------------------------------------- ImageNet flavours
+
+# Input settings each kind of ImageNet ResNet weights was trained with (detectron2 keys).
+IMAGENET_INPUT = {
+    # detectron2's MSRA weights (ImageNetPretrained/MSRA/R-50.pkl, Caffe2): BN folded into
+    # weight / bias, BGR 0-255 input minus the mean, stride in the 1x1 conv. The ReviewKD release's
+    # R-50 pair uses them.
+    "caffe2": {"INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [103.53, 116.28, 123.675],
+               "MODEL.PIXEL_STD": [1.0, 1.0, 1.0], "MODEL.RESNETS.STRIDE_IN_1X1": True},
+    # torchvision weights: measured BN statistics, RGB input normalised per channel, stride in
+    # the 3x3 conv.
+    "torchvision": {"INPUT.FORMAT": "RGB", "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+                    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375], "MODEL.RESNETS.STRIDE_IN_1X1": False},
+}
+
+_C2_KEY = re.compile(r"^(conv1_w|res_conv1_bn_[sb]|res\d_\d+_branch\w+|fc1000_[wb])$")
+
+
+def imagenet_flavour(state: Mapping[str, torch.Tensor], prefix: str = STUDENT_PREFIX) -> str | None:
+    """Which ImageNet weights the backbone keys under ``prefix`` hold: ``"caffe2"`` when no
+    running statistic is stored or every running mean is 0 and every running variance 1 (BN
+    folded into weight / bias), ``"torchvision"`` when the statistics were measured; None
+    without any normalisation key."""
+    stats = [(k, v) for k, v in state.items() if k.startswith(prefix) and k.endswith(("running_mean", "running_var"))]
+    if not stats:
+        has_norm = any(k.startswith(prefix) and ".norm." in k for k in state)
+        return "caffe2" if has_norm else None
+    folded = all(
+        bool((v == (0.0 if k.endswith("running_mean") else 1.0)).all()) for k, v in stats
+    )
+    return "caffe2" if folded else "torchvision"
+
+
+def _caffe2_resnet_to_d2(state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """detectron2's MSRA (Caffe2) ResNet names -> detectron2 names, fc dropped; the folded
+    normalisation layers get their explicit statistics (mean 0, variance 1, what detectron2 uses
+    for such files), so the combined file holds every tensor of the backbone."""
+    from detectron2.checkpoint.c2_model_loading import convert_basic_c2_names
+
+    keys = [k for k in state if not k.endswith("_momentum")]
+    bad = [k for k in keys if not _C2_KEY.match(k)]
+    if bad:
+        raise ValueError(f"unexpected keys in a Caffe2 (MSRA) ResNet file: {bad[:10]}")
+    out = OrderedDict()
+    for old, new in zip(keys, convert_basic_c2_names(keys)):
+        if new.startswith("fc1000"):
+            continue
+        out[new] = state[old]
+        if new.endswith(".norm.weight"):
+            base = new[: -len("weight")]
+            out[base + "running_mean"] = torch.zeros_like(state[old])
+            out[base + "running_var"] = torch.ones_like(state[old])
+    return out
+
+
 def student_backbone_from_imagenet(
     state: Mapping[str, torch.Tensor], arch: str
 ) -> OrderedDict[str, torch.Tensor]:
-    """ImageNet weights of the student -> ``backbone.bottom_up.*`` keys of the detector."""
+    """ImageNet weights of the student -> ``backbone.bottom_up.*`` keys of the detector.
+
+    ResNets: torchvision state dicts, or detectron2's MSRA Caffe2 files (``R-50.pkl``, the
+    release's R-50 student); MobileNetV2: torchvision or tonylins layout."""
     if arch in ("R-18", "R-50"):
-        renamed = torchvision_resnet_to_d2(state)
+        caffe2 = any(_C2_KEY.match(k) for k in state)
+        renamed = _caffe2_resnet_to_d2(state) if caffe2 else torchvision_resnet_to_d2(state)
         expected = 4 if arch == "R-50" else 3  # conv3 exists only in bottleneck blocks
         has_conv3 = any(k.endswith(".conv3.weight") for k in renamed)
         if has_conv3 != (expected == 4):
