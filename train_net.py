@@ -93,7 +93,7 @@ def setup(args):
         register_datasets_from_cfg(cfg)  # the class count comes from the dataset json
         resolve_num_classes(cfg)
     validate_deepkd_config(cfg)
-    check_input_files(cfg, resume=args.resume)
+    check_input_files(cfg, resume=args.resume, eval_only=args.eval_only)
     register_datasets_from_cfg(cfg)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     check_num_classes(cfg, names)
@@ -162,7 +162,8 @@ def evaluate(cfg, resume: bool = False):
         raise ValueError("--eval-only needs at least one dataset in DATASETS.TEST")
     register_datasets_from_cfg(cfg)
     model = DeepKDTrainer.build_model(cfg)
-    EvalCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    checkpointer = EvalCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    load_checkpoint(lambda: checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume), cfg, resume)
     results = DeepKDTrainer.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, results)
@@ -170,12 +171,27 @@ def evaluate(cfg, resume: bool = False):
     return results
 
 
+def load_checkpoint(load, cfg, resume: bool):
+    """``load()`` (a checkpointer's resume_or_load), with a missing or damaged file named as the
+    config key (MODEL.WEIGHTS) or the ``last_checkpoint`` entry it came from."""
+    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    source = f"--resume ({tag})" if resume and os.path.isfile(tag) else "MODEL.WEIGHTS"
+    try:
+        return load()
+    except AssertionError as exc:  # fvcore: "Checkpoint <path> not found!"
+        raise FileNotFoundError(f"{source}: {format_error(exc)}") from None
+    except RuntimeError as exc:
+        if "cannot read checkpoint" not in str(exc):
+            raise
+        raise ValueError(f"{source}: {format_error(exc)}") from None
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         return evaluate(cfg, resume=args.resume)
     trainer = DeepKDTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    load_checkpoint(lambda: trainer.resume_or_load(resume=args.resume), cfg, args.resume)
     return trainer.train()
 
 

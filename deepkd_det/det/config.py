@@ -241,7 +241,11 @@ def validate_deepkd_config(cfg: CN) -> None:
     _validate_solver_steps(cfg)
 
     # DeepKD node (shared with the classifier)
-    errors = validate_deepkd_settings(dk, cfg.SOLVER.MOMENTUM, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if num_classes < 0:
+        raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES must be >= 1 (or 0: from the dataset json), got {num_classes}")
+    # 0: taken from the dataset json at start-up (deepkd_det/det/data/register.py), checked then.
+    errors = validate_deepkd_settings(dk, cfg.SOLVER.MOMENTUM, num_classes or None)
     if errors:
         raise ValueError("; ".join(errors))
     if dk.GSNR.ENABLED and not decoupled(dk):
@@ -261,7 +265,7 @@ def validate_deepkd_config(cfg: CN) -> None:
             )
     if distill:
         t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        if t_classes != s_classes:
+        if t_classes != s_classes and t_classes and s_classes:
             raise ValueError(
                 f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
                 f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit distillation needs the same classes"
@@ -318,14 +322,15 @@ def _check_weights_file(key: str, path: str, why: str = "") -> None:
                          f"with {head!r}){why}")
 
 
-def check_input_files(cfg: CN, resume: bool = False) -> None:
+def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) -> None:
     """Weight files named by the config exist and are checkpoints, before any model is built.
 
     TEACHER.MODEL.WEIGHTS when a teacher is built (checkpoints of this project hold the student
     only: the teacher is read from this file again on every start, ``--resume`` included);
-    MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR.
+    MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR. ``eval_only``:
+    the student alone is evaluated, no teacher is read.
     """
-    teacher_needed = cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED
+    teacher_needed = (cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED) and not eval_only
     t_path = cfg.TEACHER.MODEL.WEIGHTS
     if teacher_needed and _local(t_path):
         _check_weights_file(
