@@ -203,3 +203,14 @@ def test_command_line_process_prints_one_line(tmp_path, coco):
     assert last.startswith("train_net.py: error: --resume"), proc.stderr
     assert "last_checkpoint" in last and "model_0000001.pth" in last and "damaged" in last
     assert _digest(out) == before
+
+
+def test_a_shrunk_batch_at_the_files_learning_rate_is_warned_about():
+    from deepkd_det.det.config import get_deepkd_cfg, lr_batch_warning
+
+    cfg = get_deepkd_cfg()
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR = 2, 0.02  # the file said 16 images at lr 0.02
+    note = lr_batch_warning(cfg, 16, 0.02)
+    assert "SOLVER.IMS_PER_BATCH is 2" in note and "SOLVER.BASE_LR 0.0025" in note
+    assert lr_batch_warning(cfg, 16, 0.04) is None  # the lr was set as well: the user's choice
+    assert lr_batch_warning(cfg, 2, 0.02) is None
