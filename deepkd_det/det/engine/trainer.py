@@ -8,8 +8,11 @@ DefaultTrainer's: param groups (norm / bias weight decay, bias lr factor), Warmu
 periodic checkpoints and evaluation (COCOEvaluator), metrics.json, TensorBoard, console.
 
 Additions: atomic checkpoints that hold the optimizer (all momentum buffers), scheduler, top-k
-schedule, RNG and data-position state, so ``--resume`` continues as an uninterrupted run;
-losses checked and named before any update; DDP on CPU (``device_ids=None``); no DDP wrapper
+schedule, RNG and data-position state, so ``--resume`` continues as an uninterrupted run, but
+not the frozen teacher when it is read from a file at every start; temporary files of an
+interrupted save removed at start-up; ``metrics.json`` rows after the resumed checkpoint
+removed; losses checked and named before any update (detectron2's own non-finite check inside
+the forward reported the same way), and no checkpoint of a model with non-finite weights; DDP on CPU (``device_ids=None``); no DDP wrapper
 for the decoupled step (it all-reduces each component itself).
 """
 
