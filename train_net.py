@@ -127,7 +127,9 @@ class EvalCheckpointer(DeepKDCheckpointer):
             f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
             for key, shape_file, shape_model in incompatible.incorrect_shapes
         ]
-        missing = [k for k in incompatible.missing_keys if not k.startswith("reviewkd_head.")]
+        # (BN step counters play no part in inference; the ReviewKD head is training-only.)
+        missing = [k for k in incompatible.missing_keys
+                   if not k.startswith("reviewkd_head.") and not k.endswith("num_batches_tracked")]
         if missing:
             problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
         if problems:
