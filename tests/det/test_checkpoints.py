@@ -29,7 +29,7 @@ def _args(config, out, shapes_root, *opts, resume=False):
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
         "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0",
-        "SOLVER.STEPS", "(4,)", "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "0",
+        "SOLVER.STEPS", "(3,)", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "TEST.EVAL_PERIOD", "0",
     ]
     return default_argument_parser().parse_args(argv + tiny + [str(o) for o in opts])
 
@@ -56,8 +56,8 @@ def teacher_file(tmp_path_factory, shapes_root):
 
 class _Crash(HookBase):
     def before_step(self):
-        if self.trainer.iter == 4:
-            raise KeyboardInterrupt("simulated kill at iteration 4")
+        if self.trainer.iter == 3:
+            raise KeyboardInterrupt("simulated kill at iteration 3")
 
 
 def _rows(out):
@@ -76,17 +76,17 @@ def test_student_checkpoints_leave_the_teacher_out_and_resume_exactly(tmp_path, 
     first.register_hooks([_Crash()])
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    assert (parts / "last_checkpoint").read_text() == "model_0000002.pth"
-    leftover = parts / ".model_0000005.pth.abcd1234.tmp"  # what a kill -9 during a save leaves
+    assert (parts / "last_checkpoint").read_text() == "model_0000001.pth"
+    leftover = parts / ".model_0000003.pth.abcd1234.tmp"  # what a kill -9 during a save leaves
     leftover.write_bytes(b"partial")
     resumed = _trainer(_args(config, parts, shapes_root, *opts, resume=True))
     assert not leftover.exists()
-    assert resumed.start_iter == 3
+    assert resumed.start_iter == 2
     resumed.train()
 
     a = torch.load(whole / "model_final.pth", weights_only=True)
     b = torch.load(parts / "model_final.pth", weights_only=True)
-    for ckpt in (a, b, torch.load(parts / "model_0000002.pth", weights_only=True)):
+    for ckpt in (a, b, torch.load(parts / "model_0000001.pth", weights_only=True)):
         keys = list(ckpt["model"])
         assert not [k for k in keys if k.startswith("teacher.")] and "roi_heads.box_predictor.cls_score.weight" in keys
         assert any("running_mean" in k for k in keys)  # the student's buffers are kept
@@ -100,7 +100,7 @@ def test_student_checkpoints_leave_the_teacher_out_and_resume_exactly(tmp_path, 
             if isinstance(value, torch.Tensor):
                 assert torch.equal(value, opt_b["state"][idx][name]), (idx, name)
     # The rows of the uninterrupted run: the killed run's row after its checkpoint is not kept twice.
-    assert [r["iteration"] for r in _rows(parts)] == [r["iteration"] for r in _rows(whole)] == [5]
+    assert [r["iteration"] for r in _rows(parts)] == [r["iteration"] for r in _rows(whole)] == [3]
 
     # The final student checkpoint evaluates as it is (no teacher needed; --eval-only after the pairs).
     results = train_net.main(_args(config, tmp_path / "eval", shapes_root, "MODEL.WEIGHTS", parts / "model_final.pth",
@@ -136,8 +136,8 @@ class _Poison(HookBase):
 
 
 @pytest.mark.parametrize("at,in_step,expected", [
-    (3, False, r"iteration 4 \(in the forward pass: Predicted boxes or scores contain Inf/NaN"),
-    (5, True, r"after iteration 5 .* weights are NaN/inf"),
+    (2, False, r"iteration 3 \(in the forward pass: Predicted boxes or scores contain Inf/NaN"),
+    (3, True, r"after iteration 3 .* weights are NaN/inf"),
 ])
 def test_divergence_stops_before_a_diverged_checkpoint(tmp_path, shapes_root, at, in_step, expected):
     out = tmp_path / "nan"
@@ -146,6 +146,6 @@ def test_divergence_stops_before_a_diverged_checkpoint(tmp_path, shapes_root, at
     with pytest.raises(FloatingPointError, match=expected) as info:
         trainer.train()
     assert "SOLVER.BASE_LR" in str(info.value)
-    assert f"{out / 'model_0000002.pth'} (finite): --resume continues from it" in str(info.value)
-    assert (out / "last_checkpoint").read_text() == "model_0000002.pth"
-    assert not (out / "model_final.pth").exists() and not (out / "model_0000005.pth").exists()
+    assert f"{out / 'model_0000001.pth'} (finite): --resume continues from it" in str(info.value)
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (out / "model_final.pth").exists() and not (out / "model_0000003.pth").exists()
