@@ -7,13 +7,21 @@
     python -m torch.distributed.run --nproc_per_node 2 train_net.py --config-file ...   # CPU: gloo
 
 Trailing ``KEY VALUE`` pairs override the config (e.g. ``DEEPKD.ENABLED False``,
-``KD.TYPE NONE`` to train an ordinary detector, e.g. your own teacher).
+``KD.TYPE NONE`` to train an ordinary detector, e.g. your own teacher). ``--resume``,
+``--eval-only`` and ``--debug`` may also follow them.
+
+Configuration and input errors (unknown key, bad value, missing or unreadable file, class
+count that differs from the dataset, a diverged run) end with one line on stderr and exit code
+1; ``--debug`` or ``DEEPKD_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
+import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
@@ -21,28 +29,82 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
+from deepkd_det.core.cli import debug_requested, format_error, pull_trailing_flags, run_cli
 from deepkd_det.det.checkpoint import DeepKDCheckpointer
-from deepkd_det.det.config import add_deepkd_config, validate_deepkd_config
-from deepkd_det.det.data import add_data_config, register_datasets_from_cfg
+from deepkd_det.det.config import (
+    add_deepkd_config,
+    check_input_files,
+    lr_batch_warning,
+    validate_deepkd_config,
+)
+from deepkd_det.det.data import (
+    add_data_config,
+    check_num_classes,
+    register_datasets_from_cfg,
+    resolve_num_classes,
+)
 from deepkd_det.det.engine import DeepKDTrainer, launch_main
+
+# Errors a user can act on: printed as one line by the command line (never internal bugs'
+# AssertionErrors; those from the config merge are turned into ValueError first).
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 
 logger = logging.getLogger("deepkd_det")
 
 
+def _merge(cfg, args):
+    """The config file, then the overrides; yacs' AssertionError / KeyError become one line naming
+    the key and where it came from. Returns the file's (IMS_PER_BATCH, BASE_LR)."""
+    if args.config_file:
+        if not os.path.isfile(args.config_file):
+            raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
+        try:
+            cfg.merge_from_file(args.config_file)
+        except (AssertionError, KeyError) as exc:
+            raise ValueError(f"{args.config_file}: {format_error(exc)}") from None
+    file_batch = (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR)
+    try:
+        cfg.merge_from_list(args.opts)
+    except (AssertionError, KeyError) as exc:
+        raise ValueError(f"command line: {format_error(exc)}") from None
+    return file_batch
+
+
 def setup(args):
     """The frozen config of ``args`` (file, then trailing KEY VALUE opts), validated, plus
-    detectron2's default setup (logger, output dir, config dump, seeds)."""
+    detectron2's default setup (logger, output dir, config dump, seeds).
+
+    Everything that can be checked before a model is built is checked here, before anything is
+    written to OUTPUT_DIR: keys and values, datasets (json, images, boxes, class count), weight
+    files. ``MODEL.ROI_HEADS.NUM_CLASSES 0`` takes the class count from the dataset json.
+    """
     cfg = get_cfg()
     add_deepkd_config(cfg)
     add_data_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    opts, late = pull_trailing_flags(args.opts or [], ("--resume", "--eval-only", "--debug"))
+    args.opts = opts
+    for flag in late:
+        setattr(args, flag[2:].replace("-", "_"), True)
+    batch_note = lr_batch_warning(cfg, *_merge(cfg, args))
+    no_cuda = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
+    if no_cuda:  # the same command runs on a CPU machine
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0 or cfg.TEACHER.MODEL.ROI_HEADS.NUM_CLASSES == 0:
+        register_datasets_from_cfg(cfg)  # the class count comes from the dataset json
+        resolve_num_classes(cfg)
     validate_deepkd_config(cfg)
+    check_input_files(cfg, resume=args.resume, eval_only=args.eval_only)
+    register_datasets_from_cfg(cfg)
+    names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    check_num_classes(cfg, names)
     cfg.freeze()
     default_setup(cfg, args)
     # detectron2's logger setup covers "detectron2" and "fvcore"; ours log under "deepkd_det".
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deepkd_det")
+    if no_cuda:
+        logger.warning("no CUDA device: running on the CPU (MODEL.DEVICE cpu)")
+    if batch_note:
+        logger.warning(batch_note)
     return cfg
 
 
@@ -54,6 +116,30 @@ def student_only_cfg(cfg):
     cfg.DEEPKD.ENABLED = False
     cfg.freeze()
     return cfg
+
+
+class EvalCheckpointer(DeepKDCheckpointer):
+    """For evaluation, a checkpoint must fill the whole model: a skipped tensor (another class
+    count, another architecture) would be evaluated at its random initialisation."""
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        problems = [
+            f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
+            for key, shape_file, shape_model in incompatible.incorrect_shapes
+        ]
+        # (BN step counters play no part in inference; the ReviewKD head is training-only.)
+        missing = [k for k in incompatible.missing_keys
+                   if not k.startswith("reviewkd_head.") and not k.endswith("num_batches_tracked")]
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+        if problems:
+            hint = ""
+            for key, shape_file, _ in incompatible.incorrect_shapes:
+                if key.endswith("box_predictor.cls_score.weight"):
+                    hint = (f" The checkpoint was trained for {shape_file[0] - 1} classes: set "
+                            "MODEL.ROI_HEADS.NUM_CLASSES to that (and use a dataset with those classes).")
+            raise ValueError("MODEL.WEIGHTS does not fit the model to evaluate: " + "; ".join(problems) + "." + hint)
+        super()._log_incompatible_keys(incompatible)
 
 
 def format_bbox_ap(results) -> str:
@@ -78,7 +164,8 @@ def evaluate(cfg, resume: bool = False):
         raise ValueError("--eval-only needs at least one dataset in DATASETS.TEST")
     register_datasets_from_cfg(cfg)
     model = DeepKDTrainer.build_model(cfg)
-    DeepKDCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    checkpointer = EvalCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    load_checkpoint(lambda: checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume), cfg, resume)
     results = DeepKDTrainer.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, results)
@@ -86,16 +173,56 @@ def evaluate(cfg, resume: bool = False):
     return results
 
 
+def load_checkpoint(load, cfg, resume: bool):
+    """``load()`` (a checkpointer's resume_or_load), with a missing or damaged file named as the
+    config key (MODEL.WEIGHTS) or the ``last_checkpoint`` entry it came from."""
+    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    source = f"--resume ({tag})" if resume and os.path.isfile(tag) else "MODEL.WEIGHTS"
+    try:
+        return load()
+    except AssertionError as exc:  # fvcore: "Checkpoint <path> not found!"
+        raise FileNotFoundError(f"{source}: {format_error(exc)}") from None
+    except RuntimeError as exc:
+        if "cannot read checkpoint" not in str(exc):
+            raise
+        raise ValueError(f"{source}: {format_error(exc)}") from None
+
+
 def main(args):
     cfg = setup(args)
     if args.eval_only:
         return evaluate(cfg, resume=args.resume)
     trainer = DeepKDTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    load_checkpoint(lambda: trainer.resume_or_load(resume=args.resume), cfg, args.resume)
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+class _OneLineTrainingErrors(logging.Filter):
+    """detectron2 logs the traceback of any exception during training ("Exception during
+    training:"); for a user error the command line prints one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, USER_ERRORS):
+            record.msg, record.args, record.exc_info, record.exc_text = f"{record.msg} {format_error(exc)}", (), None, None
+        return True
+
+
+def parse_args(argv=None):
+    parser = default_argument_parser()
+    parser.add_argument("--debug", action="store_true", help="full tracebacks of errors (also DEEPKD_DEBUG=1)")
+    return parser.parse_args(argv)
+
+
+def cli(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    debug = args.debug or debug_requested(argv)
+    if not debug:
+        logging.getLogger("detectron2.engine.train_loop").addFilter(_OneLineTrainingErrors())
     print("Command Line Args:", args)
-    launch_main(main, args)
+    return run_cli(lambda: launch_main(main, args), "train_net.py", USER_ERRORS, debug=debug)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

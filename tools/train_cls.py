@@ -10,29 +10,34 @@ Trailing ``KEY VALUE`` pairs override the config (``SOLVER.EPOCHS 10 DEEPKD.ENAB
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch.distributed as dist
 
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError
+from deepkd_det.core.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True, help="yaml config (configs/cls/...)")
     parser.add_argument("--resume", action="store_true", help="continue from <output dir>/latest.pth")
+    parser.add_argument("--debug", action="store_true", help=f"full tracebacks (also {DEBUG_ENV}=1)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     args = parser.parse_args(argv)
     try:
-        cfg = load_cfg(args.cfg, args.opts)
+        # --resume / --debug typed after the overrides still count as options.
+        opts, late = pull_trailing_flags(args.opts, ("--resume", "--debug"))
+        args.resume = args.resume or "--resume" in late
+        args.debug = args.debug or "--debug" in late
+        cfg = load_cfg(args.cfg, opts)
         trainer = ClsTrainer(cfg, resume=args.resume)
         summary = trainer.train()
     except (ConfigError, FileNotFoundError, NonFiniteLossError, ValueError, KeyError) as exc:
-        if os.environ.get("DEEPKD_DEBUG"):
+        if args.debug or debug_requested():
             raise
-        print(f"train_cls.py: error: {exc}", file=sys.stderr)
+        print(f"train_cls.py: error: {format_error(exc)}", file=sys.stderr)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

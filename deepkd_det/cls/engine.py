@@ -238,7 +238,11 @@ class ClsTrainer:
         path = path or os.path.join(self.out_dir, "latest.pth")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (start without --resume)")
-        state = load_checkpoint(path)
+        try:
+            state = load_checkpoint(path)
+        except ValueError as exc:
+            raise ValueError(f"--resume: {exc}. Start without --resume (a new run), or restore {path} "
+                             "from a copy") from None
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.topk_schedule is not None and state.get("topk_schedule"):

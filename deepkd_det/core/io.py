@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 import tempfile
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_weights_only"]
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_weights_only", "remove_leftover_temp_files"]
+
+# atomic_write's temporary files: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -75,12 +78,41 @@ def load_weights_only(path: str) -> Any:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip archive (b"PK") or, in its legacy format, a pickle (protocol >= 2: 0x80).
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is not a torch file (a torch checkpoint is a zip archive or a "
+            f"pickle; this file starts with {head!r})"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - any failure to parse the file: one message naming it
+        detail = type(exc).__name__ + (f": {str(exc).strip().splitlines()[0]}" if str(exc).strip() else "")
+        if head.startswith(b"PK") and isinstance(exc, RuntimeError):
+            raise ValueError(f"cannot read checkpoint {path}: the torch file is damaged (truncated or corrupt "
+                             f"zip archive, e.g. copied while it was written). Details: {detail}") from None
         raise ValueError(
             f"cannot read checkpoint {path} as a weights-only torch file (torch.load(weights_only=True)): it is "
             "not a torch file, or it holds Python objects other than tensors. If it is a checkpoint from a source "
             f"you trust, convert it once into a weights-only file (tools/make_kd_weights.py). Details: {detail}"
         ) from None
+
+
+def remove_leftover_temp_files(directory: str) -> list:
+    """Remove the temporary files of ``atomic_write`` that a killed process left in ``directory``
+    (a kill -9 during a save skips the clean-up); returns their names. Call it at start-up, when
+    no other process writes to ``directory``."""
+    if not os.path.isdir(directory):
+        return []
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if _TEMP_NAME.match(name) and os.path.isfile(path):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(name)
+    return removed

@@ -67,7 +67,7 @@ DEEPKD_DEFAULTS: Dict[str, Any] = {
         # "off" (all non-target classes), "constant" (K_START), "linear" (K_START until START,
         # linear to K_END at END), "step" (PHASES: [[progress, K], ...]).
         "MODE": "linear",
-        "K_START": 0,  # 0: ceil(10% of the non-target classes)
+        "K_START": 0,  # 0: ceil(10% of the non-target classes), at least 2 (K = 1 makes NCKD zero)
         "K_END": 0,  # 0: all non-target classes
         "START": 0.0,  # training progress in [0, 1]
         "END": 0.6,
@@ -149,6 +149,13 @@ def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int]
             need(k == 0 or 1 <= k <= num_nontarget,
                  f"{prefix}.TOPK.{key}={k} is out of range: K must lie in [1, C-1] = [1, {num_nontarget}] "
                  "(the non-target classes), or 0 for the default")
+        if num_nontarget >= 2 and t.MODE in ("constant", "linear", "step"):
+            ones = [key for key in ("K_START", "K_END") if t[key] == 1]
+            ones += [f"PHASES K of {list(p)}" for p in t.PHASES if len(p) == 2 and p[1] == 1]
+            if t.MODE == "constant":
+                ones = [k for k in ones if k == "K_START"]
+            need(not ones, f"{prefix}.TOPK {', '.join(ones)} = 1: NCKD over one non-target class is always zero "
+                           "(nothing would be distilled); use K >= 2, or 0 for the default")
         try:
             TopKSchedule.from_cfg(t, num_nontarget)
         except ValueError as exc:

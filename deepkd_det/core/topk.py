@@ -11,9 +11,20 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-__all__ = ["TopKSchedule", "SCHEDULE_MODES"]
+__all__ = ["TopKSchedule", "SCHEDULE_MODES", "default_k_start"]
 
 SCHEDULE_MODES = ("off", "constant", "linear", "step")
+
+
+def default_k_start(num_nontarget: int) -> int:
+    """The first K of the default schedule: 10% of the non-target classes, at least 2.
+
+    NCKD compares the teacher's and the student's distributions over the kept non-target
+    classes, renormalised: over one class both are 1 and NCKD is exactly zero, so K = 1 distils
+    nothing. (With a single non-target class there is no other choice than K = 1.)
+    """
+    n = int(num_nontarget)
+    return min(n, max(2, math.ceil(0.1 * n)))
 
 
 class TopKSchedule:
@@ -25,7 +36,8 @@ class TopKSchedule:
             ``"linear"`` (``k_start`` until progress ``start``, linear to ``k_end`` at ``end``,
             then ``k_end``), ``"step"`` (``phases``: ``[(progress, K), ...]``; the K of the last
             phase that has begun; before the first phase ``k_start``).
-        k_start: first K; default ``ceil(0.1 * num_nontarget)``.
+        k_start: first K; default ``default_k_start(num_nontarget)``: ``max(2, ceil(0.1 * num_nontarget))``
+            (K = 1 keeps one non-target class, and NCKD over one class is always zero).
         k_end: last K; default ``num_nontarget`` (all non-target classes).
     """
 
@@ -45,7 +57,7 @@ class TopKSchedule:
             raise ValueError(f"top-k schedule mode must be one of {SCHEDULE_MODES}, got {mode!r}")
         self.num_nontarget = int(num_nontarget)
         self.mode = mode
-        self.k_start = int(k_start) if k_start is not None else max(1, math.ceil(0.1 * self.num_nontarget))
+        self.k_start = int(k_start) if k_start is not None else default_k_start(self.num_nontarget)
         self.k_end = int(k_end) if k_end is not None else self.num_nontarget
         self.start = float(start)
         self.end = float(end)

@@ -67,11 +67,18 @@ logger = logging.getLogger(__name__)
 class DeepKDCheckpointer(DetectionCheckpointer):
     """Drop-in replacement of ``DetectionCheckpointer``: same constructor and API."""
 
+    # Model keys with these prefixes are left out of saved files (the trainer sets ("teacher.",)
+    # when the frozen teacher is read from its own file at every start).
+    exclude_prefixes: tuple = ()
+
     # ------------------------------------------------------------------ writing
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        state = self.model.state_dict()
+        if self.exclude_prefixes:
+            state = {k: v for k, v in state.items() if not k.startswith(self.exclude_prefixes)}
+        data = {"model": state}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)

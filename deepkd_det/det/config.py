@@ -27,6 +27,8 @@ __all__ = [
     "model_zoo_config_file",
     "resolve_teacher_cfg",
     "build_topk_schedule",
+    "check_input_files",
+    "lr_batch_warning",
     "validate_deepkd_config",
 ]
 
@@ -269,8 +271,14 @@ def validate_deepkd_config(cfg: CN) -> None:
         raise ValueError(f"KD.WARMUP_ITERS must be >= 0, got {kd.WARMUP_ITERS}")
     _check_choice("KD.COUPLING", kd.COUPLING, COUPLINGS)
 
+    _validate_solver_steps(cfg)
+
     # DeepKD node (shared with the classifier)
-    errors = validate_deepkd_settings(dk, cfg.SOLVER.MOMENTUM, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if num_classes < 0:
+        raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES must be >= 1 (or 0: from the dataset json), got {num_classes}")
+    # 0: taken from the dataset json at start-up (deepkd_det/det/data/register.py), checked then.
+    errors = validate_deepkd_settings(dk, cfg.SOLVER.MOMENTUM, num_classes or None)
     if errors:
         raise ValueError("; ".join(errors))
     if dk.GSNR.ENABLED and not decoupled(dk):
@@ -290,7 +298,7 @@ def validate_deepkd_config(cfg: CN) -> None:
             )
     if distill:
         t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        if t_classes != s_classes:
+        if t_classes != s_classes and t_classes and s_classes:
             raise ValueError(
                 f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
                 f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit distillation needs the same classes"
@@ -312,3 +320,71 @@ def _validate_reviewkd(cfg: CN) -> bool:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"KD.REVIEWKD.HCL_LEVELS must be positive integers (pooled sizes), got {r.HCL_LEVELS}")
     return bool(r.ENABLED)
+
+
+def _validate_solver_steps(cfg: CN) -> None:
+    """The learning-rate steps must fall inside the run (detectron2 would ignore later ones, or
+    fail at MAX_ITER itself once the model is built)."""
+    steps, max_iter = list(cfg.SOLVER.STEPS), cfg.SOLVER.MAX_ITER
+    late = [s for s in steps if s >= max_iter]
+    if late:
+        raise ValueError(
+            f"SOLVER.STEPS {tuple(steps)} must all be < SOLVER.MAX_ITER={max_iter} ({late} would never lower "
+            f"the learning rate); e.g. SOLVER.STEPS \"({int(max_iter * 0.75)},)\" for MAX_ITER {max_iter}"
+        )
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"SOLVER.STEPS must increase, got {tuple(steps)}")
+
+
+# ---------------------------------------------------------------- files and batch size
+
+
+def _local(path: str) -> bool:
+    return bool(path) and "://" not in path
+
+
+def _check_weights_file(key: str, path: str, why: str = "") -> None:
+    """``path`` (a config value) exists and starts like a torch/pickle file; errors name ``key``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{key} {path!r} does not exist{why}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save: a zip archive (b"PK") or, legacy and detectron2 model-zoo .pkl, a pickle (0x80).
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise ValueError(f"{key} {path!r} is not a checkpoint (neither a torch file nor a pickle; it starts "
+                         f"with {head!r}){why}")
+
+
+def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) -> None:
+    """Weight files named by the config exist and are checkpoints, before any model is built.
+
+    TEACHER.MODEL.WEIGHTS when a teacher is built (checkpoints of this project hold the student
+    only: the teacher is read from this file again on every start, ``--resume`` included);
+    MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR. ``eval_only``:
+    the student alone is evaluated, no teacher is read.
+    """
+    teacher_needed = (cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED) and not eval_only
+    t_path = cfg.TEACHER.MODEL.WEIGHTS
+    if teacher_needed and _local(t_path):
+        _check_weights_file(
+            "TEACHER.MODEL.WEIGHTS", t_path,
+            " (the teacher is rebuilt from this file at every start, --resume included: checkpoints hold the "
+            "student only)",
+        )
+    resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+    if not resuming and _local(cfg.MODEL.WEIGHTS):
+        _check_weights_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+
+
+def lr_batch_warning(cfg: CN, file_batch: int, file_lr: float) -> Optional[str]:
+    """A warning when the command line changed SOLVER.IMS_PER_BATCH but kept the config file's
+    SOLVER.BASE_LR: the lr per image then grows (or shrinks) with it, and a shrunk batch at the
+    full learning rate diverges. The linear scaling rule's lr is suggested."""
+    batch, lr = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR
+    if batch == file_batch or lr != file_lr or file_batch <= 0:
+        return None
+    return (
+        f"SOLVER.IMS_PER_BATCH is {batch} but SOLVER.BASE_LR={lr:g} was set for {file_batch} images per batch: "
+        f"the linear scaling rule gives SOLVER.BASE_LR {lr * batch / file_batch:g} (set it to silence this warning; "
+        "a smaller batch at the same learning rate often diverges)"
+    )

@@ -57,3 +57,10 @@ def test_state_dict_round_trip():
 def test_invalid_schedules_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TopKSchedule(99, **kwargs)
+
+
+def test_default_first_k_is_at_least_two():
+    # NCKD over one kept class is identically zero: the default never starts at K = 1 when there
+    # are two or more non-target classes (10% of them otherwise, and K = 1 when that is all).
+    assert [TopKSchedule(n).k_start for n in (1, 2, 3, 20, 99)] == [1, 2, 2, 2, 10]
+    assert TopKSchedule(3).k_at(0.0) == 2

@@ -79,7 +79,7 @@ def test_deepkd_iterations_log_components_and_k(tmp_path, shapes_root):
     assert last["iteration"] == 3
     for key in ("loss_tckd", "loss_nckd", "loss_cls", "loss_rpn_cls", "total_loss"):
         assert math.isfinite(last[key]), key
-    # K follows DEEPKD.TOPK (linear 1 -> 3 over the first 60%): at iteration 3 of 4, progress 0.75.
+    # K follows DEEPKD.TOPK (linear 2 -> 3 over the first 60%): at iteration 3 of 4, progress 0.75.
     assert last["kd/topk_k"] == trainer.model.topk_schedule.k_at(3 / 4) == 3
     # Three buffers per trained parameter, none for the frozen teacher; the teacher did not move.
     opt = trainer.optimizer
@@ -114,7 +114,7 @@ def test_deepkd_iterations_log_components_and_k(tmp_path, shapes_root):
 
 def test_dot_optimizer_trains_the_detector_with_two_buffers(tmp_path, shapes_root):
     out = tmp_path / "dot"
-    dot = ["DEEPKD.OPTIMIZER", "dot", "DEEPKD.DOT_DELTA", "0.05", "SOLVER.MAX_ITER", "2"]
+    dot = ["DEEPKD.OPTIMIZER", "dot", "DEEPKD.DOT_DELTA", "0.05", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)"]
     trainer = _trainer(_args(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, *dot))
     head = trainer.model.roi_heads.box_predictor.cls_score.weight
     rpn = trainer.model.proposal_generator.rpn_head.conv.weight

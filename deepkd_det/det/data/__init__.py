@@ -2,10 +2,14 @@
 
 from .config import add_data_config
 from .register import (
+    BOX_TOLERANCE,
     check_dataset_paths,
+    check_num_classes,
+    inspect_coco_json,
     prepare_shapes_dataset,
     register_coco_dataset,
     register_datasets_from_cfg,
+    resolve_num_classes,
 )
 from .synthetic import (
     SHAPE_CATEGORIES,
@@ -17,6 +21,10 @@ from .synthetic import (
 )
 
 __all__ = [
+    "BOX_TOLERANCE",
+    "check_num_classes",
+    "inspect_coco_json",
+    "resolve_num_classes",
     "SHAPE_CATEGORIES",
     "SHAPES_TRAIN",
     "SHAPES_VAL",

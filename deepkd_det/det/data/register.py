@@ -1,16 +1,27 @@
-"""Dataset registration from the config, with clear start-up errors for missing files.
+"""Dataset registration from the config, with clear start-up errors for bad files.
 
 detectron2 registers datasets lazily: a wrong path only fails deep inside the first data
 loader, or when evaluation starts hours later. ``register_datasets_from_cfg`` registers the
 ``DATASETS.REGISTER`` entries and the embedded shapes set, then checks that every dataset named
 in ``DATASETS.TRAIN`` / ``TEST`` is registered and that its json and image folder exist.
+
+A COCO json registered here is read once at registration (``inspect_coco_json``) and refused,
+with its path and the first offending entries named, when it is not valid JSON, lacks
+``images`` / ``annotations`` / ``categories``, lists an image file that is not in the image
+folder, or holds a box of non-positive width or height, or reaching more than ``BOX_TOLERANCE``
+pixels outside its image (detectron2 would train on another box, silently: e.g. a box written
+as ``[x0, y0, x1, y1]`` instead of ``[x, y, w, h]``). Bad boxes are refused, not dropped: the
+fix belongs in the json. ``check_num_classes`` compares MODEL.ROI_HEADS.NUM_CLASSES with the
+categories of the datasets (``resolve_num_classes``: 0 takes the count from the json).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from typing import Iterable, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -19,16 +30,25 @@ from .config import add_data_config
 from .synthetic import SHAPES_TRAIN, SHAPES_VAL, generate_shapes_dataset, shapes_split_paths
 
 __all__ = [
+    "BOX_TOLERANCE",
     "check_dataset_paths",
+    "check_num_classes",
+    "inspect_coco_json",
     "prepare_shapes_dataset",
     "register_coco_dataset",
     "register_datasets_from_cfg",
+    "resolve_num_classes",
 ]
 
 logger = logging.getLogger(__name__)
 # Names registered by this module: they may be re-registered (another path, a new test dir);
 # names registered by anyone else (detectron2's builtin COCO, user code) are never replaced.
 _OWN_NAMES: set = set()
+
+# Pixels a box may reach outside its image (rounding of converted annotations).
+BOX_TOLERANCE = 1.0
+# How many offending entries an error lists.
+_SHOWN = 3
 
 _COCO_HINT = (
     "detectron2 looks for its builtin datasets under $DETECTRON2_DATASETS (now {root!r}): COCO 2017 goes to "
@@ -46,11 +66,95 @@ def _require_paths(name: str, json_file: str, image_root: str, origin: str, hint
         raise FileNotFoundError(f"dataset {name!r} ({origin}): " + "; ".join(problems) + (f". {hint}" if hint else ""))
 
 
+def _first(items: List[str], total: int) -> str:
+    more = f" (and {total - len(items)} more)" if total > len(items) else ""
+    return "; ".join(items) + more
+
+
+def inspect_coco_json(name: str, json_file: str, image_root: str) -> List[str]:
+    """Read a COCO instances json and check it (see the module docstring); returns the category
+    names in detectron2's order (sorted by id). Errors name the dataset and the file."""
+    where = f"dataset {name!r} ({json_file})"
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a COCO json is an object with images, annotations, categories")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise ValueError(f"{where}: no {missing} list (a COCO instances json has images, annotations, categories)")
+    categories = data["categories"]
+    try:
+        cat_ids = {int(c["id"]): str(c["name"]) for c in categories}
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where}: every category needs an integer 'id' and a 'name'") from None
+    if not cat_ids:
+        raise ValueError(f"{where}: no categories")
+    images: Dict[int, dict] = {}
+    absent, malformed = [], []
+    for img in data["images"]:
+        try:
+            images[int(img["id"])] = img
+            size = float(img["width"]), float(img["height"])
+            file_name = str(img["file_name"])
+        except (KeyError, TypeError, ValueError):
+            malformed.append(repr(img)[:120])
+            continue
+        if not (size[0] > 0 and size[1] > 0):
+            malformed.append(f"{file_name}: width/height {size}")
+        if not os.path.isfile(os.path.join(image_root, file_name)):
+            absent.append(file_name)
+    if malformed:
+        raise ValueError(f"{where}: {len(malformed)} image entries without a valid id, file_name, width and "
+                         f"height: {_first(malformed[:_SHOWN], len(malformed))}")
+    if absent:
+        raise FileNotFoundError(
+            f"{where}: {len(absent)} of {len(images)} images are not in the image folder {image_root!r}: "
+            f"{_first(absent[:_SHOWN], len(absent))}"
+        )
+    bad: List[str] = []
+    tol = BOX_TOLERANCE
+    for ann in data["annotations"]:
+        ann_id = ann.get("id") if isinstance(ann, dict) else None
+        try:
+            image = images.get(int(ann["image_id"]))
+            box = [float(v) for v in ann["bbox"]]
+            category = int(ann["category_id"])
+        except (KeyError, TypeError, ValueError):
+            bad.append(f"annotation {ann_id}: needs image_id, category_id and bbox [x, y, w, h]")
+            continue
+        if image is None:
+            bad.append(f"annotation {ann_id}: image_id {ann['image_id']} is not among the images")
+            continue
+        if category not in cat_ids:
+            bad.append(f"annotation {ann_id} ({image['file_name']}): category_id {category} is not among the "
+                       f"categories {sorted(cat_ids)}")
+            continue
+        if len(box) != 4 or not all(math.isfinite(v) for v in box):
+            bad.append(f"annotation {ann_id} ({image['file_name']}): bbox {ann['bbox']} is not 4 finite numbers")
+            continue
+        x, y, w, h = box
+        width, height = float(image["width"]), float(image["height"])
+        if w <= 0 or h <= 0:
+            bad.append(f"annotation {ann_id} ({image['file_name']}): bbox {ann['bbox']} has non-positive width "
+                       "or height (bbox is [x, y, width, height])")
+        elif x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+            bad.append(f"annotation {ann_id} ({image['file_name']}): bbox {ann['bbox']} reaches outside the "
+                       f"{width:g}x{height:g} image")
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} bad annotations (fix or remove them in the json): "
+                         f"{_first(bad[:_SHOWN], len(bad))}")
+    return [cat_ids[i] for i in sorted(cat_ids)]
+
+
 def register_coco_dataset(name: str, json_file: str, image_root: str, *, check: bool = True) -> None:
     """Register a COCO instances json + image folder under ``name`` (detectron2's loader).
 
-    With ``check`` the paths must exist now. Re-registering a name this function registered
-    before replaces it; a name registered elsewhere (e.g. ``coco_2017_train``) is an error.
+    With ``check`` the paths must exist now and the json is inspected (``inspect_coco_json``).
+    Re-registering a name this function registered before replaces it; a name registered
+    elsewhere (e.g. ``coco_2017_train``) is an error.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
@@ -68,7 +172,11 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, *, check: 
             return
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+    classes = inspect_coco_json(name, json_file, image_root) if check else None
     register_coco_instances(name, {}, json_file, image_root)
+    if classes is not None:
+        # The same list detectron2's loader sets when it reads the json (sorted by category id).
+        MetadataCatalog.get(name).set(thing_classes=classes)
     _OWN_NAMES.add(name)
 
 
@@ -130,3 +238,51 @@ def register_datasets_from_cfg(cfg) -> None:
     if any(n in (SHAPES_TRAIN, SHAPES_VAL) for n in _names_in(cfg)):
         prepare_shapes_dataset(cfg)
     check_dataset_paths(_names_in(cfg))
+
+
+def _dataset_classes(name: str) -> Optional[List[str]]:
+    meta = MetadataCatalog.get(name)
+    classes = getattr(meta, "thing_classes", None)
+    return list(classes) if classes is not None else None
+
+
+def _describe(name: str) -> str:
+    json_file = getattr(MetadataCatalog.get(name), "json_file", None)
+    return f"{name!r} ({json_file})" if json_file else repr(name)
+
+
+def resolve_num_classes(cfg) -> None:
+    """MODEL.ROI_HEADS.NUM_CLASSES 0 (and TEACHER.MODEL.ROI_HEADS.NUM_CLASSES 0): the number of
+    categories of the first dataset of DATASETS.TRAIN (else TEST). In place; cfg not frozen."""
+    nodes = [("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL)]
+    if "TEACHER" in cfg:
+        nodes.append(("TEACHER.MODEL.ROI_HEADS.NUM_CLASSES", cfg.TEACHER.MODEL))
+    if all(node.ROI_HEADS.NUM_CLASSES != 0 for _, node in nodes):
+        return
+    for name in _names_in(cfg):
+        classes = _dataset_classes(name)
+        if classes:
+            for key, node in nodes:
+                if node.ROI_HEADS.NUM_CLASSES == 0:
+                    node.ROI_HEADS.NUM_CLASSES = len(classes)
+                    logger.info("%s = %d, the categories of dataset %s", key, len(classes), _describe(name))
+            return
+    raise ValueError("MODEL.ROI_HEADS.NUM_CLASSES 0 takes the class count from the dataset, but no dataset of "
+                     "DATASETS.TRAIN / TEST has known categories: set it to the number of classes")
+
+
+def check_num_classes(cfg, names: Iterable[str]) -> None:
+    """MODEL.ROI_HEADS.NUM_CLASSES must equal the number of categories of every dataset in
+    ``names`` whose categories are known (a smaller count trains the extra categories as
+    background; a larger one evaluates classes that do not exist)."""
+    num = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    for name in names:
+        classes = _dataset_classes(name)
+        if classes is None or len(classes) == num:
+            continue
+        shown = classes if len(classes) <= 10 else classes[:10] + ["..."]
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES={num}, but dataset {_describe(name)} has {len(classes)} categories "
+            f"{shown}: set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)} (and TEACHER.MODEL.ROI_HEADS.NUM_CLASSES "
+            f"{len(classes)} for a teacher trained on them), or 0 to take it from the json"
+        )

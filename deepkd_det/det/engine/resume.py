@@ -13,7 +13,9 @@ may differ).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 from typing import Any, Dict, Optional
 
 import torch
@@ -30,6 +32,7 @@ __all__ = [
     "capture_rng_state",
     "preserve_rng_state",
     "restore_rng_state",
+    "trim_metrics_after",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,3 +115,33 @@ class RNGStateHook(HookBase):
         """The state loaded from a checkpoint (``per_rank`` RNG states, ``sampler_seed``), once."""
         pending, self._pending = self._pending, None
         return pending or None
+
+
+def trim_metrics_after(path: str, start_iter: int) -> int:
+    """Cut ``metrics.json`` (detectron2's JSONWriter: one JSON object per line, in iteration
+    order) before its first row with ``iteration >= start_iter``; returns the rows removed.
+
+    A run killed after its last checkpoint has logged rows that the resumed run logs again: without
+    this the file would hold two rows for those iterations. Only the tail is cut (a truncate), so
+    the writer's open append handle stays valid and earlier rows are untouched.
+    """
+    if not os.path.isfile(path):
+        return 0
+    offset, cut, removed = 0, None, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if cut is None:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None  # a line cut by the kill: goes with the tail
+                if row is None or (isinstance(row, dict) and row.get("iteration", -1) >= start_iter):
+                    cut = offset
+            if cut is not None and line.strip():
+                removed += 1
+            offset += len(line)
+    if cut is not None:
+        os.truncate(path, cut)
+        logger.info(f"metrics.json: removed {removed} rows from iteration {start_iter} on (logged after the "
+                    "checkpoint that this run resumes from)")
+    return removed

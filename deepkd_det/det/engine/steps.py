@@ -8,26 +8,72 @@ ranks hanging in the next collective.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Dict, Mapping
 
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import HookBase, SimpleTrainer
 
 from deepkd_det.core.step import check_finite_losses as core_check_finite_losses
 
-__all__ = ["DISTILL_KEYS", "CheckedSimpleTrainer", "DecoupledStepTrainer", "check_finite_losses", "split_components"]
+__all__ = [
+    "DISTILL_KEYS",
+    "CheckedSimpleTrainer",
+    "DecoupledStepTrainer",
+    "FiniteWeightsCheck",
+    "check_finite_losses",
+    "last_checkpoint_note",
+    "split_components",
+]
 
 # Loss-dict keys of the two distillation components (DeepKDRCNN's TCG and NCG losses).
 DISTILL_KEYS = {"loss_tckd": "tcg", "loss_nckd": "ncg"}
 
 
-def check_finite_losses(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
+_HINT = ("Checkpoints and metrics written so far are intact. Lower SOLVER.BASE_LR (scale it with "
+         "SOLVER.IMS_PER_BATCH), add warm-up (SOLVER.WARMUP_ITERS, KD.WARMUP_ITERS) or check the data and teacher "
+         "weights.")
+
+
+def check_finite_losses(loss_dict: Mapping[str, torch.Tensor], iteration: int, where: str = "") -> None:
     """FloatingPointError naming every non-finite loss and the iteration (on all ranks at once)."""
-    core_check_finite_losses(
-        loss_dict, f"at iteration {iteration}",
-        hint="Checkpoints and metrics written so far are intact. Lower SOLVER.BASE_LR, add warm-up "
-             "(SOLVER.WARMUP_ITERS, KD.WARMUP_ITERS) or check the data and teacher weights.")
+    core_check_finite_losses(loss_dict, f"at iteration {iteration}{where}", hint=_HINT)
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    """Which file ``--resume`` continues from (the one ``last_checkpoint`` names), or that none exists."""
+    try:
+        with open(os.path.join(output_dir, "last_checkpoint")) as f:
+            name = f.read().strip()
+    except OSError:
+        name = ""
+    if name:
+        return f"The last checkpoint is {os.path.join(output_dir, name)} (finite): --resume continues from it."
+    return "No checkpoint was written yet: start again with a lower SOLVER.BASE_LR."
+
+
+class FiniteWeightsCheck(HookBase):
+    """Before each periodic / final checkpoint: every parameter and buffer must be finite, so
+    that ``last_checkpoint`` never names a diverged model. Register it on every rank, right
+    before ``PeriodicCheckpointer``, with the checkpointer's period."""
+
+    def __init__(self, period: int, output_dir: str):
+        self._period = int(period)
+        self._output_dir = output_dir
+
+    def after_step(self):
+        it = self.trainer.iter
+        if not ((it + 1) % self._period == 0 or it >= self.trainer.max_iter - 1):
+            return
+        model = self.trainer.model
+        bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise FloatingPointError(
+                f"training diverged: after iteration {it} {len(bad)} weights are NaN/inf (e.g. {bad[:3]}); this "
+                f"model was not saved. {_HINT}"
+            )
 
 
 def split_components(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -56,10 +102,23 @@ class CheckedSimpleTrainer(SimpleTrainer):
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        loss_dict = self.model(data)
+        try:
+            loss_dict = self.model(data)
+        except FloatingPointError as exc:
+            # detectron2's own check inside the forward ("Predicted boxes or scores contain
+            # Inf/NaN"): reported as ours, through the same (collective) check with the loss names
+            # of the last iteration, so that every rank stops together.
+            keys = getattr(self, "_loss_keys", None)
+            where = f" (in the forward pass: {exc})"
+            if not keys:
+                raise FloatingPointError(f"non-finite values at iteration {self.iter}{where}. {_HINT}") from None
+            nan = torch.tensor(float("nan"))
+            check_finite_losses(dict.fromkeys(keys, nan), self.iter, where)
+            raise
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
         check_finite_losses(loss_dict, self.iter)
+        self._loss_keys = list(loss_dict)
         return loss_dict, data_time
 
     def run_step(self):

@@ -8,8 +8,11 @@ DefaultTrainer's: param groups (norm / bias weight decay, bias lr factor), Warmu
 periodic checkpoints and evaluation (COCOEvaluator), metrics.json, TensorBoard, console.
 
 Additions: atomic checkpoints that hold the optimizer (all momentum buffers), scheduler, top-k
-schedule, RNG and data-position state, so ``--resume`` continues as an uninterrupted run;
-losses checked and named before any update; DDP on CPU (``device_ids=None``); no DDP wrapper
+schedule, RNG and data-position state, so ``--resume`` continues as an uninterrupted run, but
+not the frozen teacher when it is read from a file at every start; temporary files of an
+interrupted save removed at start-up; ``metrics.json`` rows after the resumed checkpoint
+removed; losses checked and named before any update (detectron2's own non-finite check inside
+the forward reported the same way), and no checkpoint of a model with non-finite weights; DDP on CPU (``device_ids=None``); no DDP wrapper
 for the decoupled step (it all-reduces each component itself).
 """
 
@@ -29,10 +32,17 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
+from deepkd_det.core.io import remove_leftover_temp_files
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
-from deepkd_det.det.data import add_data_config, register_datasets_from_cfg
+from deepkd_det.det.data import (
+    add_data_config,
+    check_num_classes,
+    register_datasets_from_cfg,
+    resolve_num_classes,
+)
 
 from ..checkpoint import DeepKDCheckpointer
+from ..modeling.weights import TEACHER_PREFIX
 from .decoupled import broadcast_initial_parameters, build_deepkd_optimizer
 from .gsnr import GSNRHook
 from .resume import (
@@ -41,11 +51,12 @@ from .resume import (
     isolate_loader_rng,
     preserve_rng_state,
     restore_rng_state,
+    trim_metrics_after,
 )
-from .steps import CheckedSimpleTrainer, DecoupledStepTrainer
+from .steps import CheckedSimpleTrainer, DecoupledStepTrainer, FiniteWeightsCheck, last_checkpoint_note
 from .sync_check import ParameterSyncCheck
 
-__all__ = ["DeepKDTrainer", "deepkd_enabled", "uses_fast_coco_eval", "wrap_ddp"]
+__all__ = ["DeepKDTrainer", "deepkd_enabled", "teacher_read_from_file", "uses_fast_coco_eval", "wrap_ddp"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +110,13 @@ class DeepKDTrainer(DefaultTrainer):
         cfg = cfg.clone()
         cfg.defrost()
         add_data_config(cfg)
-        cfg.freeze()
         register_datasets_from_cfg(cfg)
+        resolve_num_classes(cfg)
+        cfg.freeze()
+        check_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        if comm.is_main_process():
+            for name in remove_leftover_temp_files(cfg.OUTPUT_DIR):
+                logger.info(f"removed {name}, left in {cfg.OUTPUT_DIR} by an interrupted checkpoint save")
         self.deepkd = deepkd_enabled(cfg)
 
         model = self.build_model(cfg)
@@ -130,6 +146,10 @@ class DeepKDTrainer(DefaultTrainer):
         if schedule is not None:
             checkpointables["topk_schedule"] = schedule
         self.checkpointer = DeepKDCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+        if getattr(_unwrap(model), "teacher", None) is not None and teacher_read_from_file(cfg):
+            # The frozen teacher is read from its file at every start: checkpoints hold the student
+            # (with its buffers) and the trainer state only.
+            self.checkpointer.exclude_prefixes = (TEACHER_PREFIX,)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -201,6 +221,8 @@ class DeepKDTrainer(DefaultTrainer):
         # On every rank, right before the checkpointer: gathers all ranks' RNG states into it.
         self.rng_hook = RNGStateHook(cfg.SOLVER.CHECKPOINT_PERIOD, self.train_sampler)
         ret.append(self.rng_hook)
+        # Every rank (the weights are equal): a diverged model is never saved as a checkpoint.
+        ret.append(FiniteWeightsCheck(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.OUTPUT_DIR))
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
@@ -215,6 +237,12 @@ class DeepKDTrainer(DefaultTrainer):
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
         return ret
+
+    def train(self):
+        try:
+            return super().train()
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} {last_checkpoint_note(self.cfg.OUTPUT_DIR)}") from None
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -246,6 +274,9 @@ class DeepKDTrainer(DefaultTrainer):
         pending = self.rng_hook.take_pending()
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1
+            if comm.is_main_process():
+                # Rows a killed run wrote after its last checkpoint are written again from here.
+                trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
             self._resume_data_position(pending)
             if pending is not None:
                 self._restore_rank_rng(pending)
@@ -275,6 +306,13 @@ class DeepKDTrainer(DefaultTrainer):
                 f"checkpoint holds RNG states of {len(states)} processes, this run has "
                 f"{comm.get_world_size()}: random streams are not restored"
             )
+
+
+def teacher_read_from_file(cfg) -> bool:
+    """Whether the teacher is loaded from a file at build time (TEACHER.MODEL.WEIGHTS, or the
+    teacher keys of MODEL.WEIGHTS, which the build requires unless TEACHER.ALLOW_RANDOM_INIT).
+    A randomly initialised test teacher cannot be rebuilt: it stays in the checkpoints."""
+    return bool(cfg.TEACHER.MODEL.WEIGHTS) or not cfg.TEACHER.ALLOW_RANDOM_INIT
 
 
 def _unwrap(model):
