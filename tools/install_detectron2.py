@@ -4,17 +4,26 @@
 Detectron2 publishes no wheels, so ``make setup`` runs this tool with the project's venv
 Python. Routes, tried in order (``--route`` forces one):
 
-1. ``existing``: detectron2 already imports; nothing is changed.
-2. ``git``: the official repository at a pinned commit, built with its C++ ops
-   (``pip install --no-build-isolation git+...``). Where the network is closed it gives up
-   within seconds (a TCP probe with a short timeout comes first).
+1. ``existing``: a detectron2 that is already installed (for example one you built from
+   source) is kept as it is. ``--fix-source`` applies the source fixes below to it in place.
+2. ``git``: the official repository at a pinned commit (``GIT_COMMIT``, after detectron2's
+   Pillow-10 fix), fetched with git, given the source fixes, and built with its C++ ops
+   (``pip install --no-build-isolation``). Where the network is closed it gives up within
+   seconds (a TCP probe with a short timeout comes first).
 3. ``pypi-fallback``: the verified pure-Python v0.6 from PyPI (``pb1-detectron2==0.6``, whose
    Python files are identical to the official v0.6 release). The archive is refused unless its
    sha256 matches; the C++ build is skipped; ``detectron2._C`` becomes a shim module whose ops
-   raise a clear error; and v0.6's one use of ``PIL.Image.LINEAR`` (removed in Pillow 10; it
-   was an alias of ``BILINEAR``) is rewritten to ``BILINEAR`` so that a current Pillow works.
+   raise a clear error.
 
-The route taken is printed and recorded in ``<site-packages>/deepkd_det_detectron2_route.json``
+Source fixes for a current stack (``SOURCE_FIXES``), applied where the source still has them:
+``PIL.Image.LINEAR`` (removed in Pillow 10; an alias of ``BILINEAR``) becomes ``BILINEAR``,
+and the model zoo's ``pkg_resources`` lookup (setuptools >= 81 no longer ships
+``pkg_resources``; detectron2's current main still imports it) becomes the same path next to
+``model_zoo.py``.
+
+No route is recorded before an import check in a fresh interpreter (``IMPORT_CHECK_MODULES``);
+a route that fails it falls through to the next, with one line saying why. The route taken is
+printed and recorded in ``<site-packages>/deepkd_det_detectron2_route.json``
 (``python -m deepkd_det.env`` reports it).
 """
 
@@ -24,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,11 +42,28 @@ import sysconfig
 import tarfile
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
+from typing import List, NamedTuple, Optional, Tuple
 
 GIT_URL = "https://github.com/facebookresearch/detectron2.git"
-GIT_COMMIT = "2dde706855d87baa9760fbcd0bdb6004a3937204"
+# detectron2 main of 2026-06-06. Needs to be at or after ff53992b (2023-07, "fix PIL.LINEAR
+# warning"): the 2022 pin 2dde7068 fails `import detectron2.data` on Pillow >= 10.
+GIT_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 GIT_HOST = ("github.com", 443)
+
+# What the project imports from detectron2; a route is recorded only once all of these import
+# in a fresh interpreter.
+IMPORT_CHECK_MODULES = (
+    "detectron2",
+    "detectron2.config",
+    "detectron2.data",
+    "detectron2.modeling",
+    "detectron2.model_zoo",
+    "detectron2.checkpoint",
+    "detectron2.engine",
+    "detectron2.evaluation",
+)
 
 FALLBACK_REQUIREMENT = "pb1-detectron2==0.6"
 FALLBACK_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -63,28 +90,36 @@ FALLBACK_DEPENDENCIES = [
     "scipy>1.5.1",
 ]
 
-# Source fixes for a current Python stack: (file, exact old text, new text, why). Each old
-# text must occur exactly once, so a different source is refused rather than half-patched.
-SOURCE_PATCHES = [
-    (
+
+
+class SourceFix(NamedTuple):
+    """Exact replacements in one detectron2 source file, applied all together or not at all."""
+
+    path: str
+    replacements: Tuple[Tuple[str, str], ...]
+    why: str
+
+
+# Source fixes for a current Python stack. Each old text must occur exactly once; a file that
+# holds some but not all of a fix's old texts is refused rather than half-patched.
+SOURCE_FIXES = (
+    SourceFix(
         "detectron2/data/transforms/transform.py",
-        "interp=Image.LINEAR,",
-        "interp=Image.BILINEAR,",
+        (("interp=Image.LINEAR,", "interp=Image.BILINEAR,"),),
         "Image.LINEAR -> Image.BILINEAR (LINEAR was removed in Pillow 10; it was an alias of BILINEAR)",
     ),
-    (
+    SourceFix(
         "detectron2/model_zoo/model_zoo.py",
-        "import pkg_resources\n",
-        "",
-        "drop pkg_resources (gone from setuptools >= 81)",
+        (
+            ("import pkg_resources\n", ""),
+            (
+                'pkg_resources.resource_filename(\n        "detectron2.model_zoo", os.path.join("configs", config_path)\n    )',
+                'os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)',
+            ),
+        ),
+        "model zoo: pkg_resources (gone from setuptools >= 81) -> the config path next to model_zoo.py",
     ),
-    (
-        "detectron2/model_zoo/model_zoo.py",
-        'pkg_resources.resource_filename(\n        "detectron2.model_zoo", os.path.join("configs", config_path)\n    )',
-        'os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", config_path)',
-        "model-zoo config files found next to model_zoo.py (what pkg_resources returned)",
-    ),
-]
+)
 
 ROUTE_FILE_NAME = "deepkd_det_detectron2_route.json"
 
@@ -179,8 +214,9 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_archive(path: Path, expected: str = FALLBACK_SHA256) -> None:
+def verify_archive(path: Path, expected: Optional[str] = None) -> None:
     """Refuse an archive whose sha256 is not the verified one."""
+    expected = expected or FALLBACK_SHA256
     actual = sha256_of(path)
     if actual != expected:
         raise InstallError(
@@ -195,22 +231,165 @@ def pip(*args: str, timeout: float | None = None) -> subprocess.CompletedProcess
     return subprocess.run(cmd, timeout=timeout, check=False)
 
 
-def detectron2_importable() -> bool:
-    probe = "import detectron2, detectron2.modeling; print(detectron2.__version__)"
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
-    return res.returncode == 0
+# --------------------------------------------------------------------------------------------
+# every route: source fixes, then an import check in a fresh interpreter
+# --------------------------------------------------------------------------------------------
+def _fix_state(text: str, fix: SourceFix) -> str:
+    """'applicable' (each old text once), 'absent' (none of them) or 'partial' (anything else)."""
+    counts = [text.count(old) for old, _ in fix.replacements]
+    if all(c == 1 for c in counts):
+        return "applicable"
+    return "absent" if not any(counts) else "partial"
 
 
-def describe_existing() -> str:
-    probe = (
-        "import detectron2._C as C, json; print(json.dumps({'shim': bool(getattr(C, '__deepkd_shim__', False)),"
-        " 'file': getattr(C, '__file__', '')}))"
+def apply_source_fixes(root: Path, strict: bool = False) -> List[str]:
+    """Apply ``SOURCE_FIXES`` to the detectron2 source under ``root`` (the folder holding ``detectron2/``).
+
+    Returns the ``why`` of each fix applied. ``strict`` (the verified v0.6 archive): every fix
+    must apply. Otherwise a fix none of whose old texts occur is taken as done (later detectron2
+    fixed LINEAR itself); a file that matches a fix only in part is refused either way.
+    """
+    applied = []
+    for fix in SOURCE_FIXES:
+        target = root / fix.path
+        text = target.read_text() if target.exists() else ""
+        state = _fix_state(text, fix)
+        if state == "applicable":
+            for old, new in fix.replacements:
+                text = text.replace(old, new)
+            target.write_text(text)
+            applied.append(fix.why)
+            log(f"patched {fix.path}: {fix.why}")
+        elif strict:
+            raise InstallError(f"{fix.path} does not hold the text to fix ({fix.why}); this is not the verified v0.6 source")
+        elif state == "partial":
+            raise InstallError(f"{target} matches the fix '{fix.why}' only in part; refusing to half-patch it")
+    return applied
+
+
+def pending_source_fixes(root: Path) -> List[str]:
+    """The fixes that would still apply to the detectron2 source under ``root``."""
+    return [
+        fix.why
+        for fix in SOURCE_FIXES
+        if (root / fix.path).exists() and _fix_state((root / fix.path).read_text(), fix) == "applicable"
+    ]
+
+
+_PROBE_MARK = "DEEPKD-IMPORT-CHECK "
+_IMPORT_PROBE = r"""
+import importlib, json, sys
+report = {"failed": None, "error": ""}
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except BaseException as e:
+        report["failed"], report["error"] = name, " ".join(f"{type(e).__name__}: {e}".split())
+        break
+d2 = sys.modules.get("detectron2")
+if d2 is not None:
+    report["file"] = getattr(d2, "__file__", None) or ""
+    report["version"] = str(getattr(d2, "__version__", "unknown"))
+    try:
+        import detectron2._C as C
+        report["compiled_ops"] = "shim" if getattr(C, "__deepkd_shim__", False) else "built (%s)" % C.__file__
+    except BaseException as e:
+        report["compiled_ops"] = "missing (%s: %s)" % (type(e).__name__, e)
+print(MARK + json.dumps(report))
+""".replace("MARK", repr(_PROBE_MARK))
+
+
+def import_check(modules=IMPORT_CHECK_MODULES, timeout: float = 900.0) -> dict:
+    """Import ``modules`` in a fresh interpreter with this Python and environment.
+
+    Returns the probe's report: ``failed`` (the first module that did not import, or None),
+    ``error`` (one line), and where detectron2 came from (``file``, ``version``,
+    ``compiled_ops``). A fresh process, because an install changes what imports and a failed
+    import leaves half-initialised modules behind; a neutral working directory, so that a
+    ``./detectron2`` source folder cannot stand in for the installed package.
+    """
+    with tempfile.TemporaryDirectory(prefix="deepkd-d2-check-") as cwd:
+        try:
+            res = subprocess.run(
+                [sys.executable, "-c", _IMPORT_PROBE, *modules], capture_output=True, text=True, cwd=cwd, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return {"failed": modules[0], "error": f"the import check took more than {timeout:.0f} s"}
+    for line in reversed(res.stdout.splitlines()):
+        if line.startswith(_PROBE_MARK):
+            return json.loads(line[len(_PROBE_MARK) :])
+    tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"failed": modules[0], "error": f"the checking interpreter exited with code {res.returncode} ({tail})"}
+
+
+def _location(report: dict) -> str:
+    """The folder holding the ``detectron2/`` package the check imported."""
+    return str(Path(report["file"]).parent.parent) if report.get("file") else "?"
+
+
+def describe(report: dict) -> str:
+    return (
+        f"detectron2 {report.get('version', '?')} from {Path(report.get('file') or '?').parent}, "
+        f"compiled ops: {report.get('compiled_ops', '?')}"
     )
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        return "detectron2 without a detectron2._C module"
-    info = json.loads(res.stdout.strip().splitlines()[-1])
-    return "pure Python with the _C shim" if info["shim"] else f"compiled ops ({info['file']})"
+
+
+def checked_or_uninstalled() -> dict:
+    """The import check after a route installed detectron2; on failure the install is removed."""
+    report = import_check()
+    if report["failed"]:
+        pip("uninstall", "-y", "detectron2")
+        raise InstallError(
+            f"installed, but import {report['failed']} failed: {report['error']} (uninstalled again)"
+        )
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# route 1: an existing detectron2
+# --------------------------------------------------------------------------------------------
+def find_detectron2_root() -> Optional[Path]:
+    """The folder holding the installed ``detectron2/`` package, found without importing it."""
+    probe = "import importlib.util as u; s = u.find_spec('detectron2'); print((s and s.origin) or '')"
+    with tempfile.TemporaryDirectory(prefix="deepkd-d2-check-") as cwd:
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=cwd, check=False)
+    origin = res.stdout.strip().splitlines()[-1] if res.returncode == 0 and res.stdout.strip() else ""
+    return Path(origin).parent.parent if origin else None
+
+
+def _fix_command() -> str:
+    return f"{sys.executable} tools/install_detectron2.py --route existing --fix-source"
+
+
+def use_existing(fix_source: bool = False, keep_record: bool = False) -> None:
+    """Record the detectron2 already installed, once it passes the import check."""
+    root = find_detectron2_root()
+    if root is None:
+        raise InstallError("no detectron2 is installed in this environment")
+    applied = apply_source_fixes(root) if fix_source else []
+    report = import_check()
+    pending = pending_source_fixes(root)
+    if report["failed"]:
+        hint = (
+            f"; its source under {root} still needs: {'; '.join(pending)}. '{_fix_command()}' applies that in place"
+            if pending
+            else ""
+        )
+        raise InstallError(f"import {report['failed']} failed: {report['error']}{hint}")
+    for why in pending:  # imports today (e.g. an old setuptools still has pkg_resources) but is fragile
+        log(f"note: detectron2 under {root} imports, but still needs: {why}. '{_fix_command()}' applies it")
+    if keep_record and route_file().exists():
+        try:
+            record = json.loads(route_file().read_text())
+        except (OSError, ValueError):
+            record = {}
+        recorded = record.get("route")
+        # Still the install that was recorded: same place, same kind of compiled ops.
+        same_kind = (recorded == "pypi-fallback") == (report.get("compiled_ops") == "shim")
+        if recorded and same_kind and record.get("location", _location(report)) == _location(report):
+            log(f"keeping the recorded route '{recorded}' ({describe(report)})")
+            return
+    record_route("existing", detail=describe(report), location=_location(report), patches=applied)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,18 +403,47 @@ def network_reachable(host=GIT_HOST, timeout: float = 3.0) -> bool:
         return False
 
 
-def install_from_git(timeout: float = 3600.0) -> None:
-    if not network_reachable():
-        raise InstallError(f"{GIT_HOST[0]} is not reachable from this machine (3 s TCP probe)")
-    res = pip(
-        "install",
-        "--no-build-isolation",  # the C++ ops build against the torch already installed
-        f"git+{GIT_URL}@{GIT_COMMIT}",
-        timeout=timeout,
-    )
-    if res.returncode != 0:
-        raise InstallError(f"pip could not build detectron2 from git (exit code {res.returncode})")
-    record_route("git", commit=GIT_COMMIT, url=GIT_URL)
+def _remote_host(url: str) -> Optional[Tuple[str, int]]:
+    """(host, port) to probe for a network URL; None for a local repository (path or file://)."""
+    parts = urllib.parse.urlsplit(url)
+    default_ports = {"https": 443, "http": 80, "ssh": 22, "git": 9418}
+    if parts.scheme in default_ports and parts.hostname:
+        return parts.hostname, parts.port or default_ports[parts.scheme]
+    return None
+
+
+def fetch_git_source(url: str, commit: str, dest: Path, timeout: float = 900.0) -> Path:
+    """A shallow checkout of exactly ``commit`` from ``url`` into ``dest`` (git checks the hash)."""
+    git = shutil.which("git")
+    if git is None:
+        raise InstallError("git is not installed (the git route fetches detectron2 with git)")
+    dest.mkdir(parents=True, exist_ok=True)
+    steps = (["init", "-q"], ["fetch", "-q", "--depth", "1", url, commit], ["checkout", "-q", "FETCH_HEAD"])
+    for step in steps:
+        cmd = [git, "-C", str(dest), "-c", "advice.detachedHead=false", *step]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        if res.returncode != 0:
+            tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InstallError(f"git {step[0]} {url} {commit[:12]} failed: {tail}")
+    head = subprocess.run([git, "-C", str(dest), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if head != commit:
+        raise InstallError(f"git checked out {head or 'nothing'}, expected {commit}")
+    return dest
+
+
+def install_from_git(url: str = GIT_URL, commit: str = GIT_COMMIT, timeout: float = 3600.0) -> None:
+    host = _remote_host(url)
+    if host is not None and not network_reachable(host):
+        raise InstallError(f"{host[0]} is not reachable from this machine (3 s TCP probe)")
+    with tempfile.TemporaryDirectory(prefix="deepkd-d2-git-") as tmp:
+        src = fetch_git_source(url, commit, Path(tmp) / "detectron2")
+        applied = apply_source_fixes(src)
+        # --no-build-isolation: the C++ ops build against the torch already installed.
+        res = pip("install", "--no-build-isolation", str(src), timeout=timeout)
+        if res.returncode != 0:
+            raise InstallError(f"pip could not build detectron2 from git (exit code {res.returncode})")
+    report = checked_or_uninstalled()
+    record_route("git", commit=commit, url=url, detail=describe(report), location=_location(report), patches=applied)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +467,6 @@ def _fetch_from_index(dest: Path) -> Path:
     direct-URL dependency (``panopticapi @ https://...``), which pip >= 25 rejects for files
     from PyPI. The file is sha256-checked afterwards either way.
     """
-    import re
-    import urllib.parse
     import urllib.request
 
     page_url = f"{_index_url()}/pb1-detectron2/"
@@ -318,14 +524,7 @@ def stage_fallback(archive: Path, workdir: Path) -> Path:
         if (src / name).exists():
             shutil.copy(src / name, stage / name)
 
-    for rel, old, new, why in SOURCE_PATCHES:
-        target = stage / rel
-        text = target.read_text()
-        if text.count(old) != 1:
-            raise InstallError(f"expected exactly one {old!r} in {rel}; this is not the verified v0.6 source")
-        target.write_text(text.replace(old, new))
-        log(f"patched {rel}: {why}")
-
+    apply_source_fixes(stage, strict=True)
     (stage / "detectron2" / "_C.py").write_text(SHIM_SOURCE)
     (stage / "pyproject.toml").write_text(STAGED_PYPROJECT)
     return stage
@@ -348,11 +547,14 @@ def install_fallback(archive: Path | None = None, with_deps: bool = True) -> Non
         res = pip("install", "--no-deps", "--no-build-isolation", str(stage))
         if res.returncode != 0:
             raise InstallError(f"pip could not install the staged detectron2 (exit code {res.returncode})")
+    report = checked_or_uninstalled()
     record_route(
         "pypi-fallback",
         requirement=FALLBACK_REQUIREMENT,
         sha256=FALLBACK_SHA256,
-        patches=["_C shim (compiled ops raise MissingCompiledOp)"] + [why for *_, why in SOURCE_PATCHES],
+        detail=describe(report),
+        location=_location(report),
+        patches=["_C shim (compiled ops raise MissingCompiledOp)"] + [fix.why for fix in SOURCE_FIXES],
     )
 
 
@@ -360,42 +562,42 @@ def install_fallback(archive: Path | None = None, with_deps: bool = True) -> Non
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--route", choices=["auto", "existing", "git", "pypi-fallback"], default="auto")
-    parser.add_argument("--force", action="store_true", help="install even if detectron2 already imports")
+    parser.add_argument("--force", action="store_true", help="auto: install even if an existing detectron2 passes the check")
+    parser.add_argument(
+        "--fix-source", action="store_true", help="existing route: apply the source fixes to the installed detectron2 in place"
+    )
+    parser.add_argument("--git-url", default=GIT_URL, help="git route: repository (a local path or file:// URL works)")
+    parser.add_argument("--git-commit", default=GIT_COMMIT, help="git route: full 40-hex commit hash")
     parser.add_argument("--archive", type=Path, help="use this local pb1-detectron2-0.6.tar.gz (sha256-checked)")
     parser.add_argument("--no-deps", action="store_true", help="fallback route: do not install v0.6's dependencies")
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"[0-9a-f]{40}", args.git_commit):
+        parser.error(f"--git-commit {args.git_commit!r} is not a full 40-hex commit hash")
 
-    if args.route in ("auto", "existing") and not args.force and detectron2_importable():
-        desc = describe_existing()
-        log(f"route: existing (detectron2 already importable: {desc})")
-        if not route_file().exists():
-            record_route("existing", detail=desc)
-        return 0
-    if args.route == "existing":
-        log("route 'existing' requested but detectron2 does not import")
-        return 1
-
-    errors = []
-    if args.route in ("auto", "git") and args.archive is None:
+    if args.route == "auto":
+        routes = ([] if args.force else ["existing"]) + ([] if args.archive else ["git"]) + ["pypi-fallback"]
+    else:
+        routes = [args.route]
+    attempts = {
+        "existing": ("the detectron2 already installed", lambda: use_existing(args.fix_source, args.route == "auto")),
+        "git": (f"{args.git_url} @ {args.git_commit[:12]}, compiled ops", lambda: install_from_git(args.git_url, args.git_commit)),
+        "pypi-fallback": (
+            f"{FALLBACK_REQUIREMENT}, sha256 {FALLBACK_SHA256[:12]}..., pure Python with the _C shim",
+            lambda: install_fallback(args.archive, with_deps=not args.no_deps),
+        ),
+    }
+    for route in routes:
+        what, attempt = attempts[route]
+        log(f"trying route '{route}' ({what})")
         try:
-            log(f"trying route 'git' ({GIT_URL} @ {GIT_COMMIT[:12]})")
-            install_from_git()
-            log("route: git (official repository, compiled ops)")
-            return 0
-        except (InstallError, subprocess.TimeoutExpired) as e:
-            errors.append(f"git: {e}")
-            log(f"route 'git' failed: {e}")
-            if args.route == "git":
-                return 1
-    try:
-        log(f"trying route 'pypi-fallback' ({FALLBACK_REQUIREMENT}, sha256 {FALLBACK_SHA256[:12]}...)")
-        install_fallback(args.archive, with_deps=not args.no_deps)
-    except InstallError as e:
-        errors.append(f"pypi-fallback: {e}")
-        log("FAILED: " + " | ".join(errors))
-        return 1
-    log("route: pypi-fallback (pure-Python detectron2 v0.6, _C shim, source fixes)")
-    return 0
+            attempt()
+        except (InstallError, subprocess.TimeoutExpired, OSError) as e:
+            log(f"route '{route}' not taken: {e}")
+            continue
+        log(f"route: {route} ({what}); import check passed")
+        return 0
+    log(f"FAILED: no route worked ({', '.join(routes)}; why is said above)")
+    return 1
 
 
 if __name__ == "__main__":
