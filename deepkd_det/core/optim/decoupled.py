@@ -1,31 +1,8 @@
-"""Decoupled-momentum SGD: one momentum buffer per gradient component (DeepKD, DOT).
+"""Decoupled-momentum SGD: the optimizers that gather param groups and keep one buffer per component.
 
-DeepKD (docs/maths.md) splits the student's gradient into TOG (task), TCG (target-class KD)
-and NCG (non-target-class KD); each component has its own momentum ``mu + delta_c``:
-
-    g_tog = grad(L_task) + weight_decay * w        # weight decay rides with the task gradient
-    m_c   = g_c                                    on the first fold of each buffer
-    m_c   = mu_c * m_c + (1 - dampening) * g_c     afterwards
-    w    -= lr * (m_tog + m_tcg + m_ncg)           # only buffers folded this step contribute
-
-Gradients are handed over one component at a time (``fold``), so at most one gradient set has
-to exist at once; ``step`` applies the update. A parameter that gets no gradient from a
-component leaves that buffer untouched (as torch SGD skips parameters whose grad is None).
-
-Speed: every update is a ``torch._foreach_*`` call over lists bucketed by hyper-parameters.
-In paper mode a buffer is stored pre-scaled, ``v_c = m_c * (1 - mu_c) / (1 - dampening)``, so
-that the momentum update is a single ``lerp`` pass, ``v_c <- lerp(v_c, g_c, 1 - mu_c)``,
-instead of a multiply pass plus an add pass; ``step`` divides the scale back out in the
-``alpha`` of its add. ``momentum_buffer(p, c)`` and the tests see the true ``m_c``; the scale a
-buffer was stored with is kept next to it (``<c>_scale``), so checkpoints round-trip and a
-changed momentum or a checkpoint from the other mode is rescaled on the next fold. On CPU the
-multi-pass updates (TOG's lerp + weight decay, the three adds of ``step``) run in cache-sized
-blocks of tensors (``cpu_block_bytes``), so that the later passes read from cache.
-
-``compat="official"`` reproduces the update of the released reference optimizer
-(docs/maths.md, "The released reference code"): the decay factor of
-a buffer depends on which *other* components reached the parameter this step, so that mode
-keeps the folded gradients until ``step`` (as the reference does) and stores unscaled buffers.
+``DeepKDOptimizer`` (TOG / TCG / NCG, docs/maths.md) and ``DOTOptimizer`` (task / distillation)
+are thin subclasses of ``DecoupledMomentumSGD``, whose docstring writes the algorithm out. The
+update maths lives in ``functional.py`` (paper mode) and ``official.py`` (the released code).
 """
 
 from __future__ import annotations
@@ -35,63 +12,59 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["DeepKDOptimizer", "DOTOptimizer", "DecoupledMomentumSGD", "DEEPKD_COMPONENTS", "DOT_COMPONENTS"]
+from .blocking import CPU_BLOCK_BYTES, block_bytes_for
+from .functional import (
+    apply_update_,
+    buffer_scale,
+    check_momentum,
+    first_fold,
+    fold_paper_,
+    fold_tensor_,
+    scale_key,
+    scaled_buffer_key,
+)
+from .official import official_deepkd_step_
+
+__all__ = ["COMPAT_MODES", "DEEPKD_COMPONENTS", "DOT_COMPONENTS", "DOTOptimizer", "DecoupledMomentumSGD",
+           "DeepKDOptimizer"]
 
 DEEPKD_COMPONENTS = ("tog", "tcg", "ncg")
 DOT_COMPONENTS = ("task", "kd")
 COMPAT_MODES = ("paper", "official")
 
 
-def _check_momentum(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"momentum of component {name!r} is {value:g}; each momentum (mu + delta) must lie in [0, 1)")
-
-
-def _cache_blocks(rows: Sequence[Tuple[tuple, Any]], block_bytes: int) -> List[List[Tuple[tuple, Any]]]:
-    """Groups rows ``(tensors, meta)`` (same-shaped tensors) into blocks of ~``block_bytes`` of the first.
-
-    A row larger than a block is cut into flat views when all its tensors are contiguous, so
-    big tensors are blocked too. ``block_bytes == 0`` keeps everything in one block.
-    """
-    if not block_bytes:
-        return [list(rows)]
-    blocks: List[List[Tuple[tuple, Any]]] = []
-    current: List[Tuple[tuple, Any]] = []
-    size = 0
-    for tensors, meta in rows:
-        first = tensors[0]
-        nbytes = first.numel() * first.element_size()
-        if nbytes > block_bytes and all(t.is_contiguous() for t in tensors):
-            if current:
-                blocks.append(current)
-                current, size = [], 0
-            pieces = [t.view(-1).split(max(1, block_bytes // first.element_size())) for t in tensors]
-            blocks.extend([(parts, meta)] for parts in zip(*pieces))
-            continue
-        if current and size + nbytes > block_bytes:
-            blocks.append(current)
-            current, size = [], 0
-        current.append((tensors, meta))
-        size += nbytes
-    if current:
-        blocks.append(current)
-    return blocks
-
-
 class DecoupledMomentumSGD(Optimizer):
     """SGD with one momentum buffer per gradient component; subclasses name the components.
 
+    The algorithm (paper mode; docs/maths.md, "The decoupled update"), per parameter ``w`` of a
+    group with ``lr``, ``weight_decay`` and ``dampening``, and per component ``c`` with momentum
+    ``mu_c`` (``_momenta``)::
+
+        g_c  = gradient of component c (+ weight_decay * w for ``decay_component``)
+        m_c  = g_c                                  on the first fold of the buffer
+        m_c  = mu_c * m_c + (1 - dampening) * g_c   afterwards
+        w   -= lr * sum_c m_c                       over the buffers folded since the last step
+
+    A component that does not reach ``w`` in a step leaves its buffer untouched (as torch SGD
+    skips a parameter whose grad is None). Gradients arrive one component at a time (``fold``
+    with a whole list, or ``fold_param`` per tensor while streaming), so at most one gradient
+    set has to exist at once; ``step`` applies the update.
+
+    State per parameter: ``scaled_buffer_<c>`` holds ``s_c * m_c`` with
+    ``s_c = (1 - mu_c) / (1 - dampening)`` and ``<c>_scale`` holds the ``s_c`` it was stored
+    with (``functional.py`` says why; ``momentum_buffer`` returns the true ``m_c``). A changed
+    momentum, or a buffer from the other mode, is rescaled on its next fold.
+
     Subclasses set ``components`` (the names ``fold`` accepts), ``decay_component`` (the one
-    that carries weight decay) and implement ``_momenta(group) -> {component: mu}``.
+    that carries weight decay) and implement ``_momenta(group) -> {component: mu}``; a
+    ``compat="official"`` mode implements ``_step_official`` (see ``official.py``).
     """
 
     components: Tuple[str, ...] = ()
     decay_component: str = ""
     compat: str = "paper"
-    # Several passes over the same tensors (lerp + weight decay; the three buffer adds of step)
-    # run block by block on CPU, so that the second pass finds the block in cache: ~2 MiB of
-    # parameters per block (the working set is a few of those, well inside a 32 MiB L3).
-    cpu_block_bytes: int = 2 * 2**20
+    # CPU cache blocking of the multi-pass updates (blocking.py); 0 turns it off.
+    cpu_block_bytes: int = CPU_BLOCK_BYTES
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._pending: Dict[str, List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], float]]] = {}
@@ -113,7 +86,7 @@ class DecoupledMomentumSGD(Optimizer):
         if not 0.0 <= float(group["dampening"]) < 1.0:
             raise ValueError(f"dampening must lie in [0, 1), got {group['dampening']}")
         for name, mu in self._momenta(group).items():
-            _check_momentum(name, mu)
+            check_momentum(name, mu)
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate on a merged view first, so that a bad group is refused before it is added.
@@ -149,10 +122,10 @@ class DecoupledMomentumSGD(Optimizer):
         if component not in self.components:
             raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
         state = self.state.get(param, {})
-        buf = state.get(f"{component}_buffer")
+        buf = state.get(scaled_buffer_key(component))
         if buf is None:
             return None
-        return buf / state[f"{component}_scale"]
+        return buf / state[scale_key(component)]
 
     # ------------------------------------------------------------------------------- fold
     def _gradients(self, grads: Optional[Sequence[Optional[torch.Tensor]]], clear_grad: bool):
@@ -245,27 +218,17 @@ class DecoupledMomentumSGD(Optimizer):
             self._stash.setdefault(component, []).append((param, grad))
             return
         mu = self._momenta(group)[component]
-        _check_momentum(component, mu)
-        scale = (1.0 - mu) / (1.0 - float(group["dampening"]))
+        check_momentum(component, mu)
+        scale = buffer_scale(mu, float(group["dampening"]))
         wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
-        buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+        buf_key, s_key = scaled_buffer_key(component), scale_key(component)
         state = self.state[param]
-        buf = state.get(buf_key)
-        if buf is None:
-            buf = state[buf_key] = grad.mul(scale)
-            if wd:
-                buf.add_(param, alpha=scale * wd)
-        else:
-            if state[scale_key] != scale:
-                buf.mul_(scale / state[scale_key])
-            buf.lerp_(grad, 1.0 - mu)
-            if wd:
-                buf.add_(param, alpha=(1.0 - mu) * wd)
-        state[scale_key] = scale
+        buf = state[buf_key] = fold_tensor_(state.get(buf_key), state.get(s_key, scale), grad, param, mu, scale, wd)
+        state[s_key] = scale
         self._pending.setdefault(component, []).append((group, [param], [buf], scale))
 
     def _fold_paper(self, component: str, per_group) -> None:
-        buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+        buf_key, s_key = scaled_buffer_key(component), scale_key(component)
         # Buckets of groups that share hyper-parameters, so each foreach call spans them all.
         first: Dict[Tuple[float, float], Tuple[list, list]] = {}
         later: Dict[Tuple[float, float], Tuple[list, list, list]] = {}
@@ -276,9 +239,8 @@ class DecoupledMomentumSGD(Optimizer):
             if not pairs:
                 continue
             mu = self._momenta(group)[component]
-            _check_momentum(component, mu)
-            damp = float(group["dampening"])
-            scale = (1.0 - mu) / (1.0 - damp)
+            check_momentum(component, mu)
+            scale = buffer_scale(mu, float(group["dampening"]))
             wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
             f_params, f_grads = first.setdefault((scale, wd), ([], []))
             l_params, l_bufs, l_grads = later.setdefault((1.0 - mu, wd), ([], [], []))
@@ -289,11 +251,11 @@ class DecoupledMomentumSGD(Optimizer):
                     f_params.append(p)
                     f_grads.append(g)
                     continue
-                old_scale = state[scale_key]
+                old_scale = state[s_key]
                 if old_scale != scale:  # momentum/dampening changed or checkpoint from the other mode
                     rescale_bufs.append(buf)
                     rescale_factors.append(scale / old_scale)
-                    state[scale_key] = scale
+                    state[s_key] = scale
                 l_params.append(p)
                 l_bufs.append(buf)
                 l_grads.append(g)
@@ -304,24 +266,11 @@ class DecoupledMomentumSGD(Optimizer):
         for (scale, wd), (params, grads) in first.items():
             if not params:
                 continue
-            bufs = torch._foreach_mul(grads, scale)  # m = g_c (no dampening on the first fold)
-            if wd:
-                torch._foreach_add_(bufs, params, alpha=scale * wd)
-            for p, b in zip(params, bufs):
+            for p, b in zip(params, first_fold(grads, params, scale, wd)):
                 self.state[p][buf_key] = b
-                self.state[p][scale_key] = scale
+                self.state[p][s_key] = scale
         for (weight, wd), (params, bufs, grads) in later.items():
-            if not params:
-                continue
-            # v = mu v + (1 - mu) g  ==  scale * (mu m + (1 - dampening) g)
-            if not wd:
-                torch._foreach_lerp_(bufs, grads, weight)
-                continue
-            rows = [((b, g, p), None) for b, g, p in zip(bufs, grads, params)]
-            for block in _cache_blocks(rows, self._block_bytes(params)):
-                b_block, g_block, p_block = (list(col) for col in zip(*(tensors for tensors, _ in block)))
-                torch._foreach_lerp_(b_block, g_block, weight)
-                torch._foreach_add_(b_block, p_block, alpha=weight * wd)
+            fold_paper_(bufs, grads, params, weight, wd, self._block_bytes(params))
         self._pending[component] = [
             (group, params, [self.state[p][buf_key] for p in params], scale) for group, params, scale in pending
         ]
@@ -339,33 +288,20 @@ class DecoupledMomentumSGD(Optimizer):
             self._step_official()
             self._stash = {}
             return loss
-        # One row per parameter: (param, its folded buffers) and each buffer's alpha = -lr / scale.
-        rows: Dict[int, Tuple[list, list]] = {}
+        # One row per parameter: (param, [(component, buffer, -lr / scale), ...]).
+        rows: Dict[int, Tuple[torch.Tensor, list]] = {}
         for component, entries in self._pending.items():
             for group, params, bufs, scale in entries:
-                key = (component, -float(group["lr"]) / scale)
+                alpha = -float(group["lr"]) / scale
                 for p, b in zip(params, bufs):
-                    tensors, keys = rows.setdefault(id(p), ([p], []))
-                    tensors.append(b)
-                    keys.append(key)
-        ordered = [(tuple(tensors), keys) for tensors, keys in rows.values()]
-        for block in _cache_blocks(ordered, self._block_bytes([t[0] for t, _ in ordered[:1]])):
-            ops: Dict[Tuple[str, float], Tuple[list, list]] = {}
-            for tensors, keys in block:
-                for b, key in zip(tensors[1:], keys):
-                    ps, bs = ops.setdefault(key, ([], []))
-                    ps.append(tensors[0])
-                    bs.append(b)
-            for (_, alpha), (ps, bs) in ops.items():
-                torch._foreach_add_(ps, bs, alpha=alpha)
+                    rows.setdefault(id(p), (p, []))[1].append((component, b, alpha))
+        ordered = list(rows.values())
+        apply_update_(ordered, self._block_bytes([w for w, _ in ordered[:1]]))
         self._pending = {}
         return loss
 
     def _block_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
-        """Cache blocking only pays on CPU; on accelerators one foreach call per list is best."""
-        if not tensors or tensors[0].device.type != "cpu":
-            return 0
-        return self.cpu_block_bytes
+        return block_bytes_for(tensors, self.cpu_block_bytes)
 
     def _step_official(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no compat='official' mode")
@@ -379,7 +315,7 @@ class DecoupledMomentumSGD(Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        super().load_state_dict(_renamed_buffer_keys(state_dict, self.components))
         self._pending = {}
         self._stash = {}
         self._streamed = {}
@@ -401,7 +337,7 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
 
     Per-group ``lr``, ``weight_decay``, ``momentum``, ``delta_*``, ``dampening`` are honoured
     (detectron2's ``build_optimizer`` groups and LR schedulers that set ``group["lr"]`` work).
-    ``compat="official"`` reproduces the released reference update (see module docstring).
+    ``compat="official"`` reproduces the released reference update (``official.py``).
     """
 
     components = DEEPKD_COMPONENTS
@@ -450,88 +386,8 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
         state_dict.pop("compat", None)  # buffers carry their scale, so either mode loads either
         super().load_state_dict(state_dict)
 
-    # --------------------------------------------------------------- reference-compatible
     def _step_official(self) -> None:
-        """The released reference update, step by step (docs/maths.md).
-
-        Per parameter, with ``has_*`` = "got that component's gradient this step":
-        TOG (no weight decay): decay ``mu_tcg`` if has_tcg, else ``mu_ncg`` if has_ncg, else the
-        mean of the three momenta; with ``mu_tog == 0`` no buffer, the raw gradient is used.
-        NCG: decay ``mu_ncg`` if has_tog, else ``mu_tcg`` if has_tcg, else (gradient + wd * w,
-        mean momentum). TCG: gradient + wd * w always; decay ``mu_tcg`` if has_tog, else
-        ``mu_ncg`` if has_ncg, else wd is added a second time and the mean momentum is used.
-        The parameter is updated in place after each component (TOG, NCG, TCG), so the weight
-        decay of TCG sees the weights already moved by TOG and NCG. First folds copy the
-        (weight-decayed, for TCG) gradient.
-        """
-        # component -> {id(param): grad}: O(1) membership instead of the reference's list scans
-        got = {c: {id(p): g for p, g in self._stash.get(c, ())} for c in DEEPKD_COMPONENTS}
-        for group in self.param_groups:
-            self._official_group(group, got)
-
-    def _official_group(self, group: dict, got: Dict[str, Dict[int, torch.Tensor]]) -> None:
-        mus = self._momenta(group)
-        mu_mean = (mus["tog"] + mus["tcg"] + mus["ncg"]) / 3.0
-        damp = float(group["dampening"])
-        wd = float(group["weight_decay"])
-        lr = float(group["lr"])
-        # Decay rule per component: (component checked first, its mu), (checked second, its mu).
-        rules = {
-            "tog": ((got["tcg"], mus["tcg"]), (got["ncg"], mus["ncg"])),
-            "ncg": ((got["tog"], mus["ncg"]), (got["tcg"], mus["tcg"])),
-            "tcg": ((got["tog"], mus["tcg"]), (got["ncg"], mus["ncg"])),
-        }
-        for component in ("tog", "ncg", "tcg"):
-            members = [p for p in group["params"] if id(p) in got[component]]
-            if not members:
-                continue
-            grads = [got[component][id(p)] for p in members]
-            if component == "tcg" and wd:
-                grads = torch._foreach_add(grads, members, alpha=wd)  # w as moved by TOG and NCG
-            if component == "tog" and mus["tog"] == 0.0:
-                torch._foreach_add_(members, grads, alpha=-lr)  # the reference keeps no TOG buffer then
-                continue
-            buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
-            (first_set, first_mu), (second_set, second_mu) = rules[component]
-            buckets: Dict[float, Tuple[list, list]] = {}
-            extra_wd: Tuple[list, list, list] = ([], [], [])  # NCG / TCG "else" branch: g + wd * w
-            rescale_bufs, rescale_factors = [], []
-            for p, g in zip(members, grads):
-                state = self.state[p]
-                buf = state.get(buf_key)
-                if buf is None:
-                    state[buf_key] = g.clone()
-                    state[scale_key] = 1.0
-                    continue
-                if state[scale_key] != 1.0:  # buffer saved by paper mode: store it unscaled
-                    rescale_bufs.append(buf)
-                    rescale_factors.append(1.0 / state[scale_key])
-                    state[scale_key] = 1.0
-                if id(p) in first_set:
-                    mu = first_mu
-                elif id(p) in second_set:
-                    mu = second_mu
-                elif component != "tog" and wd:
-                    extra_wd[0].append(p)
-                    extra_wd[1].append(buf)
-                    extra_wd[2].append(g)
-                    continue
-                else:
-                    mu = mu_mean
-                bufs, gs = buckets.setdefault(mu, ([], []))
-                bufs.append(buf)
-                gs.append(g)
-            if rescale_bufs:
-                torch._foreach_mul_(rescale_bufs, rescale_factors)
-            if extra_wd[0]:
-                ps, bufs, gs = extra_wd
-                gs = torch._foreach_add(gs, ps, alpha=wd)
-                torch._foreach_mul_(bufs, mu_mean)
-                torch._foreach_add_(bufs, gs, alpha=1.0 - damp)
-            for mu, (bufs, gs) in buckets.items():
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, gs, alpha=1.0 - damp)
-            torch._foreach_add_(members, [self.state[p][buf_key] for p in members], alpha=-lr)
+        official_deepkd_step_(self.param_groups, self._momenta, self.state, self._stash)
 
 
 class DOTOptimizer(DecoupledMomentumSGD):
@@ -568,3 +424,18 @@ class DOTOptimizer(DecoupledMomentumSGD):
         if kd:
             losses["kd"] = kd[0] if len(kd) == 1 else kd[0] + kd[1]
         return losses
+
+
+def _renamed_buffer_keys(state_dict: Dict[str, Any], components: Sequence[str]) -> Dict[str, Any]:
+    """Checkpoints written before the key rename stored ``<c>_buffer`` (already scaled)."""
+    states = state_dict.get("state", {})
+    if not any(f"{c}_buffer" in s for s in states.values() for c in components):
+        return state_dict
+    renamed = {}
+    for k, s in states.items():
+        s = dict(s)
+        for c in components:
+            if f"{c}_buffer" in s:
+                s[scaled_buffer_key(c)] = s.pop(f"{c}_buffer")
+        renamed[k] = s
+    return {**state_dict, "state": renamed}
