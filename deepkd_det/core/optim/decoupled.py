@@ -58,11 +58,25 @@ class DecoupledMomentumSGD(Optimizer):
     Subclasses set ``components`` (the names ``fold`` accepts), ``decay_component`` (the one
     that carries weight decay) and implement ``_momenta(group) -> {component: mu}``; a
     ``compat="official"`` mode implements ``_step_official`` (see ``official.py``).
+
+    Equal momenta (``merge_equal_momenta=True``, paper mode only): components whose momenta
+    are equal in every group (``ties``, e.g. TOG and NCG of DeepKD on KD, both ``mu + 0.075``)
+    evolve as one buffer, ``m_a + m_b <- mu (m_a + m_b) + (1 - dampening) (g_a + g_b)``, so
+    they are folded as one component named ``"a+b"`` with the gradient of the summed loss: one
+    backward pass instead of two. Per parameter, ``sources`` says which of the tied components
+    reached it. The one buffer equals the sum of the separate ones as long as a component that
+    reached a parameter once reaches it whenever any of its tie does (a parameter reached by
+    one of them only, always, is fine; so is one that a tied component starts to reach later,
+    when dampening is 0): otherwise the separate update would leave that component's part
+    undecayed while the shared buffer decays it, and ``fold`` raises instead of drifting.
+    Weight decay applies where ``decay_component`` is among the sources. ``momentum_buffer``
+    takes the tie's name (the sum of its buffers); the official update keeps every buffer apart.
     """
 
     components: Tuple[str, ...] = ()
     decay_component: str = ""
     compat: str = "paper"
+    merge_equal_momenta: bool = False
     # CPU cache blocking of the multi-pass updates (blocking.py); 0 turns it off.
     cpu_block_bytes: int = CPU_BLOCK_BYTES
 
@@ -71,6 +85,7 @@ class DecoupledMomentumSGD(Optimizer):
         self._stash: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}  # official: (param, grad)
         self._streamed: Dict[str, set] = {}  # component -> ids of params folded one by one this step
         self._group_of: Optional[Dict[int, dict]] = None
+        self._sources: Dict[str, Dict[int, frozenset]] = {}  # tie -> id(param) -> tied components reaching it
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- groups
@@ -100,6 +115,7 @@ class DecoupledMomentumSGD(Optimizer):
         self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("_stash", {})
         self._streamed = {}
+        self._sources = {}
         self._group_of = None
 
     @property
@@ -107,9 +123,45 @@ class DecoupledMomentumSGD(Optimizer):
         """All parameters in group order: the order an explicit gradient list must follow."""
         return [p for group in self.param_groups for p in group["params"]]
 
+    @property
+    def ties(self) -> Tuple[Tuple[str, ...], ...]:
+        """Groups of components with equal momenta in every param group that share one buffer.
+
+        Empty unless ``merge_equal_momenta`` and paper mode. Fold a tie under ``tie_name(tie)``.
+        """
+        if not self.merge_equal_momenta or self.compat != "paper" or not self.param_groups:
+            return ()
+        same: Dict[tuple, List[str]] = {}
+        for c in self.components:
+            same.setdefault(tuple(self._momenta(g)[c] for g in self.param_groups), []).append(c)
+        return tuple(tuple(cs) for cs in same.values() if len(cs) > 1)
+
+    @staticmethod
+    def tie_name(tie: Sequence[str]) -> str:
+        return "+".join(tie)
+
+    @property
+    def fold_names(self) -> Tuple[str, ...]:
+        """What ``fold`` accepts: every component outside a tie, and each tie's name."""
+        ties = self.ties
+        tied = {c for tie in ties for c in tie}
+        return tuple(c for c in self.components if c not in tied) + tuple(self.tie_name(t) for t in ties)
+
+    def _members(self, name: str) -> Tuple[str, ...]:
+        return tuple(name.split("+"))
+
+    def _check_name(self, component: str) -> None:
+        names = self.fold_names
+        if component in names:
+            return
+        tie = next((t for t in self.ties if component in t), None)
+        if tie is not None:
+            raise ValueError(f"component {component!r} shares one buffer with {tie} (equal momenta): fold "
+                             f"{self.tie_name(tie)!r}, or build the optimizer with merge_equal_momenta=False")
+        raise ValueError(f"unknown gradient component {component!r}; this optimizer folds {names}")
+
     def _check_component(self, component: str) -> None:
-        if component not in self.components:
-            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        self._check_name(component)
         if component in self._pending or component in self._stash or component in self._streamed:
             raise RuntimeError(f"component {component!r} was already folded in this step; call step() first")
 
@@ -118,9 +170,11 @@ class DecoupledMomentumSGD(Optimizer):
         raise NotImplementedError
 
     def momentum_buffer(self, param: torch.Tensor, component: str) -> Optional[torch.Tensor]:
-        """The true momentum buffer ``m_c`` of ``param`` (a new tensor), or None before its first fold."""
-        if component not in self.components:
-            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        """The true momentum buffer ``m_c`` of ``param`` (a new tensor), or None before its first fold.
+
+        For a tie's name (``"tog+ncg"``), the one buffer its components share: the sum of theirs.
+        """
+        self._check_name(component)
         state = self.state.get(param, {})
         buf = state.get(scaled_buffer_key(component))
         if buf is None:
@@ -167,15 +221,18 @@ class DecoupledMomentumSGD(Optimizer):
         grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
         *,
         clear_grad: bool = True,
+        sources: Optional[Sequence[Optional[frozenset]]] = None,
     ) -> None:
         """Folds one component's gradient into its momentum buffer.
 
         Args:
-            component: one of ``self.components``; each at most once per step, in any order.
+            component: one of ``self.fold_names``; each at most once per step, in any order.
             grads: optional explicit gradients aligned with ``self.params`` (None entries: no
                 gradient). Without it the gradient is read from ``p.grad``.
             clear_grad: when reading ``p.grad``, set it to None afterwards, so that the next
                 component's backward starts from zero and the gradient memory is freed.
+            sources: for a tie only (and required there): aligned with ``self.params``, the set
+                of the tie's components that reached each parameter (None where none did).
 
         In ``compat="official"`` the gradients are kept (not copied) until ``step``; do not
         modify explicitly passed tensors in place before then.
@@ -185,18 +242,38 @@ class DecoupledMomentumSGD(Optimizer):
         if self.compat == "official":
             self._stash[component] = [pair for pairs in per_group for pair in pairs]
             return
+        if "+" in component:
+            self._sources[component] = self.check_sources(component, sources, per_group)
         self._fold_paper(component, per_group)
 
+    def check_sources(self, name: str, sources: Optional[Sequence[Optional[frozenset]]], per_group=None):
+        """Checks a tie's ``sources`` (aligned with ``self.params``) before anything is folded.
+
+        Raises where the shared buffer would differ from the separate ones (class docstring);
+        returns ``{id(param): sources}``. ``per_group`` limits the check to parameters with a gradient.
+        """
+        params = self.params
+        if sources is None or len(sources) != len(params):
+            raise ValueError(f"fold({name!r}) of a tie needs sources: one set of its components per parameter")
+        by_id = {id(p): s for p, s in zip(params, sources)}
+        if per_group is None:
+            rows = [(g, p, by_id[id(p)]) for g in self.param_groups for p in g["params"] if by_id[id(p)]]
+        else:
+            rows = [(g, p, by_id[id(p)]) for g, pairs in zip(self.param_groups, per_group) for p, _ in pairs]
+        self._check_tie(name, rows)
+        return by_id
+
     @torch.no_grad()
-    def fold_param(self, component: str, param: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+    def fold_param(self, component: str, param: torch.Tensor, grad: Optional[torch.Tensor],
+                   sources: Optional[frozenset] = None) -> None:
         """Folds the gradient of one parameter (streaming: call it as each gradient becomes ready).
 
         At most once per parameter and component in a step, and not mixed with ``fold`` of the
         same component. Per-tensor operations: meant for gradients folded while still in cache
-        (see ``DecoupledStep(strategy="streaming")``); ``fold`` is faster for whole lists.
+        (see ``DecoupledStep(strategy="streaming")``); ``fold`` is faster for whole lists. For a
+        tie, ``sources`` is the set of its components that reached ``param``.
         """
-        if component not in self.components:
-            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        self._check_name(component)
         streamed = self._streamed.get(component)
         if streamed is None:
             self._check_component(component)
@@ -217,15 +294,56 @@ class DecoupledMomentumSGD(Optimizer):
         if self.compat == "official":
             self._stash.setdefault(component, []).append((param, grad))
             return
-        mu = self._momenta(group)[component]
+        tied = "+" in component
+        if tied:
+            if not sources:
+                raise ValueError(f"fold_param({component!r}) of a tie needs sources: the tied components reaching it")
+            self._check_tie(component, [(group, param, sources)])
+            self._sources.setdefault(component, {})[id(param)] = sources
+        mu = self._momenta(group)[self._members(component)[0]]
         check_momentum(component, mu)
         scale = buffer_scale(mu, float(group["dampening"]))
-        wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
+        wd = float(group["weight_decay"]) if self._carries_decay(component, param) else 0.0
         buf_key, s_key = scaled_buffer_key(component), scale_key(component)
         state = self.state[param]
         buf = state[buf_key] = fold_tensor_(state.get(buf_key), state.get(s_key, scale), grad, param, mu, scale, wd)
         state[s_key] = scale
+        if tied:
+            self._record_sources(component, [param])
         self._pending.setdefault(component, []).append((group, [param], [buf], scale))
+
+    # ------------------------------------------------------------------------------- ties
+    def _carries_decay(self, component: str, param: torch.Tensor) -> bool:
+        if "+" not in component:
+            return component == self.decay_component
+        return self.decay_component in self._sources[component][id(param)]
+
+    def _check_tie(self, name: str, rows) -> None:
+        """Refuses, before any state changes, a fold whose shared buffer would differ from the separate ones."""
+        key = f"{name}_sources"
+        tie = set(self._members(name))
+        for group, p, sources in rows:
+            if not sources or not set(sources) <= tie:
+                raise ValueError(f"sources of a parameter in tie {name!r} must be a non-empty subset of {sorted(tie)}, "
+                                 f"got {sources}")
+            seen = set(filter(None, self.state.get(p, {}).get(key, "").split("+")))
+            missing = seen - set(sources)
+            late = set(sources) - seen if seen and float(group["dampening"]) else set()
+            if missing or late:
+                why = (f"{sorted(missing)} reached a parameter in earlier steps but not in this one" if missing else
+                       f"{sorted(late)} reach a parameter for the first time with dampening "
+                       f"{group['dampening']} (its first fold is not dampened)")
+                raise RuntimeError(
+                    f"tie {name!r}: {why}; one shared buffer cannot reproduce the separate buffers then. Build the "
+                    "optimizer with merge_equal_momenta=False (DEEPKD.MERGE_EQUAL_MOMENTA False)"
+                )
+
+    def _record_sources(self, name: str, params) -> None:
+        key, by_id, members = f"{name}_sources", self._sources[name], self._members(name)
+        for p in params:
+            state = self.state[p]
+            seen = set(filter(None, state.get(key, "").split("+"))) | set(by_id[id(p)])
+            state[key] = "+".join(c for c in members if c in seen)
 
     def _fold_paper(self, component: str, per_group) -> None:
         buf_key, s_key = scaled_buffer_key(component), scale_key(component)
@@ -238,13 +356,14 @@ class DecoupledMomentumSGD(Optimizer):
         for group, pairs in zip(self.param_groups, per_group):
             if not pairs:
                 continue
-            mu = self._momenta(group)[component]
+            mu = self._momenta(group)[self._members(component)[0]]
             check_momentum(component, mu)
             scale = buffer_scale(mu, float(group["dampening"]))
-            wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
-            f_params, f_grads = first.setdefault((scale, wd), ([], []))
-            l_params, l_bufs, l_grads = later.setdefault((1.0 - mu, wd), ([], [], []))
+            group_wd = float(group["weight_decay"])
             for p, g in pairs:
+                wd = group_wd if self._carries_decay(component, p) else 0.0
+                f_params, f_grads = first.setdefault((scale, wd), ([], []))
+                l_params, l_bufs, l_grads = later.setdefault((1.0 - mu, wd), ([], [], []))
                 state = self.state[p]
                 buf = state.get(buf_key)
                 if buf is None:
@@ -271,6 +390,8 @@ class DecoupledMomentumSGD(Optimizer):
                 self.state[p][s_key] = scale
         for (weight, wd), (params, bufs, grads) in later.items():
             fold_paper_(bufs, grads, params, weight, wd, self._block_bytes(params))
+        if "+" in component:
+            self._record_sources(component, [p for _, params, _ in pending for p in params])
         self._pending[component] = [
             (group, params, [self.state[p][buf_key] for p in params], scale) for group, params, scale in pending
         ]
@@ -284,6 +405,7 @@ class DecoupledMomentumSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._streamed = {}
+        self._sources = {}
         if self.compat == "official":
             self._step_official()
             self._stash = {}
@@ -315,10 +437,18 @@ class DecoupledMomentumSGD(Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        names = set(self.fold_names)
+        for s in _renamed_buffer_keys(state_dict, self.components).get("state", {}).values():
+            stored = {k[len("scaled_buffer_"):] for k in s if k.startswith("scaled_buffer_")}
+            if not stored <= names:
+                raise ValueError(f"optimizer checkpoint holds buffers {sorted(stored - names)} but this optimizer "
+                                 f"folds {sorted(names)} (DEEPKD.MERGE_EQUAL_MOMENTA or the momenta differ from the "
+                                 "run that wrote it)")
         super().load_state_dict(_renamed_buffer_keys(state_dict, self.components))
         self._pending = {}
         self._stash = {}
         self._streamed = {}
+        self._sources = {}
         self._group_of = None
         for group in self.param_groups:
             self._validate_group(group)
@@ -337,7 +467,8 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
 
     Per-group ``lr``, ``weight_decay``, ``momentum``, ``delta_*``, ``dampening`` are honoured
     (detectron2's ``build_optimizer`` groups and LR schedulers that set ``group["lr"]`` work).
-    ``compat="official"`` reproduces the released reference update (``official.py``).
+    ``compat="official"`` reproduces the released reference update (``official.py``);
+    ``merge_equal_momenta`` shares one buffer between components of equal momentum (paper mode).
     """
 
     components = DEEPKD_COMPONENTS
@@ -354,10 +485,12 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
         weight_decay: float = 0.0,
         dampening: float = 0.0,
         compat: str = "paper",
+        merge_equal_momenta: bool = False,
     ):
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         self.compat = compat
+        self.merge_equal_momenta = bool(merge_equal_momenta)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -408,7 +541,9 @@ class DOTOptimizer(DecoupledMomentumSGD):
         delta: float = 0.075,
         weight_decay: float = 0.0,
         dampening: float = 0.0,
+        merge_equal_momenta: bool = False,
     ):
+        self.merge_equal_momenta = bool(merge_equal_momenta)
         defaults = dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay, dampening=dampening)
         super().__init__(params, defaults)
 
