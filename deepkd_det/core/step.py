@@ -30,6 +30,13 @@ components whose graph reaches it (``sources``, one graph walk per tied loss). D
 (TOG and NCG both at ``mu + 0.075``) then costs two backward passes instead of three. A
 ``grad_hook`` needs one gradient per component, so it refuses such an optimizer.
 
+Mixed precision: with ``scaler`` (a ``core.amp.ComponentGradScaler``, for fp16) every loss is
+multiplied by the one scale before its backward pass, every component's gradient is unscaled,
+and one overflow check over all of them decides: on inf/NaN nothing is folded (every buffer and
+parameter stays as it was, ``self.skipped`` is True) and the scale backs off. The check needs
+all components before the first fold, so the gradient sets are kept until then ("streaming"
+runs as "sequential"). bf16 needs no scaler.
+
 Distributed (torch.distributed initialised, world size > 1): the model is *not* wrapped in
 DistributedDataParallel (DDP averages one combined gradient, not one per component). Instead
 each component's gradient is all-reduced here, in flattened buckets, and divided by the world
@@ -194,6 +201,7 @@ class DecoupledStep:
         bucket_mb: size of the flattened all-reduce buckets.
         check_finite: check the losses for NaN/inf before anything is folded (a trainer that
             already checked them, with its own message, passes False).
+        scaler: optional ``ComponentGradScaler`` (fp16 mixed precision; module docstring).
     """
 
     def __init__(
@@ -205,6 +213,7 @@ class DecoupledStep:
         process_group=None,
         bucket_mb: float = 25.0,
         check_finite: bool = True,
+        scaler=None,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"gradient strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -225,6 +234,9 @@ class DecoupledStep:
         self.process_group = process_group
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.check_finite = check_finite
+        self.scaler = scaler
+        self.skipped = False  # the last call found an overflow (scaler) and folded nothing
+        self._held: Optional[list] = None
         self._batched_checked = False  # first batched call keeps the graph, so a fallback can still run
 
     # ---------------------------------------------------------------------------- checks
@@ -251,6 +263,7 @@ class DecoupledStep:
     def __call__(self, losses: Mapping[str, torch.Tensor]) -> Dict[str, float]:
         """Folds every component's gradient into the optimizer; returns the loss values (floats)."""
         values = self._check_losses(losses)
+        self.skipped = False
         active = [(n, losses[n].reshape(())) for n in losses if losses[n].requires_grad]
         if not active:
             return values
@@ -262,18 +275,41 @@ class DecoupledStep:
         ties = getattr(self.optimizer, "ties", ())
         if ties:
             active = _merge_ties(active, ties, plan, self.optimizer.tie_name)
+        if self.scaler is None:
+            self._compute(active, plan)
+            return values
+        self._held = []
+        try:
+            self._compute(self.scaler.scale_losses(active), plan)
+            held, found = self._held, {}
+        finally:
+            self._held = None
+        for _, grads, _ in held:
+            found = self.scaler.unscale_(grads, found)
+        self.skipped = self.scaler.update(found)
+        if not self.skipped:
+            for name, grads, plan in held:
+                self._fold_now(name, grads, plan)
+        return values
+
+    def _compute(self, active, plan: _Plan) -> None:
         if self.strategy == "batched" and len(active) > 1:
             if self._batched(active, plan):
-                return values
-        if self.strategy == "streaming" and _world_size(self.process_group) == 1:
+                return
+        if self.strategy == "streaming" and self._held is None and _world_size(self.process_group) == 1:
             self._streaming(active, plan)
-            return values
+            return
         self._sequential(active, plan)
-        return values
 
     def _fold(self, name: str, grads: Sequence[Optional[torch.Tensor]], plan: _Plan, reduce: bool) -> None:
         if reduce:
             grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+        if self._held is not None:  # the scaler decides over all components before the first fold
+            self._held.append((name, list(grads), plan))
+            return
+        self._fold_now(name, grads, plan)
+
+    def _fold_now(self, name: str, grads: Sequence[Optional[torch.Tensor]], plan: _Plan) -> None:
         if self.grad_hook is not None:
             self.grad_hook(name, plan.trainable, list(grads))
         if name in plan.sources:

@@ -9,11 +9,12 @@ ranks hanging in the next collective.
 from __future__ import annotations
 
 import time
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 from detectron2.engine import SimpleTrainer
 
+from deepkd_det.core.amp import autocast
 from deepkd_det.core.step import check_finite_losses as core_check_finite_losses
 
 __all__ = ["DISTILL_KEYS", "CheckedSimpleTrainer", "DecoupledStepTrainer", "check_finite_losses", "split_components"]
@@ -49,14 +50,20 @@ def split_components(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
 
 class CheckedSimpleTrainer(SimpleTrainer):
     """detectron2's SimpleTrainer step (sum of all losses, one backward, optimizer step) with
-    the named non-finite check before the backward pass."""
+    the named non-finite check before the backward pass; the forward under autocast in
+    ``amp_dtype`` (bf16 here; fp16 goes through detectron2's AMPTrainer or the decoupled step's scaler)."""
+
+    def __init__(self, model, data_loader, optimizer, amp_dtype: Optional[torch.dtype] = None):
+        super().__init__(model, data_loader, optimizer)
+        self.amp_dtype = amp_dtype
 
     def _next_losses(self):
         assert self.model.training, "[CheckedSimpleTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
-        loss_dict = self.model(data)
+        with autocast(_device_of(self.model), self.amp_dtype):
+            loss_dict = self.model(data)
         if isinstance(loss_dict, torch.Tensor):
             loss_dict = {"total_loss": loss_dict}
         check_finite_losses(loss_dict, self.iter)
@@ -79,12 +86,27 @@ class DecoupledStepTrainer(CheckedSimpleTrainer):
     over processes and folds it into its own momentum buffer; then the parameter update.
     """
 
-    def __init__(self, model, data_loader, optimizer, decoupled_step):
-        super().__init__(model, data_loader, optimizer)
+    def __init__(self, model, data_loader, optimizer, decoupled_step, amp_dtype: Optional[torch.dtype] = None):
+        super().__init__(model, data_loader, optimizer, amp_dtype)
         self.decoupled_step = decoupled_step
 
     def run_step(self):
         loss_dict, data_time = self._next_losses()
         self.decoupled_step(self.optimizer.component_losses(**split_components(loss_dict)))
-        self.optimizer.step()
+        self.optimizer.step()  # nothing to apply when the fp16 scaler skipped the step
         self._write_metrics(loss_dict, data_time)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.decoupled_step.scaler is not None:  # exact resume of the loss scale
+            ret["grad_scaler"] = self.decoupled_step.scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.decoupled_step.scaler is not None and "grad_scaler" in state_dict:
+            self.decoupled_step.scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
