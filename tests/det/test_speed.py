@@ -43,9 +43,11 @@ def _teacher(**teacher_opts):
 
 
 def _logits(teacher, seed=0):
+    device = teacher.pixel_mean.device
     batch = make_batch(n=2, h=96, w=128, seed=seed)
-    images = [b["image"] for b in batch]
-    boxes = [Boxes(torch.tensor([[4.0, 6.0, 60.0, 70.0], [30.0, 10.0, 120.0, 90.0], [0.0, 0.0, 128.0, 96.0]]))] * 2
+    images = [b["image"].to(device) for b in batch]
+    box = torch.tensor([[4.0, 6.0, 60.0, 70.0], [30.0, 10.0, 120.0, 90.0], [0.0, 0.0, 128.0, 96.0]], device=device)
+    boxes = [Boxes(box)] * 2
     feats = teacher.features(images, "BGR")
     return teacher.box_logits(None, "BGR", boxes, features=feats), feats
 
@@ -119,3 +121,15 @@ def test_bf16_deepkd_detector_trains(tmp_path, config):
     moved = [k for k, v in trainer.model.roi_heads.state_dict().items() if not torch.equal(v, before[k])]
     assert moved and trainer._trainer.amp_dtype is torch.bfloat16
     assert trainer._trainer.decoupled_step.scaler is None  # bf16: no loss scale
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["", "bf16", "fp16"])
+def test_cuda_folded_teacher_logits(amp):
+    teacher = _teacher().cuda()
+    teacher.fold_norm = False
+    reference, _ = _logits(teacher)
+    teacher.fold_norm, teacher.amp_dtype = True, {"": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    got, _ = _logits(teacher)
+    tol = (1e-4 if not amp else 0.05) * (1.0 + reference.abs().max().item())
+    assert got.dtype is torch.float32 and (got - reference).abs().max().item() < tol

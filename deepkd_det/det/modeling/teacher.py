@@ -148,7 +148,7 @@ class Teacher(nn.Module):
         if not (self.fold_norm or self.channels_last):
             return self.backbone, box_head
         tensors = [*self.backbone.parameters(), *self.backbone.buffers(), *box_head.parameters(), *box_head.buffers()]
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = (self.fold_norm, self.channels_last, tuple((t.data_ptr(), t._version) for t in tensors))
         if self._fast is None or self._fast[0] != key:
             fold = fold_frozen_batchnorm if self.fold_norm else (lambda m: copy.deepcopy(m).requires_grad_(False))
             backbone, head = fold(self.backbone), fold(box_head)
