@@ -36,7 +36,7 @@ COMPAT_MODES = ("paper", "official")
 class DecoupledMomentumSGD(Optimizer):
     """SGD with one momentum buffer per gradient component; subclasses name the components.
 
-    The algorithm (paper mode; docs/maths.md, "The decoupled update"), per parameter ``w`` of a
+    The algorithm (paper mode; docs/maths.md, "4. The DeepKD update"), per parameter ``w`` of a
     group with ``lr``, ``weight_decay`` and ``dampening``, and per component ``c`` with momentum
     ``mu_c`` (``_momenta``)::
 
@@ -86,6 +86,7 @@ class DecoupledMomentumSGD(Optimizer):
         self._streamed: Dict[str, set] = {}  # component -> ids of params folded one by one this step
         self._group_of: Optional[Dict[int, dict]] = None
         self._sources: Dict[str, Dict[int, frozenset]] = {}  # tie -> id(param) -> tied components reaching it
+        self._ties: Optional[tuple] = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- groups
@@ -109,6 +110,7 @@ class DecoupledMomentumSGD(Optimizer):
         self._validate_group(merged)
         super().add_param_group(param_group)
         self._group_of = None
+        self._ties = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -116,6 +118,7 @@ class DecoupledMomentumSGD(Optimizer):
         self.__dict__.setdefault("_stash", {})
         self._streamed = {}
         self._sources = {}
+        self._ties = None
         self._group_of = None
 
     @property
@@ -131,10 +134,13 @@ class DecoupledMomentumSGD(Optimizer):
         """
         if not self.merge_equal_momenta or self.compat != "paper" or not self.param_groups:
             return ()
-        same: Dict[tuple, List[str]] = {}
-        for c in self.components:
-            same.setdefault(tuple(self._momenta(g)[c] for g in self.param_groups), []).append(c)
-        return tuple(tuple(cs) for cs in same.values() if len(cs) > 1)
+        if self._ties is None:  # once per step (momenta may change between steps, not within one)
+            momenta = [self._momenta(g) for g in self.param_groups]
+            same: Dict[tuple, List[str]] = {}
+            for c in self.components:
+                same.setdefault(tuple(m[c] for m in momenta), []).append(c)
+            self._ties = tuple(tuple(cs) for cs in same.values() if len(cs) > 1)
+        return self._ties
 
     @staticmethod
     def tie_name(tie: Sequence[str]) -> str:
@@ -406,6 +412,7 @@ class DecoupledMomentumSGD(Optimizer):
                 loss = closure()
         self._streamed = {}
         self._sources = {}
+        self._ties = None
         if self.compat == "official":
             self._step_official()
             self._stash = {}
@@ -449,6 +456,7 @@ class DecoupledMomentumSGD(Optimizer):
         self._stash = {}
         self._streamed = {}
         self._sources = {}
+        self._ties = None
         self._group_of = None
         for group in self.param_groups:
             self._validate_group(group)

@@ -1,6 +1,6 @@
 """The paper-mode update maths of decoupled-momentum SGD, as free functions over tensor lists.
 
-Per component ``c`` with momentum ``mu_c`` (docs/maths.md, "The decoupled update")::
+Per component ``c`` with momentum ``mu_c`` (docs/maths.md, "4. The DeepKD update")::
 
     m_c <- g_c                                  first fold of the buffer
     m_c <- mu_c * m_c + (1 - dampening) * g_c   afterwards

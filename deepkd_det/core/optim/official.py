@@ -1,6 +1,6 @@
 """The update of the released DeepKD reference optimizer (``compat="official"``), emulated exactly.
 
-docs/maths.md ("The released reference code") lists how it differs from the paper. Per
+docs/maths.md ("5. The released reference code") lists how it differs from the paper. Per
 parameter, with ``has_*`` = "got that component's gradient this step":
 
 * TOG (no weight decay): decay ``mu_tcg`` if has_tcg, else ``mu_ncg`` if has_ncg, else the
