@@ -313,7 +313,11 @@ class DecoupledStep:
         if self.grad_hook is not None:
             self.grad_hook(name, plan.trainable, list(grads))
         if name in plan.sources:
-            self.optimizer.fold(name, plan.full(grads), sources=plan.full(plan.sources[name]))
+            # A gradient without a local source came from another worker's all-reduce: every
+            # tied component active here is taken to have reached it.
+            members = frozenset(c for s in plan.sources[name] if s for c in s)
+            sources = [s or (members if g is not None else None) for s, g in zip(plan.sources[name], grads)]
+            self.optimizer.fold(name, plan.full(grads), sources=plan.full(sources))
         else:
             self.optimizer.fold(name, plan.full(grads))
 

@@ -133,3 +133,14 @@ def test_cuda_folded_teacher_logits(amp):
     got, _ = _logits(teacher)
     tol = (1e-4 if not amp else 0.05) * (1.0 + reference.abs().max().item())
     assert got.dtype is torch.float32 and (got - reference).abs().max().item() < tol
+
+
+def test_hooks_on_the_teacher_backbone_see_the_folded_forward():
+    teacher = _teacher()
+    _logits(teacher)  # the folded copy exists before the hook
+    calls = []
+    handle = teacher.backbone.register_forward_hook(lambda *a: calls.append(1))
+    _logits(teacher)
+    handle.remove()
+    _logits(teacher)
+    assert calls == [1]

@@ -148,7 +148,11 @@ class Teacher(nn.Module):
         if not (self.fold_norm or self.channels_last):
             return self.backbone, box_head
         tensors = [*self.backbone.parameters(), *self.backbone.buffers(), *box_head.parameters(), *box_head.buffers()]
-        key = (self.fold_norm, self.channels_last, tuple((t.data_ptr(), t._version) for t in tensors))
+        # Hooks too: the copy carries the hooks registered when it was made, so it is remade
+        # when one is added or removed (a spy on teacher.backbone sees the forward).
+        hooks = tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                      for m in (*self.backbone.modules(), *box_head.modules()))
+        key = (self.fold_norm, self.channels_last, tuple((t.data_ptr(), t._version) for t in tensors), hooks)
         if self._fast is None or self._fast[0] != key:
             fold = fold_frozen_batchnorm if self.fold_norm else (lambda m: copy.deepcopy(m).requires_grad_(False))
             backbone, head = fold(self.backbone), fold(box_head)
