@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.deepkd-setup.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-quick demo-cls bench bench-quick env clean-venv help
+.PHONY: setup test lint demo demo-quick demo-cls bench bench-quick gpu-check env clean-venv help
 
 help:
 	@echo "make setup        create $(VENV): torch, detectron2 (see README 'How the install works'), deepkd_det"
@@ -19,6 +19,7 @@ help:
 	@echo "make demo         detection demo on the embedded shapes data (teacher, then 3 students)"
 	@echo "make demo-cls     classification demo on scikit-learn's digits (vanilla, KD, DKD, DeepKD, MLKD, CRLD, DOT; 3 seeds)"
 	@echo "make bench        benchmarks (one JSON object per line)"
+	@echo "make gpu-check    on a machine with one CUDA GPU: CUDA tests, CUDA training, GPU benchmarks"
 	@echo "make lint         ruff"
 	@echo "make env          print versions and the detectron2 install route"
 
@@ -54,6 +55,9 @@ bench: setup
 
 bench-quick: setup
 	@for f in bench/bench_*.py; do $(PY) $$f --quick || exit 1; done
+
+gpu-check: setup
+	PY=$(PY) tools/gpu_check.sh
 
 env: setup
 	$(PY) -m deepkd_det.env

@@ -9,7 +9,8 @@ Timings are the median of ``repeats`` runs after ``warmup`` runs, on CPU.
     python bench/bench_core.py --quick    # smoke run
 
 Cases:
-  optim_step_<net>            DeepKDOptimizer fold x3 + step vs torch SGD (faster of foreach on/off)
+  optim_step_<net>            DeepKDOptimizer fold x3 + step vs the best torch SGD (foreach on/off, fused)
+  optim_step_merged_<net>     DeepKD on KD: TOG and NCG share one buffer (fold x2 + step)
   optim_step_official_<net>   the same with compat="official"
   optim_vs_reference_<net>    DeepKDOptimizer vs a reference-style optimizer (see ReferenceStyle)
   step_memory_<scheme>        peak extra memory of one decoupled step, in parameter sizes
@@ -122,26 +123,53 @@ def _mus():
 
 
 # --------------------------------------------------------------------------------------------
-def bench_optimizer(nets: List[str], warmup: int, repeats: int) -> None:
+def bench_optimizer(nets: List[str], warmup: int, repeats: int, device: str = "cpu") -> None:
     for net in nets:
-        _bench_optimizer_net(net, warmup, repeats)
+        _bench_optimizer_net(net, warmup, repeats, device)
 
 
-def _bench_optimizer_net(net: str, warmup: int, repeats: int) -> None:
+def _synced(fn: Callable[[], None], device: str) -> Callable[[], None]:
+    if not device.startswith("cuda"):
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
+
+
+def _bench_optimizer_net(net: str, warmup: int, repeats: int, device: str = "cpu") -> None:
     torch.manual_seed(0)
     shapes = [p.shape for p in getattr(torchvision.models, net)(weights=None).parameters()]
-    grads = {c: [torch.randn(s) for s in shapes] for c in ("tog", "tcg", "ncg")}
+    grads = {c: [torch.randn(s, device=device) for s in shapes] for c in ("tog", "tcg", "ncg")}
+    merged_sources = [frozenset({"tog", "ncg"})] * len(shapes)
 
     def fresh():
-        return [nn.Parameter(torch.randn(s) * 0.01) for s in shapes]
+        return [nn.Parameter(torch.randn(s, device=device) * 0.01) for s in shapes]
 
     fns: Dict[str, Callable[[], None]] = {}
-    for foreach in (True, False):
+    for variant in ("foreach", "single", "fused"):
         params = fresh()
         for p, g in zip(params, grads["tog"]):
             p.grad = g
-        sgd = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, foreach=foreach)
-        fns[f"sgd_foreach_{foreach}"] = sgd.step
+        kwargs = {"fused": True} if variant == "fused" else {"foreach": variant == "foreach"}
+        try:
+            sgd = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **kwargs)
+            sgd.step()
+        except (RuntimeError, ValueError):  # no fused SGD kernel for this device / torch
+            continue
+        fns[f"sgd_{variant}"] = _synced(sgd.step, device)
+
+    merged = DeepKDOptimizer(fresh(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, delta_tog=DELTAS["tog"],
+                             delta_tcg=DELTAS["tcg"], delta_ncg=DELTAS["tog"], merge_equal_momenta=True)
+
+    def merged_step(opt=merged):
+        opt.fold("tcg", grads["tcg"])
+        opt.fold("tog+ncg", grads["tog"], sources=merged_sources)
+        opt.step()
+
+    fns["deepkd_merged"] = _synced(merged_step, device)
 
     for compat in ("paper", "official"):
         deltas = {f"delta_{c}": d for c, d in DELTAS.items()}
@@ -152,7 +180,7 @@ def _bench_optimizer_net(net: str, warmup: int, repeats: int) -> None:
                 opt.fold(c, grads[c])
             opt.step()
 
-        fns[f"deepkd_{compat}"] = deepkd_step
+        fns[f"deepkd_{compat}"] = _synced(deepkd_step, device)
 
     reference = ReferenceStyle(fresh(), LR, _mus(), WEIGHT_DECAY)
 
@@ -161,18 +189,22 @@ def _bench_optimizer_net(net: str, warmup: int, repeats: int) -> None:
             reference.collect(c, grads[c])
         reference.step()
 
-    fns["reference"] = reference_step
+    if device == "cpu":  # the reference-style loop is a CPU comparison (per-tensor ops, list scans)
+        fns["reference"] = reference_step
     t = median_seconds(fns, warmup, repeats)
-    sgd_times = {True: t["sgd_foreach_True"], False: t["sgd_foreach_False"]}
-    sgd_best = min(sgd_times.values())
-    deepkd_times = {"paper": t["deepkd_paper"], "official": t["deepkd_official"]}
+    sgd_times = {k[len("sgd_"):]: v for k, v in t.items() if k.startswith("sgd_")}
+    best = min(sgd_times, key=sgd_times.get)
+    sgd_best = sgd_times[best]
+    info = dict(net=net, device=device, tensors=len(shapes), numel=sum(s.numel() for s in shapes),
+                baseline_sgd=best, **{f"sgd_{k}_ms": round(v * 1e3, 3) for k, v in sgd_times.items()})
+    emit(f"optim_step_{net}", t["deepkd_paper"] * 1e3, "ms", sgd_best * 1e3, goal="<= 1.5", **info)
+    emit(f"optim_step_merged_{net}", t["deepkd_merged"] * 1e3, "ms", sgd_best * 1e3,
+         note="TOG and NCG share one buffer (DeepKD on KD)", **info)
+    emit(f"optim_step_official_{net}", t["deepkd_official"] * 1e3, "ms", sgd_best * 1e3, **info)
+    if "reference" not in t:
+        return
     ref_time = t["reference"]
-    info = dict(net=net, tensors=len(shapes), numel=sum(s.numel() for s in shapes))
-    emit(f"optim_step_{net}", deepkd_times["paper"] * 1e3, "ms", sgd_best * 1e3,
-         sgd_foreach_ms=round(sgd_times[True] * 1e3, 3), sgd_single_tensor_ms=round(sgd_times[False] * 1e3, 3),
-         **info)
-    emit(f"optim_step_official_{net}", deepkd_times["official"] * 1e3, "ms", sgd_best * 1e3, **info)
-    emit(f"optim_vs_reference_{net}", deepkd_times["paper"] * 1e3, "ms", ref_time * 1e3,
+    emit(f"optim_vs_reference_{net}", t["deepkd_paper"] * 1e3, "ms", ref_time * 1e3,
          note="baseline = reference-style optimizer (list scans, per-tensor updates)", **info)
 
 
@@ -382,13 +414,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fast smoke run (fewer repeats, smaller cases)")
     parser.add_argument("--only", choices=["optim", "memory", "iter"], help="run one group of cases")
+    parser.add_argument("--device", default="cpu", help="device of the optimizer cases (the others run on CPU)")
+    parser.add_argument("--nets", default="", help="torchvision nets of the optimizer cases, comma-separated")
     args = parser.parse_args()
     if args.quick:
         nets, warmup, repeats, batch, it_warmup, it_repeats = ["resnet18"], 1, 3, 16, 1, 2
     else:
         nets, warmup, repeats, batch, it_warmup, it_repeats = ["resnet18", "resnet50"], 2, 11, 64, 1, 5
+    if args.device.startswith("cuda"):
+        warmup, repeats = 5, 50
+    nets = args.nets.split(",") if args.nets else nets
     if args.only in (None, "optim"):
-        bench_optimizer(nets, warmup, repeats)
+        bench_optimizer(nets, warmup, repeats, args.device)
     if args.only in (None, "memory"):
         bench_memory()
     if args.only in (None, "iter"):

@@ -14,6 +14,7 @@ from typing import Iterable, List, Optional, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from deepkd_det.core.amp import AMP_DTYPES
 from deepkd_det.core.settings import OPTIMIZERS, deepkd_node, validate_deepkd_settings
 from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
 
@@ -121,6 +122,12 @@ _C.CRLD.CONFIDENCE_MASK = "row"  # row (per sample, the paper); release (kept fr
 # ENABLED, DECOUPLE, OPTIMIZER (deepkd | dot), COMPAT (paper | official), DELTA_TOG/TCG/NCG,
 # DOT_DELTA, DAMPENING, GRAD_STRATEGY, TOPK.*, GSNR.*.
 _C.DEEPKD = deepkd_node(CN)
+
+# Mixed precision: the forward (student and teacher) under autocast. "bf16" needs nothing else;
+# "fp16" adds one gradient scaler over every loss component (deepkd_det/core/amp.py).
+_C.AMP = CN()
+_C.AMP.ENABLED = False
+_C.AMP.DTYPE = "fp16"  # as detectron2's SOLVER.AMP (DTYPE there too)
 
 _C.LOG = CN()
 _C.LOG.TENSORBOARD = True
@@ -257,6 +264,7 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
     need(ds.DIGITS.SIZE >= 8, "DATASET.DIGITS.SIZE must be >= 8")
     need(ds.DIGITS.TRAIN_LIMIT >= 0, "DATASET.DIGITS.TRAIN_LIMIT must be >= 0")
     need(cfg.DEVICE in ("auto", "cpu", "cuda"), f"DEVICE must be auto, cpu or cuda, got {cfg.DEVICE!r}")
+    need(cfg.AMP.DTYPE in AMP_DTYPES, f"AMP.DTYPE must be one of {tuple(AMP_DTYPES)}, got {cfg.AMP.DTYPE!r}")
 
     need(dist.TYPE in DISTILLER_TYPES, f"DISTILLER.TYPE must be one of {DISTILLER_TYPES}, got {dist.TYPE!r}")
     need(bool(dist.STUDENT), "DISTILLER.STUDENT must name a model")

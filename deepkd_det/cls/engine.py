@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepkd_det.core.amp import ComponentGradScaler, amp_dtype, autocast
 from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
 from deepkd_det.core.rng import capture_rng_state, restore_rng_state
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
@@ -204,10 +205,13 @@ class ClsTrainer:
         self.optimizer = deepkd_api.build_optimizer(cfg, self.student.parameters(), self.decoupled)
         self.gsnr = (build_gsnr_meter(cfg.DEEPKD, self.student.named_parameters(), len(self.train_loader))
                      if cfg.DEEPKD.GSNR.ENABLED else None)
+        # Mixed precision: autocast forward; fp16 adds one loss scale over every component.
+        self.amp_dtype = amp_dtype(cfg.AMP.DTYPE) if cfg.AMP.ENABLED else None
+        self.scaler = ComponentGradScaler() if self.amp_dtype is torch.float16 else None
         # The losses are checked (averaged over workers, with epoch and iteration) before the step.
         self.decoupled_step = (build_decoupled_step(
             cfg.DEEPKD, self.optimizer, grad_hook=self.gsnr.gradient_hook if self.gsnr is not None else None,
-            check_finite=False) if self.decoupled else None)
+            check_finite=False, scaler=self.scaler) if self.decoupled else None)
 
         self.start_epoch = 0
         self.best_top1 = -1.0
@@ -230,6 +234,7 @@ class ClsTrainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "rng": rng,
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "world_size": self.dist.world,
             "config": self.cfg.dump(),
         }
@@ -245,6 +250,8 @@ class ClsTrainer:
                              "from a copy") from None
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         if self.topk_schedule is not None and state.get("topk_schedule"):
             self.topk_schedule.load_state_dict(state["topk_schedule"])
         self.start_epoch = int(state["epoch"])
@@ -295,19 +302,26 @@ class ClsTrainer:
 
         ``image`` is a batch, or its ``(weak, strong)`` views for a two-view distiller.
         """
-        logits, losses = self.distiller(image, target, ctx)
+        with autocast(self.device, self.amp_dtype):
+            logits, losses = self.distiller(image, target, ctx)
         values = self._checked_values(losses, epoch, it)
         measuring = self.gsnr is not None and self.gsnr.begin(self.iteration)
+        skip = False
         if self.decoupled:
             self.decoupled_step(self.optimizer.component_losses(**losses))
         else:
             if measuring:
                 deepkd_api.observe_plain_components(self.gsnr, losses, list(self.student.parameters()))
             self.optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
+            total = sum(losses.values())
+            (total if self.scaler is None else total * self.scaler.scale).backward()
+            params = list(self.student.parameters())
             if self.dist.distributed:
-                deepkd_api.average_gradients(list(self.student.parameters()))
-        self.optimizer.step()
+                deepkd_api.average_gradients(params)
+            if self.scaler is not None:
+                skip = self.scaler.update(self.scaler.unscale_([p.grad for p in params]))
+        if not skip:  # (the decoupled step folds nothing on an fp16 overflow: step() has nothing to apply)
+            self.optimizer.step()
         if measuring:
             if self.decoupled:
                 self.gsnr.observe_buffers(self.optimizer)

@@ -13,6 +13,8 @@ classifier in its yacs tree) with the same keys, defaults and meanings; the base
     DEEPKD.DELTA_TOG/TCG/NCG   momentum of each buffer = SOLVER.MOMENTUM + delta, in [0, 1)
     DEEPKD.DOT_DELTA      DOT: task momentum SOLVER.MOMENTUM - d, distillation SOLVER.MOMENTUM + d
     DEEPKD.DAMPENING      torch SGD's dampening, on every buffer
+    DEEPKD.MERGE_EQUAL_MOMENTA  paper mode: components of equal momentum (DeepKD on KD: TOG and NCG)
+                          share one buffer and one backward pass (the same update; off with GSNR)
     DEEPKD.GRAD_STRATEGY  how the per-component gradients are computed (core.step.STRATEGIES)
     DEEPKD.TOPK.*         the dynamic top-k schedule (core.topk.TopKSchedule), used when ENABLED
     DEEPKD.TOPK.RANK      how the mask ranks classes (core.losses.topk_nontarget_mask): "nontarget"
@@ -62,6 +64,7 @@ DEEPKD_DEFAULTS: Dict[str, Any] = {
     "DELTA_NCG": 0.05,
     "DOT_DELTA": 0.075,
     "DAMPENING": 0.0,
+    "MERGE_EQUAL_MOMENTA": True,
     "GRAD_STRATEGY": "sequential",
     "TOPK": {
         # "off" (all non-target classes), "constant" (K_START), "linear" (K_START until START,
@@ -183,19 +186,22 @@ def build_decoupled_optimizer(node, params, *, lr: float, momentum: float, weigh
     mdistiller's DOT."""
     from .optim import DeepKDOptimizer, DOTOptimizer
 
+    # The GSNR meter reads one gradient and one buffer per component: it keeps them apart.
+    merge = bool(node.MERGE_EQUAL_MOMENTA) and not node.GSNR.ENABLED
     if node.OPTIMIZER == "dot":
         return DOTOptimizer(params, lr=lr, momentum=momentum, delta=node.DOT_DELTA, weight_decay=weight_decay,
-                            dampening=node.DAMPENING, compat=node.COMPAT)
+                            dampening=node.DAMPENING, compat=node.COMPAT, merge_equal_momenta=merge)
     return DeepKDOptimizer(params, lr=lr, momentum=momentum, delta_tog=node.DELTA_TOG, delta_tcg=node.DELTA_TCG,
                            delta_ncg=node.DELTA_NCG, weight_decay=weight_decay, dampening=node.DAMPENING,
-                           compat=node.COMPAT)
+                           compat=node.COMPAT, merge_equal_momenta=merge)
 
 
-def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True):
-    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer``."""
+def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True, scaler=None):
+    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer`` (``scaler``: fp16, core.amp)."""
     from .step import DecoupledStep
 
-    return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite)
+    return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite,
+                         scaler=scaler)
 
 
 def build_gsnr_meter(node, named_parameters, steps_per_epoch: int):

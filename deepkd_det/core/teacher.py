@@ -24,9 +24,39 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["fold_batchnorm", "prepare_teacher"]
+__all__ = ["batchnorm_affine", "fold_affine_into_conv_", "fold_batchnorm", "prepare_teacher"]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def batchnorm_affine(running_mean: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``bn(x) = a * x + b`` per channel, for batch norm with fixed statistics.
+
+    ``a = weight / sqrt(var + eps)``, ``b = bias - mean * a`` (weight 1 and bias 0 when absent).
+    """
+    a = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        a = a * weight
+    b = -running_mean * a
+    if bias is not None:
+        b = b + bias
+    return a, b
+
+
+@torch.no_grad()
+def fold_affine_into_conv_(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Makes ``conv(x)`` compute ``scale * conv(x) + shift`` (per output channel), in place.
+
+    ``W <- W * scale`` (per output channel) and ``bias <- bias * scale + shift`` (a bias is added
+    when the conv has none). Computed in float64, stored in the conv's dtype.
+    """
+    w = conv.weight
+    s, t = scale.double(), shift.double()
+    new_w = w.double() * s.view(-1, *([1] * (w.dim() - 1)))
+    new_b = t if conv.bias is None else conv.bias.double() * s + t
+    conv.weight = nn.Parameter(new_w.to(w.dtype), requires_grad=w.requires_grad)
+    conv.bias = nn.Parameter(new_b.to(w.dtype), requires_grad=w.requires_grad)
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from deepkd_det.core.amp import AMP_DTYPES
 from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
 from deepkd_det.core.settings import decoupled, deepkd_node, validate_deepkd_settings
 from deepkd_det.core.topk import TopKSchedule
@@ -88,6 +89,15 @@ def add_deepkd_config(cfg: CN) -> CN:
     # Allow a teacher without weights (random init). Only for tests and smoke runs: a warning
     # is logged. Off by default: a teacher with missing weights stops the build.
     cfg.TEACHER.ALLOW_RANDOM_INIT = False
+    # The teacher's forward at its cheapest exact form (deepkd_det/det/modeling/teacher.py):
+    # FOLD_NORM folds each FrozenBatchNorm2d into the detectron2 Conv2d before it (same logits to
+    # float rounding; the teacher's state dict is unchanged); CHANNELS_LAST runs the folded
+    # backbone in channels-last memory order; AMP_DTYPE "" (float32), "bf16" or "fp16" runs the
+    # teacher's backbone and box head under autocast (meant for GPUs); its logits and features are
+    # returned in float32, so every KD loss is computed in float32.
+    cfg.TEACHER.FOLD_NORM = True
+    cfg.TEACHER.CHANNELS_LAST = False
+    cfg.TEACHER.AMP_DTYPE = ""
 
     # ---------------------------------------------------------------- distillation loss
     cfg.KD = CN()
@@ -131,6 +141,9 @@ def add_deepkd_config(cfg: CN) -> CN:
     # NUM_CLASSES non-target classes, background included) and, with DEEPKD.DECOUPLE, the
     # decoupled update around SOLVER.MOMENTUM. Needs KD.TYPE "KD" or "DKD".
     cfg.DEEPKD = deepkd_node(CN)
+    # Mixed precision (detectron2's SOLVER.AMP.ENABLED) in "fp16" (one gradient scaler; with
+    # DeepKD over all components, deepkd_det/core/amp.py) or "bf16" (autocast only).
+    cfg.SOLVER.AMP.DTYPE = "fp16"
     return cfg
 
 
@@ -284,6 +297,9 @@ def validate_deepkd_config(cfg: CN) -> None:
     if dk.GSNR.ENABLED and not decoupled(dk):
         raise ValueError("DEEPKD.GSNR.ENABLED needs the decoupled update (DEEPKD.ENABLED and DEEPKD.DECOUPLE) "
                          "in detection: the per-component gradients are measured inside the decoupled step")
+
+    _check_choice("SOLVER.AMP.DTYPE", cfg.SOLVER.AMP.DTYPE, AMP_DTYPES)
+    _check_choice("TEACHER.AMP_DTYPE", cfg.TEACHER.AMP_DTYPE, ("",) + tuple(AMP_DTYPES))
 
     # teacher
     if cfg.TEACHER.EVAL_MODE is not True:

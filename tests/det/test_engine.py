@@ -88,7 +88,7 @@ def test_deepkd_iterations_log_components_and_k(tmp_path, shapes_root):
     teacher_ids = {id(p) for p in trainer.model.teacher.parameters()}
     assert trained and not teacher_ids & {id(p) for p in trained}
     head = trainer.model.roi_heads.box_predictor.cls_score.weight
-    assert {"tog_buffer", "tcg_buffer", "ncg_buffer"} <= set(opt.state[head])
+    assert {"scaled_buffer_tog", "scaled_buffer_tcg", "scaled_buffer_ncg"} <= set(opt.state[head])
     for k, v in trainer.model.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k
     moved = [k for k, v in trainer.model.backbone.state_dict().items() if not torch.equal(v, student_before[k])]
@@ -97,7 +97,7 @@ def test_deepkd_iterations_log_components_and_k(tmp_path, shapes_root):
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["topk_schedule"]["mode"] == "linear"
     states = final["trainer"]["_trainer"]["optimizer"]["state"]
-    assert any("ncg_buffer" in s for s in states.values())
+    assert any("scaled_buffer_ncg" in s for s in states.values())
     # GSNR windows of 2 iterations every 2: reported at iterations 1 and 3 (metrics.json, written
     # every 20 iterations, keeps the latest; gsnr_per_layer.jsonl every window).
     for key in ("gsnr/tog", "gsnr/tcg", "gsnr/ncg", "bsnr/tog", "bsnr/tcg", "bsnr/ncg"):
@@ -125,8 +125,8 @@ def test_dot_optimizer_trains_the_detector_with_two_buffers(tmp_path, shapes_roo
     mu = trainer.cfg.SOLVER.MOMENTUM
     assert opt._momenta(opt.param_groups[0]) == pytest.approx({"task": mu - 0.05, "kd": mu + 0.05})
     # TCKD + NCKD share the distillation buffer; it exists only where the KD terms reach.
-    assert {"task_buffer", "kd_buffer"} <= set(opt.state[head])
-    assert "kd_buffer" not in opt.state[rpn] and "task_buffer" in opt.state[rpn]
+    assert {"scaled_buffer_task", "scaled_buffer_kd"} <= set(opt.state[head])
+    assert "scaled_buffer_kd" not in opt.state[rpn] and "scaled_buffer_task" in opt.state[rpn]
     assert not torch.equal(head.detach(), head_before)
     assert math.isfinite(_metrics(out)[-1]["loss_tckd"])
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 import torch
 from detectron2.engine import HookBase, SimpleTrainer
 
+from deepkd_det.core.amp import autocast
 from deepkd_det.core.step import check_finite_losses as core_check_finite_losses
 
 __all__ = [
@@ -95,7 +96,12 @@ def split_components(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
 
 class CheckedSimpleTrainer(SimpleTrainer):
     """detectron2's SimpleTrainer step (sum of all losses, one backward, optimizer step) with
-    the named non-finite check before the backward pass."""
+    the named non-finite check before the backward pass; the forward under autocast in
+    ``amp_dtype`` (bf16 here; fp16 goes through detectron2's AMPTrainer or the decoupled step's scaler)."""
+
+    def __init__(self, model, data_loader, optimizer, amp_dtype: Optional[torch.dtype] = None):
+        super().__init__(model, data_loader, optimizer)
+        self.amp_dtype = amp_dtype
 
     def _next_losses(self):
         assert self.model.training, "[CheckedSimpleTrainer] model was changed to eval mode!"
@@ -103,7 +109,8 @@ class CheckedSimpleTrainer(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         try:
-            loss_dict = self.model(data)
+            with autocast(_device_of(self.model), self.amp_dtype):
+                loss_dict = self.model(data)
         except FloatingPointError as exc:
             # detectron2's own check inside the forward ("Predicted boxes or scores contain
             # Inf/NaN"): reported as ours, through the same (collective) check with the loss names
@@ -138,12 +145,27 @@ class DecoupledStepTrainer(CheckedSimpleTrainer):
     over processes and folds it into its own momentum buffer; then the parameter update.
     """
 
-    def __init__(self, model, data_loader, optimizer, decoupled_step):
-        super().__init__(model, data_loader, optimizer)
+    def __init__(self, model, data_loader, optimizer, decoupled_step, amp_dtype: Optional[torch.dtype] = None):
+        super().__init__(model, data_loader, optimizer, amp_dtype)
         self.decoupled_step = decoupled_step
 
     def run_step(self):
         loss_dict, data_time = self._next_losses()
         self.decoupled_step(self.optimizer.component_losses(**split_components(loss_dict)))
-        self.optimizer.step()
+        self.optimizer.step()  # nothing to apply when the fp16 scaler skipped the step
         self._write_metrics(loss_dict, data_time)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.decoupled_step.scaler is not None:  # exact resume of the loss scale
+            ret["grad_scaler"] = self.decoupled_step.scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.decoupled_step.scaler is not None and "grad_scaler" in state_dict:
+            self.decoupled_step.scaler.load_state_dict(state_dict["grad_scaler"])
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device

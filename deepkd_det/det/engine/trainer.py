@@ -32,6 +32,7 @@ from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
 from torch.nn.parallel import DistributedDataParallel
 
+from deepkd_det.core.amp import ComponentGradScaler, amp_dtype
 from deepkd_det.core.io import remove_leftover_temp_files
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.det.data import (
@@ -124,21 +125,24 @@ class DeepKDTrainer(DefaultTrainer):
         data_loader, self.train_sampler = self.build_resumable_train_loader(cfg)
 
         self.gsnr_hook = None
+        amp = amp_dtype(cfg.SOLVER.AMP.DTYPE, "SOLVER.AMP.DTYPE") if cfg.SOLVER.AMP.ENABLED else None
         if self.deepkd:
-            if cfg.SOLVER.AMP.ENABLED:
-                raise ValueError("SOLVER.AMP.ENABLED is not supported with DEEPKD.ENABLED")
             broadcast_initial_parameters(model)
+            # fp16: one loss scale over the three components (deepkd_det/core/amp.py).
+            scaler = ComponentGradScaler() if amp is torch.float16 else None
             # The trainer checks the losses itself (named, with the iteration) before the step.
-            step = build_decoupled_step(cfg.DEEPKD, optimizer, check_finite=False)
+            step = build_decoupled_step(cfg.DEEPKD, optimizer, check_finite=False, scaler=scaler)
             if cfg.DEEPKD.GSNR.ENABLED:
                 named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
                 meter = build_gsnr_meter(cfg.DEEPKD, named, _iterations_per_epoch(cfg, self.train_sampler))
                 self.gsnr_hook = GSNRHook(step, meter, cfg.OUTPUT_DIR)
-            self._trainer = DecoupledStepTrainer(model, data_loader, optimizer, step)
+            self._trainer = DecoupledStepTrainer(model, data_loader, optimizer, step, amp_dtype=amp)
         else:
             model = wrap_ddp(model)
-            trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else CheckedSimpleTrainer
-            self._trainer = trainer_cls(model, data_loader, optimizer)
+            if amp is torch.float16:
+                self._trainer = AMPTrainer(model, data_loader, optimizer)
+            else:
+                self._trainer = CheckedSimpleTrainer(model, data_loader, optimizer, amp_dtype=amp)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         checkpointables = {"trainer": weakref.proxy(self)}

@@ -3,21 +3,33 @@
 A randomly initialised teacher must never train silently: every teacher parameter and buffer
 must come from the checkpoint (missing or unexpected keys stop the build with their names),
 unless TEACHER.ALLOW_RANDOM_INIT is set for a smoke run.
+
+Its forward runs at its cheapest exact form: a copy of the backbone and box head in which every
+detectron2 ``Conv2d`` followed by its ``FrozenBatchNorm2d`` is one conv (TEACHER.FOLD_NORM; the
+folding maths is ``deepkd_det.core.teacher``'s), optionally channels-last (TEACHER.CHANNELS_LAST)
+and under autocast (TEACHER.AMP_DTYPE, logits and features returned in float32). The copy is
+rebuilt whenever a teacher tensor changes (loading, ``.to(device)``), so the teacher's own
+modules and state dict stay those of detectron2.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import Conv2d as D2Conv2d
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import build_backbone
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, ImageList
 from torch import nn
 
+from deepkd_det.core.amp import AMP_DTYPES, autocast
+from deepkd_det.core.teacher import batchnorm_affine, fold_affine_into_conv_
 from deepkd_det.det.config import resolve_teacher_cfg
 
 from .weights import (
@@ -30,6 +42,7 @@ from .weights import (
 
 __all__ = [
     "Teacher",
+    "fold_frozen_batchnorm",
     "build_teacher",
     "teacher_state_from_checkpoint",
     "load_teacher_weights",
@@ -46,17 +59,49 @@ class TeacherWeightsError(ValueError):
     """The teacher checkpoint does not match the teacher model."""
 
 
+def _fixed_norm(norm) -> bool:
+    """A norm layer that is an affine map per channel in the teacher's eval mode."""
+    if isinstance(norm, FrozenBatchNorm2d):
+        return True
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """A frozen copy of ``module`` in which each detectron2 ``Conv2d`` absorbs its ``norm``.
+
+    detectron2's ``Conv2d`` applies ``norm`` (FrozenBatchNorm2d, or a BatchNorm with running
+    statistics: the teacher runs in eval mode) right after the convolution, so ``norm(conv(x))``
+    is one conv with scaled weights and a bias (``core.teacher.fold_affine_into_conv_``). The
+    copy's norms become None; ``module`` is not modified.
+    """
+    folded = copy.deepcopy(module).eval()
+    for m in folded.modules():
+        if isinstance(m, D2Conv2d) and _fixed_norm(m.norm):
+            n = m.norm
+            scale, shift = batchnorm_affine(n.running_mean, n.running_var, n.weight, n.bias, n.eps)
+            fold_affine_into_conv_(m, scale, shift)
+            m.norm = None
+    return folded.requires_grad_(False)
+
+
 class Teacher(nn.Module):
     """A GeneralizedRCNN-like teacher: ``backbone``, ``proposal_generator``, ``roi_heads`` and its
     own ``pixel_mean`` / ``pixel_std`` (non-persistent, so the state-dict keys are detectron2's).
 
-    Frozen (no gradients) and always in eval mode: ``train()`` is a no-op.
+    Frozen (no gradients) and always in eval mode: ``train()`` is a no-op. ``fold_norm``,
+    ``channels_last`` and ``amp_dtype`` choose the forward (module docstring).
     """
 
     def __init__(
-        self, backbone, proposal_generator, roi_heads, pixel_mean, pixel_std, input_format: str = "BGR"
+        self, backbone, proposal_generator, roi_heads, pixel_mean, pixel_std, input_format: str = "BGR",
+        fold_norm: bool = True, channels_last: bool = False, amp_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        self.fold_norm = bool(fold_norm)
+        self.channels_last = bool(channels_last)
+        self.amp_dtype = amp_dtype
+        self._fast: Optional[tuple] = None  # (key, backbone, box_head): not submodules, not in the state dict
         self.backbone = backbone
         self.proposal_generator = proposal_generator
         self.roi_heads = roi_heads
@@ -108,12 +153,40 @@ class Teacher(nn.Module):
             image_list = ImageList(tensor, image_list.image_sizes)
         return image_list
 
+    def _forward_modules(self) -> Tuple[nn.Module, nn.Module]:
+        """The backbone and box head the forward runs: the folded copies when asked, kept up to date."""
+        box_head = self.roi_heads.box_head
+        if not (self.fold_norm or self.channels_last):
+            return self.backbone, box_head
+        tensors = [*self.backbone.parameters(), *self.backbone.buffers(), *box_head.parameters(), *box_head.buffers()]
+        # Hooks too: the copy carries the hooks registered when it was made, so it is remade
+        # when one is added or removed (a spy on teacher.backbone sees the forward).
+        hooks = tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
+                      for m in (*self.backbone.modules(), *box_head.modules()))
+        key = (self.fold_norm, self.channels_last, tuple((t.data_ptr(), t._version) for t in tensors), hooks)
+        if self._fast is None or self._fast[0] != key:
+            fold = fold_frozen_batchnorm if self.fold_norm else (lambda m: copy.deepcopy(m).requires_grad_(False))
+            backbone, head = fold(self.backbone), fold(box_head)
+            if self.channels_last:
+                backbone.to(memory_format=torch.channels_last)
+            self._fast = (key, backbone, head)
+        return self._fast[1], self._fast[2]
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if self.amp_dtype is not None else x
+
     @torch.no_grad()
     def features(
         self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
     ) -> Dict[str, torch.Tensor]:
         """The teacher backbone's (FPN) feature maps of the student-format images, no gradient."""
-        return self.backbone(self.preprocess(images, input_format, pad_to).tensor)
+        backbone, _ = self._forward_modules()
+        x = self.preprocess(images, input_format, pad_to).tensor
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, self.amp_dtype):
+            out = backbone(x)
+        return {k: self._float(v) for k, v in out.items()}
 
     @torch.no_grad()
     def box_logits(
@@ -131,9 +204,11 @@ class Teacher(nn.Module):
         if features is None:
             features = self.features(images, input_format)
         rh = self.roi_heads
+        _, box_head = self._forward_modules()
         pooled = rh.box_pooler([features[f] for f in rh.box_in_features], boxes)
-        scores, _ = rh.box_predictor(rh.box_head(pooled))
-        return scores
+        with autocast(pooled.device, self.amp_dtype):
+            scores, _ = rh.box_predictor(box_head(pooled))
+        return self._float(scores)  # every KD loss in float32
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("the teacher is used through DeepKDRCNN (Teacher.box_logits), not called directly")
@@ -290,6 +365,9 @@ def build_teacher(cfg) -> Teacher:
         pixel_mean=tcfg.MODEL.PIXEL_MEAN,
         pixel_std=tcfg.MODEL.PIXEL_STD,
         input_format=cfg.TEACHER.INPUT_FORMAT,
+        fold_norm=cfg.TEACHER.FOLD_NORM,
+        channels_last=cfg.TEACHER.CHANNELS_LAST,
+        amp_dtype=AMP_DTYPES[cfg.TEACHER.AMP_DTYPE] if cfg.TEACHER.AMP_DTYPE else None,
     )
     for attr in ("box_pooler", "box_head", "box_predictor", "box_in_features"):
         if not hasattr(teacher.roi_heads, attr):

@@ -1,31 +1,8 @@
-"""Decoupled-momentum SGD: one momentum buffer per gradient component (DeepKD, DOT).
+"""Decoupled-momentum SGD: the optimizers that gather param groups and keep one buffer per component.
 
-DeepKD (docs/maths.md) splits the student's gradient into TOG (task), TCG (target-class KD)
-and NCG (non-target-class KD); each component has its own momentum ``mu + delta_c``:
-
-    g_tog = grad(L_task) + weight_decay * w        # weight decay rides with the task gradient
-    m_c   = g_c                                    on the first fold of each buffer
-    m_c   = mu_c * m_c + (1 - dampening) * g_c     afterwards
-    w    -= lr * (m_tog + m_tcg + m_ncg)           # only buffers folded this step contribute
-
-Gradients are handed over one component at a time (``fold``), so at most one gradient set has
-to exist at once; ``step`` applies the update. A parameter that gets no gradient from a
-component leaves that buffer untouched (as torch SGD skips parameters whose grad is None).
-
-Speed: every update is a ``torch._foreach_*`` call over lists bucketed by hyper-parameters.
-In paper mode a buffer is stored pre-scaled, ``v_c = m_c * (1 - mu_c) / (1 - dampening)``, so
-that the momentum update is a single ``lerp`` pass, ``v_c <- lerp(v_c, g_c, 1 - mu_c)``,
-instead of a multiply pass plus an add pass; ``step`` divides the scale back out in the
-``alpha`` of its add. ``momentum_buffer(p, c)`` and the tests see the true ``m_c``; the scale a
-buffer was stored with is kept next to it (``<c>_scale``), so checkpoints round-trip and a
-changed momentum or a checkpoint from the other mode is rescaled on the next fold. On CPU the
-multi-pass updates (TOG's lerp + weight decay, the three adds of ``step``) run in cache-sized
-blocks of tensors (``cpu_block_bytes``), so that the later passes read from cache.
-
-``compat="official"`` reproduces the update of the released reference optimizer
-(docs/maths.md, "The released reference code"): the decay factor of
-a buffer depends on which *other* components reached the parameter this step, so that mode
-keeps the folded gradients until ``step`` (as the reference does) and stores unscaled buffers.
+``DeepKDOptimizer`` (TOG / TCG / NCG, docs/maths.md) and ``DOTOptimizer`` (task / distillation)
+are thin subclasses of ``DecoupledMomentumSGD``, whose docstring writes the algorithm out. The
+update maths lives in ``functional.py`` (paper mode) and ``official.py`` (the released code).
 """
 
 from __future__ import annotations
@@ -35,69 +12,81 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["DeepKDOptimizer", "DOTOptimizer", "DecoupledMomentumSGD", "DEEPKD_COMPONENTS", "DOT_COMPONENTS"]
+from .blocking import CPU_BLOCK_BYTES, block_bytes_for
+from .functional import (
+    apply_update_,
+    buffer_scale,
+    check_momentum,
+    first_fold,
+    fold_paper_,
+    fold_tensor_,
+    scale_key,
+    scaled_buffer_key,
+)
+from .official import official_deepkd_step_
+
+__all__ = ["COMPAT_MODES", "DEEPKD_COMPONENTS", "DOT_COMPONENTS", "DOTOptimizer", "DecoupledMomentumSGD",
+           "DeepKDOptimizer"]
 
 DEEPKD_COMPONENTS = ("tog", "tcg", "ncg")
 DOT_COMPONENTS = ("task", "kd")
 COMPAT_MODES = ("paper", "official")
 
 
-def _check_momentum(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"momentum of component {name!r} is {value:g}; each momentum (mu + delta) must lie in [0, 1)")
-
-
-def _cache_blocks(rows: Sequence[Tuple[tuple, Any]], block_bytes: int) -> List[List[Tuple[tuple, Any]]]:
-    """Groups rows ``(tensors, meta)`` (same-shaped tensors) into blocks of ~``block_bytes`` of the first.
-
-    A row larger than a block is cut into flat views when all its tensors are contiguous, so
-    big tensors are blocked too. ``block_bytes == 0`` keeps everything in one block.
-    """
-    if not block_bytes:
-        return [list(rows)]
-    blocks: List[List[Tuple[tuple, Any]]] = []
-    current: List[Tuple[tuple, Any]] = []
-    size = 0
-    for tensors, meta in rows:
-        first = tensors[0]
-        nbytes = first.numel() * first.element_size()
-        if nbytes > block_bytes and all(t.is_contiguous() for t in tensors):
-            if current:
-                blocks.append(current)
-                current, size = [], 0
-            pieces = [t.view(-1).split(max(1, block_bytes // first.element_size())) for t in tensors]
-            blocks.extend([(parts, meta)] for parts in zip(*pieces))
-            continue
-        if current and size + nbytes > block_bytes:
-            blocks.append(current)
-            current, size = [], 0
-        current.append((tensors, meta))
-        size += nbytes
-    if current:
-        blocks.append(current)
-    return blocks
-
-
 class DecoupledMomentumSGD(Optimizer):
     """SGD with one momentum buffer per gradient component; subclasses name the components.
 
+    The algorithm (paper mode; docs/maths.md, "4. The DeepKD update"), per parameter ``w`` of a
+    group with ``lr``, ``weight_decay`` and ``dampening``, and per component ``c`` with momentum
+    ``mu_c`` (``_momenta``)::
+
+        g_c  = gradient of component c (+ weight_decay * w for ``decay_component``)
+        m_c  = g_c                                  on the first fold of the buffer
+        m_c  = mu_c * m_c + (1 - dampening) * g_c   afterwards
+        w   -= lr * sum_c m_c                       over the buffers folded since the last step
+
+    A component that does not reach ``w`` in a step leaves its buffer untouched (as torch SGD
+    skips a parameter whose grad is None). Gradients arrive one component at a time (``fold``
+    with a whole list, or ``fold_param`` per tensor while streaming), so at most one gradient
+    set has to exist at once; ``step`` applies the update.
+
+    State per parameter: ``scaled_buffer_<c>`` holds ``s_c * m_c`` with
+    ``s_c = (1 - mu_c) / (1 - dampening)`` and ``<c>_scale`` holds the ``s_c`` it was stored
+    with (``functional.py`` says why; ``momentum_buffer`` returns the true ``m_c``). A changed
+    momentum, or a buffer from the other mode, is rescaled on its next fold.
+
     Subclasses set ``components`` (the names ``fold`` accepts), ``decay_component`` (the one
-    that carries weight decay) and implement ``_momenta(group) -> {component: mu}``.
+    that carries weight decay) and implement ``_momenta(group) -> {component: mu}``; a
+    ``compat="official"`` mode implements ``_step_official`` (see ``official.py``).
+
+    Equal momenta (``merge_equal_momenta=True``, paper mode only): components whose momenta
+    are equal in every group (``ties``, e.g. TOG and NCG of DeepKD on KD, both ``mu + 0.075``)
+    evolve as one buffer, ``m_a + m_b <- mu (m_a + m_b) + (1 - dampening) (g_a + g_b)``, so
+    they are folded as one component named ``"a+b"`` with the gradient of the summed loss: one
+    backward pass instead of two. Per parameter, ``sources`` says which of the tied components
+    reached it. The one buffer equals the sum of the separate ones as long as a component that
+    reached a parameter once reaches it whenever any of its tie does (a parameter reached by
+    one of them only, always, is fine; so is one that a tied component starts to reach later,
+    when dampening is 0): otherwise the separate update would leave that component's part
+    undecayed while the shared buffer decays it, and ``fold`` raises instead of drifting.
+    Weight decay applies where ``decay_component`` is among the sources. ``momentum_buffer``
+    takes the tie's name (the sum of its buffers); the official update keeps every buffer apart.
     """
 
     components: Tuple[str, ...] = ()
     decay_component: str = ""
     compat: str = "paper"
-    # Several passes over the same tensors (lerp + weight decay; the three buffer adds of step)
-    # run block by block on CPU, so that the second pass finds the block in cache: ~2 MiB of
-    # parameters per block (the working set is a few of those, well inside a 32 MiB L3).
-    cpu_block_bytes: int = 2 * 2**20
+    merge_equal_momenta: bool = False
+    # CPU cache blocking of the multi-pass updates (blocking.py); 0 turns it off.
+    cpu_block_bytes: int = CPU_BLOCK_BYTES
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._pending: Dict[str, List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], float]]] = {}
         self._stash: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}  # official: (param, grad)
         self._streamed: Dict[str, set] = {}  # component -> ids of params folded one by one this step
         self._group_of: Optional[Dict[int, dict]] = None
+        self._sources: Dict[str, Dict[int, frozenset]] = {}  # tie -> id(param) -> tied components reaching it
+        self._ties: Optional[tuple] = None
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------- groups
@@ -113,7 +102,7 @@ class DecoupledMomentumSGD(Optimizer):
         if not 0.0 <= float(group["dampening"]) < 1.0:
             raise ValueError(f"dampening must lie in [0, 1), got {group['dampening']}")
         for name, mu in self._momenta(group).items():
-            _check_momentum(name, mu)
+            check_momentum(name, mu)
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate on a merged view first, so that a bad group is refused before it is added.
@@ -121,12 +110,15 @@ class DecoupledMomentumSGD(Optimizer):
         self._validate_group(merged)
         super().add_param_group(param_group)
         self._group_of = None
+        self._ties = None
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("_stash", {})
         self._streamed = {}
+        self._sources = {}
+        self._ties = None
         self._group_of = None
 
     @property
@@ -134,9 +126,48 @@ class DecoupledMomentumSGD(Optimizer):
         """All parameters in group order: the order an explicit gradient list must follow."""
         return [p for group in self.param_groups for p in group["params"]]
 
+    @property
+    def ties(self) -> Tuple[Tuple[str, ...], ...]:
+        """Groups of components with equal momenta in every param group that share one buffer.
+
+        Empty unless ``merge_equal_momenta`` and paper mode. Fold a tie under ``tie_name(tie)``.
+        """
+        if not self.merge_equal_momenta or self.compat != "paper" or not self.param_groups:
+            return ()
+        if self._ties is None:  # once per step (momenta may change between steps, not within one)
+            momenta = [self._momenta(g) for g in self.param_groups]
+            same: Dict[tuple, List[str]] = {}
+            for c in self.components:
+                same.setdefault(tuple(m[c] for m in momenta), []).append(c)
+            self._ties = tuple(tuple(cs) for cs in same.values() if len(cs) > 1)
+        return self._ties
+
+    @staticmethod
+    def tie_name(tie: Sequence[str]) -> str:
+        return "+".join(tie)
+
+    @property
+    def fold_names(self) -> Tuple[str, ...]:
+        """What ``fold`` accepts: every component outside a tie, and each tie's name."""
+        ties = self.ties
+        tied = {c for tie in ties for c in tie}
+        return tuple(c for c in self.components if c not in tied) + tuple(self.tie_name(t) for t in ties)
+
+    def _members(self, name: str) -> Tuple[str, ...]:
+        return tuple(name.split("+"))
+
+    def _check_name(self, component: str) -> None:
+        names = self.fold_names
+        if component in names:
+            return
+        tie = next((t for t in self.ties if component in t), None)
+        if tie is not None:
+            raise ValueError(f"component {component!r} shares one buffer with {tie} (equal momenta): fold "
+                             f"{self.tie_name(tie)!r}, or build the optimizer with merge_equal_momenta=False")
+        raise ValueError(f"unknown gradient component {component!r}; this optimizer folds {names}")
+
     def _check_component(self, component: str) -> None:
-        if component not in self.components:
-            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        self._check_name(component)
         if component in self._pending or component in self._stash or component in self._streamed:
             raise RuntimeError(f"component {component!r} was already folded in this step; call step() first")
 
@@ -145,14 +176,16 @@ class DecoupledMomentumSGD(Optimizer):
         raise NotImplementedError
 
     def momentum_buffer(self, param: torch.Tensor, component: str) -> Optional[torch.Tensor]:
-        """The true momentum buffer ``m_c`` of ``param`` (a new tensor), or None before its first fold."""
-        if component not in self.components:
-            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        """The true momentum buffer ``m_c`` of ``param`` (a new tensor), or None before its first fold.
+
+        For a tie's name (``"tog+ncg"``), the one buffer its components share: the sum of theirs.
+        """
+        self._check_name(component)
         state = self.state.get(param, {})
-        buf = state.get(f"{component}_buffer")
+        buf = state.get(scaled_buffer_key(component))
         if buf is None:
             return None
-        return buf / state[f"{component}_scale"]
+        return buf / state[scale_key(component)]
 
     # ------------------------------------------------------------------------------- fold
     def _gradients(self, grads: Optional[Sequence[Optional[torch.Tensor]]], clear_grad: bool):
@@ -194,15 +227,18 @@ class DecoupledMomentumSGD(Optimizer):
         grads: Optional[Sequence[Optional[torch.Tensor]]] = None,
         *,
         clear_grad: bool = True,
+        sources: Optional[Sequence[Optional[frozenset]]] = None,
     ) -> None:
         """Folds one component's gradient into its momentum buffer.
 
         Args:
-            component: one of ``self.components``; each at most once per step, in any order.
+            component: one of ``self.fold_names``; each at most once per step, in any order.
             grads: optional explicit gradients aligned with ``self.params`` (None entries: no
                 gradient). Without it the gradient is read from ``p.grad``.
             clear_grad: when reading ``p.grad``, set it to None afterwards, so that the next
                 component's backward starts from zero and the gradient memory is freed.
+            sources: for a tie only (and required there): aligned with ``self.params``, the set
+                of the tie's components that reached each parameter (None where none did).
 
         In ``compat="official"`` the gradients are kept (not copied) until ``step``; do not
         modify explicitly passed tensors in place before then.
@@ -212,18 +248,38 @@ class DecoupledMomentumSGD(Optimizer):
         if self.compat == "official":
             self._stash[component] = [pair for pairs in per_group for pair in pairs]
             return
+        if "+" in component:
+            self._sources[component] = self.check_sources(component, sources, per_group)
         self._fold_paper(component, per_group)
 
+    def check_sources(self, name: str, sources: Optional[Sequence[Optional[frozenset]]], per_group=None):
+        """Checks a tie's ``sources`` (aligned with ``self.params``) before anything is folded.
+
+        Raises where the shared buffer would differ from the separate ones (class docstring);
+        returns ``{id(param): sources}``. ``per_group`` limits the check to parameters with a gradient.
+        """
+        params = self.params
+        if sources is None or len(sources) != len(params):
+            raise ValueError(f"fold({name!r}) of a tie needs sources: one set of its components per parameter")
+        by_id = {id(p): s for p, s in zip(params, sources)}
+        if per_group is None:
+            rows = [(g, p, by_id[id(p)]) for g in self.param_groups for p in g["params"] if by_id[id(p)]]
+        else:
+            rows = [(g, p, by_id[id(p)]) for g, pairs in zip(self.param_groups, per_group) for p, _ in pairs]
+        self._check_tie(name, rows)
+        return by_id
+
     @torch.no_grad()
-    def fold_param(self, component: str, param: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+    def fold_param(self, component: str, param: torch.Tensor, grad: Optional[torch.Tensor],
+                   sources: Optional[frozenset] = None) -> None:
         """Folds the gradient of one parameter (streaming: call it as each gradient becomes ready).
 
         At most once per parameter and component in a step, and not mixed with ``fold`` of the
         same component. Per-tensor operations: meant for gradients folded while still in cache
-        (see ``DecoupledStep(strategy="streaming")``); ``fold`` is faster for whole lists.
+        (see ``DecoupledStep(strategy="streaming")``); ``fold`` is faster for whole lists. For a
+        tie, ``sources`` is the set of its components that reached ``param``.
         """
-        if component not in self.components:
-            raise ValueError(f"unknown gradient component {component!r}; this optimizer has {self.components}")
+        self._check_name(component)
         streamed = self._streamed.get(component)
         if streamed is None:
             self._check_component(component)
@@ -244,28 +300,59 @@ class DecoupledMomentumSGD(Optimizer):
         if self.compat == "official":
             self._stash.setdefault(component, []).append((param, grad))
             return
-        mu = self._momenta(group)[component]
-        _check_momentum(component, mu)
-        scale = (1.0 - mu) / (1.0 - float(group["dampening"]))
-        wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
-        buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+        tied = "+" in component
+        if tied:
+            if not sources:
+                raise ValueError(f"fold_param({component!r}) of a tie needs sources: the tied components reaching it")
+            self._check_tie(component, [(group, param, sources)])
+            self._sources.setdefault(component, {})[id(param)] = sources
+        mu = self._momenta(group)[self._members(component)[0]]
+        check_momentum(component, mu)
+        scale = buffer_scale(mu, float(group["dampening"]))
+        wd = float(group["weight_decay"]) if self._carries_decay(component, param) else 0.0
+        buf_key, s_key = scaled_buffer_key(component), scale_key(component)
         state = self.state[param]
-        buf = state.get(buf_key)
-        if buf is None:
-            buf = state[buf_key] = grad.mul(scale)
-            if wd:
-                buf.add_(param, alpha=scale * wd)
-        else:
-            if state[scale_key] != scale:
-                buf.mul_(scale / state[scale_key])
-            buf.lerp_(grad, 1.0 - mu)
-            if wd:
-                buf.add_(param, alpha=(1.0 - mu) * wd)
-        state[scale_key] = scale
+        buf = state[buf_key] = fold_tensor_(state.get(buf_key), state.get(s_key, scale), grad, param, mu, scale, wd)
+        state[s_key] = scale
+        if tied:
+            self._record_sources(component, [param])
         self._pending.setdefault(component, []).append((group, [param], [buf], scale))
 
+    # ------------------------------------------------------------------------------- ties
+    def _carries_decay(self, component: str, param: torch.Tensor) -> bool:
+        if "+" not in component:
+            return component == self.decay_component
+        return self.decay_component in self._sources[component][id(param)]
+
+    def _check_tie(self, name: str, rows) -> None:
+        """Refuses, before any state changes, a fold whose shared buffer would differ from the separate ones."""
+        key = f"{name}_sources"
+        tie = set(self._members(name))
+        for group, p, sources in rows:
+            if not sources or not set(sources) <= tie:
+                raise ValueError(f"sources of a parameter in tie {name!r} must be a non-empty subset of {sorted(tie)}, "
+                                 f"got {sources}")
+            seen = set(filter(None, self.state.get(p, {}).get(key, "").split("+")))
+            missing = seen - set(sources)
+            late = set(sources) - seen if seen and float(group["dampening"]) else set()
+            if missing or late:
+                why = (f"{sorted(missing)} reached a parameter in earlier steps but not in this one" if missing else
+                       f"{sorted(late)} reach a parameter for the first time with dampening "
+                       f"{group['dampening']} (its first fold is not dampened)")
+                raise RuntimeError(
+                    f"tie {name!r}: {why}; one shared buffer cannot reproduce the separate buffers then. Build the "
+                    "optimizer with merge_equal_momenta=False (DEEPKD.MERGE_EQUAL_MOMENTA False)"
+                )
+
+    def _record_sources(self, name: str, params) -> None:
+        key, by_id, members = f"{name}_sources", self._sources[name], self._members(name)
+        for p in params:
+            state = self.state[p]
+            seen = set(filter(None, state.get(key, "").split("+"))) | set(by_id[id(p)])
+            state[key] = "+".join(c for c in members if c in seen)
+
     def _fold_paper(self, component: str, per_group) -> None:
-        buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+        buf_key, s_key = scaled_buffer_key(component), scale_key(component)
         # Buckets of groups that share hyper-parameters, so each foreach call spans them all.
         first: Dict[Tuple[float, float], Tuple[list, list]] = {}
         later: Dict[Tuple[float, float], Tuple[list, list, list]] = {}
@@ -275,25 +362,25 @@ class DecoupledMomentumSGD(Optimizer):
         for group, pairs in zip(self.param_groups, per_group):
             if not pairs:
                 continue
-            mu = self._momenta(group)[component]
-            _check_momentum(component, mu)
-            damp = float(group["dampening"])
-            scale = (1.0 - mu) / (1.0 - damp)
-            wd = float(group["weight_decay"]) if component == self.decay_component else 0.0
-            f_params, f_grads = first.setdefault((scale, wd), ([], []))
-            l_params, l_bufs, l_grads = later.setdefault((1.0 - mu, wd), ([], [], []))
+            mu = self._momenta(group)[self._members(component)[0]]
+            check_momentum(component, mu)
+            scale = buffer_scale(mu, float(group["dampening"]))
+            group_wd = float(group["weight_decay"])
             for p, g in pairs:
+                wd = group_wd if self._carries_decay(component, p) else 0.0
+                f_params, f_grads = first.setdefault((scale, wd), ([], []))
+                l_params, l_bufs, l_grads = later.setdefault((1.0 - mu, wd), ([], [], []))
                 state = self.state[p]
                 buf = state.get(buf_key)
                 if buf is None:
                     f_params.append(p)
                     f_grads.append(g)
                     continue
-                old_scale = state[scale_key]
+                old_scale = state[s_key]
                 if old_scale != scale:  # momentum/dampening changed or checkpoint from the other mode
                     rescale_bufs.append(buf)
                     rescale_factors.append(scale / old_scale)
-                    state[scale_key] = scale
+                    state[s_key] = scale
                 l_params.append(p)
                 l_bufs.append(buf)
                 l_grads.append(g)
@@ -304,24 +391,13 @@ class DecoupledMomentumSGD(Optimizer):
         for (scale, wd), (params, grads) in first.items():
             if not params:
                 continue
-            bufs = torch._foreach_mul(grads, scale)  # m = g_c (no dampening on the first fold)
-            if wd:
-                torch._foreach_add_(bufs, params, alpha=scale * wd)
-            for p, b in zip(params, bufs):
+            for p, b in zip(params, first_fold(grads, params, scale, wd)):
                 self.state[p][buf_key] = b
-                self.state[p][scale_key] = scale
+                self.state[p][s_key] = scale
         for (weight, wd), (params, bufs, grads) in later.items():
-            if not params:
-                continue
-            # v = mu v + (1 - mu) g  ==  scale * (mu m + (1 - dampening) g)
-            if not wd:
-                torch._foreach_lerp_(bufs, grads, weight)
-                continue
-            rows = [((b, g, p), None) for b, g, p in zip(bufs, grads, params)]
-            for block in _cache_blocks(rows, self._block_bytes(params)):
-                b_block, g_block, p_block = (list(col) for col in zip(*(tensors for tensors, _ in block)))
-                torch._foreach_lerp_(b_block, g_block, weight)
-                torch._foreach_add_(b_block, p_block, alpha=weight * wd)
+            fold_paper_(bufs, grads, params, weight, wd, self._block_bytes(params))
+        if "+" in component:
+            self._record_sources(component, [p for _, params, _ in pending for p in params])
         self._pending[component] = [
             (group, params, [self.state[p][buf_key] for p in params], scale) for group, params, scale in pending
         ]
@@ -335,37 +411,26 @@ class DecoupledMomentumSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._streamed = {}
+        self._sources = {}
+        self._ties = None
         if self.compat == "official":
             self._step_official()
             self._stash = {}
             return loss
-        # One row per parameter: (param, its folded buffers) and each buffer's alpha = -lr / scale.
-        rows: Dict[int, Tuple[list, list]] = {}
+        # One row per parameter: (param, [(component, buffer, -lr / scale), ...]).
+        rows: Dict[int, Tuple[torch.Tensor, list]] = {}
         for component, entries in self._pending.items():
             for group, params, bufs, scale in entries:
-                key = (component, -float(group["lr"]) / scale)
+                alpha = -float(group["lr"]) / scale
                 for p, b in zip(params, bufs):
-                    tensors, keys = rows.setdefault(id(p), ([p], []))
-                    tensors.append(b)
-                    keys.append(key)
-        ordered = [(tuple(tensors), keys) for tensors, keys in rows.values()]
-        for block in _cache_blocks(ordered, self._block_bytes([t[0] for t, _ in ordered[:1]])):
-            ops: Dict[Tuple[str, float], Tuple[list, list]] = {}
-            for tensors, keys in block:
-                for b, key in zip(tensors[1:], keys):
-                    ps, bs = ops.setdefault(key, ([], []))
-                    ps.append(tensors[0])
-                    bs.append(b)
-            for (_, alpha), (ps, bs) in ops.items():
-                torch._foreach_add_(ps, bs, alpha=alpha)
+                    rows.setdefault(id(p), (p, []))[1].append((component, b, alpha))
+        ordered = list(rows.values())
+        apply_update_(ordered, self._block_bytes([w for w, _ in ordered[:1]]))
         self._pending = {}
         return loss
 
     def _block_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
-        """Cache blocking only pays on CPU; on accelerators one foreach call per list is best."""
-        if not tensors or tensors[0].device.type != "cpu":
-            return 0
-        return self.cpu_block_bytes
+        return block_bytes_for(tensors, self.cpu_block_bytes)
 
     def _step_official(self) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no compat='official' mode")
@@ -379,10 +444,19 @@ class DecoupledMomentumSGD(Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        names = set(self.fold_names)
+        for s in _renamed_buffer_keys(state_dict, self.components).get("state", {}).values():
+            stored = {k[len("scaled_buffer_"):] for k in s if k.startswith("scaled_buffer_")}
+            if not stored <= names:
+                raise ValueError(f"optimizer checkpoint holds buffers {sorted(stored - names)} but this optimizer "
+                                 f"folds {sorted(names)} (DEEPKD.MERGE_EQUAL_MOMENTA or the momenta differ from the "
+                                 "run that wrote it)")
+        super().load_state_dict(_renamed_buffer_keys(state_dict, self.components))
         self._pending = {}
         self._stash = {}
         self._streamed = {}
+        self._sources = {}
+        self._ties = None
         self._group_of = None
         for group in self.param_groups:
             self._validate_group(group)
@@ -401,7 +475,8 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
 
     Per-group ``lr``, ``weight_decay``, ``momentum``, ``delta_*``, ``dampening`` are honoured
     (detectron2's ``build_optimizer`` groups and LR schedulers that set ``group["lr"]`` work).
-    ``compat="official"`` reproduces the released reference update (see module docstring).
+    ``compat="official"`` reproduces the released reference update (``official.py``);
+    ``merge_equal_momenta`` shares one buffer between components of equal momentum (paper mode).
     """
 
     components = DEEPKD_COMPONENTS
@@ -418,10 +493,12 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
         weight_decay: float = 0.0,
         dampening: float = 0.0,
         compat: str = "paper",
+        merge_equal_momenta: bool = False,
     ):
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         self.compat = compat
+        self.merge_equal_momenta = bool(merge_equal_momenta)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -450,88 +527,8 @@ class DeepKDOptimizer(DecoupledMomentumSGD):
         state_dict.pop("compat", None)  # buffers carry their scale, so either mode loads either
         super().load_state_dict(state_dict)
 
-    # --------------------------------------------------------------- reference-compatible
     def _step_official(self) -> None:
-        """The released reference update, step by step (docs/maths.md).
-
-        Per parameter, with ``has_*`` = "got that component's gradient this step":
-        TOG (no weight decay): decay ``mu_tcg`` if has_tcg, else ``mu_ncg`` if has_ncg, else the
-        mean of the three momenta; with ``mu_tog == 0`` no buffer, the raw gradient is used.
-        NCG: decay ``mu_ncg`` if has_tog, else ``mu_tcg`` if has_tcg, else (gradient + wd * w,
-        mean momentum). TCG: gradient + wd * w always; decay ``mu_tcg`` if has_tog, else
-        ``mu_ncg`` if has_ncg, else wd is added a second time and the mean momentum is used.
-        The parameter is updated in place after each component (TOG, NCG, TCG), so the weight
-        decay of TCG sees the weights already moved by TOG and NCG. First folds copy the
-        (weight-decayed, for TCG) gradient.
-        """
-        # component -> {id(param): grad}: O(1) membership instead of the reference's list scans
-        got = {c: {id(p): g for p, g in self._stash.get(c, ())} for c in DEEPKD_COMPONENTS}
-        for group in self.param_groups:
-            self._official_group(group, got)
-
-    def _official_group(self, group: dict, got: Dict[str, Dict[int, torch.Tensor]]) -> None:
-        mus = self._momenta(group)
-        mu_mean = (mus["tog"] + mus["tcg"] + mus["ncg"]) / 3.0
-        damp = float(group["dampening"])
-        wd = float(group["weight_decay"])
-        lr = float(group["lr"])
-        # Decay rule per component: (component checked first, its mu), (checked second, its mu).
-        rules = {
-            "tog": ((got["tcg"], mus["tcg"]), (got["ncg"], mus["ncg"])),
-            "ncg": ((got["tog"], mus["ncg"]), (got["tcg"], mus["tcg"])),
-            "tcg": ((got["tog"], mus["tcg"]), (got["ncg"], mus["ncg"])),
-        }
-        for component in ("tog", "ncg", "tcg"):
-            members = [p for p in group["params"] if id(p) in got[component]]
-            if not members:
-                continue
-            grads = [got[component][id(p)] for p in members]
-            if component == "tcg" and wd:
-                grads = torch._foreach_add(grads, members, alpha=wd)  # w as moved by TOG and NCG
-            if component == "tog" and mus["tog"] == 0.0:
-                torch._foreach_add_(members, grads, alpha=-lr)  # the reference keeps no TOG buffer then
-                continue
-            buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
-            (first_set, first_mu), (second_set, second_mu) = rules[component]
-            buckets: Dict[float, Tuple[list, list]] = {}
-            extra_wd: Tuple[list, list, list] = ([], [], [])  # NCG / TCG "else" branch: g + wd * w
-            rescale_bufs, rescale_factors = [], []
-            for p, g in zip(members, grads):
-                state = self.state[p]
-                buf = state.get(buf_key)
-                if buf is None:
-                    state[buf_key] = g.clone()
-                    state[scale_key] = 1.0
-                    continue
-                if state[scale_key] != 1.0:  # buffer saved by paper mode: store it unscaled
-                    rescale_bufs.append(buf)
-                    rescale_factors.append(1.0 / state[scale_key])
-                    state[scale_key] = 1.0
-                if id(p) in first_set:
-                    mu = first_mu
-                elif id(p) in second_set:
-                    mu = second_mu
-                elif component != "tog" and wd:
-                    extra_wd[0].append(p)
-                    extra_wd[1].append(buf)
-                    extra_wd[2].append(g)
-                    continue
-                else:
-                    mu = mu_mean
-                bufs, gs = buckets.setdefault(mu, ([], []))
-                bufs.append(buf)
-                gs.append(g)
-            if rescale_bufs:
-                torch._foreach_mul_(rescale_bufs, rescale_factors)
-            if extra_wd[0]:
-                ps, bufs, gs = extra_wd
-                gs = torch._foreach_add(gs, ps, alpha=wd)
-                torch._foreach_mul_(bufs, mu_mean)
-                torch._foreach_add_(bufs, gs, alpha=1.0 - damp)
-            for mu, (bufs, gs) in buckets.items():
-                torch._foreach_mul_(bufs, mu)
-                torch._foreach_add_(bufs, gs, alpha=1.0 - damp)
-            torch._foreach_add_(members, [self.state[p][buf_key] for p in members], alpha=-lr)
+        official_deepkd_step_(self.param_groups, self._momenta, self.state, self._stash)
 
 
 class DOTOptimizer(DecoupledMomentumSGD):
@@ -565,10 +562,13 @@ class DOTOptimizer(DecoupledMomentumSGD):
         weight_decay: float = 0.0,
         dampening: float = 0.0,
         compat: str = "paper",
+        merge_equal_momenta: bool = False,
     ):
         if compat not in COMPAT_MODES:
             raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
         self.compat = compat
+        # Ties are a paper-mode shortcut; mdistiller's update (official) keeps both buffers apart.
+        self.merge_equal_momenta = bool(merge_equal_momenta) and compat == "paper"
         defaults = dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay, dampening=dampening)
         super().__init__(params, defaults)
 
@@ -591,16 +591,16 @@ class DOTOptimizer(DecoupledMomentumSGD):
                         p.add_(g, alpha=-lr)  # mdistiller keeps no task buffer then
                         continue
                     state = self.state[p]
-                    buf_key, scale_key = f"{component}_buffer", f"{component}_scale"
+                    buf_key, s_key = scaled_buffer_key(component), scale_key(component)
                     buf = state.get(buf_key)
                     if buf is None:
                         raw = got[component][id(p)]
                         buf = state[buf_key] = (g if component == "task" else raw).clone()
-                        state[scale_key] = 1.0
+                        state[s_key] = 1.0
                     else:
-                        if state[scale_key] != 1.0:  # buffer saved by paper mode: store it unscaled
-                            buf.div_(state[scale_key])
-                            state[scale_key] = 1.0
+                        if state[s_key] != 1.0:  # buffer saved by paper mode: store it unscaled
+                            buf.div_(state[s_key])
+                            state[s_key] = 1.0
                         buf.mul_(mus[component] if both else mu_mean).add_(g, alpha=1.0 - damp)
                     p.add_(buf, alpha=-lr)
 
@@ -616,3 +616,18 @@ class DOTOptimizer(DecoupledMomentumSGD):
         if kd:
             losses["kd"] = kd[0] if len(kd) == 1 else kd[0] + kd[1]
         return losses
+
+
+def _renamed_buffer_keys(state_dict: Dict[str, Any], components: Sequence[str]) -> Dict[str, Any]:
+    """Checkpoints written before the key rename stored ``<c>_buffer`` (already scaled)."""
+    states = state_dict.get("state", {})
+    if not any(f"{c}_buffer" in s for s in states.values() for c in components):
+        return state_dict
+    renamed = {}
+    for k, s in states.items():
+        s = dict(s)
+        for c in components:
+            if f"{c}_buffer" in s:
+                s[scaled_buffer_key(c)] = s.pop(f"{c}_buffer")
+        renamed[k] = s
+    return {**state_dict, "state": renamed}
