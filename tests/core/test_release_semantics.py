@@ -256,7 +256,8 @@ def test_dot_official_from_settings_through_the_decoupled_step():
     class Node(dict):
         __getattr__ = dict.__getitem__
 
-    node = Node({**DEEPKD_DEFAULTS, "ENABLED": True, "OPTIMIZER": "dot", "COMPAT": "official"})
+    node = Node({**DEEPKD_DEFAULTS, "ENABLED": True, "OPTIMIZER": "dot", "COMPAT": "official",
+                 "GSNR": Node(DEEPKD_DEFAULTS["GSNR"])})
     w = torch.tensor([0.5, -0.3], dtype=torch.float64, requires_grad=True)
     b = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
     v = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)  # kd only
