@@ -16,7 +16,9 @@ detectron2's ``DetectionCheckpointer`` with:
 - the ReviewKD head (``reviewkd_head.*``, training-only) may be absent as a whole from a
   checkpoint (release files and plain detectors have none): it then keeps its initialisation,
   said in one log line; a partly present head is refused with the missing key names. Head keys
-  loaded into a model without the head are dropped, with a log line.
+  loaded into a model without the head are dropped, with a log line. The DiffKD modules
+  (``diffkd.*``, training-only) are treated the same way: a model evaluated or fine-tuned
+  without DiffKD never receives them.
 Works for any model (a plain ``GeneralizedRCNN`` too).
 """
 
@@ -31,11 +33,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from deepkd_det.core.io import atomic_write, load_weights_only
 
+from .modeling.diffkd import DIFFKD_PREFIX
 from .modeling.reviewkd import REVIEWKD_HEAD_PREFIX
 from .modeling.teacher import check_teacher_state, teacher_state_from_checkpoint
 from .modeling.weights import TEACHER_PREFIX, convert_student_keys
 
-__all__ = ["DeepKDCheckpointer"]
+__all__ = ["DeepKDCheckpointer", "TRAINING_ONLY_PARTS"]
+
+# Training-only parts of DeepKDRCNN: (attribute, state-dict prefix, name in messages).
+TRAINING_ONLY_PARTS = (("reviewkd_head", REVIEWKD_HEAD_PREFIX, "ReviewKD head"),
+                       ("diffkd", DIFFKD_PREFIX, "DiffKD modules"))
 
 logger = logging.getLogger(__name__)
 
@@ -91,37 +98,35 @@ class DeepKDCheckpointer(DetectionCheckpointer):
             # A combined file loaded into a model without teacher (KD.TYPE NONE): the teacher
             # part is not this model's business.
             checkpoint["model"] = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
-        state = checkpoint["model"]
-        head_in_model = getattr(self.model, "reviewkd_head", None) is not None
-        head_in_file = [k for k in state if k.startswith(REVIEWKD_HEAD_PREFIX)]
-        if head_in_file and not head_in_model:
-            logger.info(
-                "Ignoring the %d ReviewKD head tensors (%s*) of the checkpoint: this model has no head",
-                len(head_in_file), REVIEWKD_HEAD_PREFIX,
-            )
-            checkpoint["model"] = {k: v for k, v in state.items() if not k.startswith(REVIEWKD_HEAD_PREFIX)}
-        if head_in_model and head_in_file:
-            # Checked before loading, so that a refused file leaves the model untouched.
-            partial = sorted(
-                k for k in self.model.state_dict()
-                if k.startswith(REVIEWKD_HEAD_PREFIX) and k not in state and not k.endswith("num_batches_tracked")
-            )
-            if partial:
-                raise ValueError(
-                    f"the checkpoint holds part of the ReviewKD head but lacks {len(partial)} of its keys: "
-                    f"{partial[:10]}"
+        present = {}
+        for attr, prefix, what in TRAINING_ONLY_PARTS:
+            state = checkpoint["model"]
+            in_model = getattr(self.model, attr, None) is not None
+            in_file = [k for k in state if k.startswith(prefix)]
+            present[prefix] = (in_model, bool(in_file), what)
+            if in_file and not in_model:
+                logger.info("Ignoring the %d %s tensors (%s*) of the checkpoint: this model has none",
+                            len(in_file), what, prefix)
+                checkpoint["model"] = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            if in_model and in_file:
+                # Checked before loading, so that a refused file leaves the model untouched.
+                partial = sorted(
+                    k for k in self.model.state_dict()
+                    if k.startswith(prefix) and k not in state and not k.endswith("num_batches_tracked")
                 )
+                if partial:
+                    raise ValueError(
+                        f"the checkpoint holds part of the {what} but lacks {len(partial)} of its keys: "
+                        f"{partial[:10]}"
+                    )
         incompatible = super()._load_model(checkpoint)
-        if head_in_model and not head_in_file:
-            # Release files (teacher + ImageNet student) never hold the head: it is trained from
-            # its initialisation, like the student's FPN and heads. Not reported as missing.
-            head_missing = [k for k in incompatible.missing_keys if k.startswith(REVIEWKD_HEAD_PREFIX)]
-            logger.info(
-                "ReviewKD head not in the checkpoint: its %d tensors keep their initialisation", len(head_missing)
-            )
-            incompatible.missing_keys[:] = [
-                k for k in incompatible.missing_keys if not k.startswith(REVIEWKD_HEAD_PREFIX)
-            ]
+        for prefix, (in_model, in_file, what) in present.items():
+            if in_model and not in_file:
+                # Release files (teacher + ImageNet student) never hold these training-only parts:
+                # they are trained from their initialisation, like the student's FPN and heads.
+                missing = [k for k in incompatible.missing_keys if k.startswith(prefix)]
+                logger.info("%s not in the checkpoint: its %d tensors keep their initialisation", what, len(missing))
+                incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefix)]
         if teacher is not None and not has_teacher_keys:
             # Loaded at build time from TEACHER.MODEL.WEIGHTS; not missing here.
             incompatible.missing_keys[:] = [

@@ -112,8 +112,10 @@ class Teacher(nn.Module):
         input_format: str,
         boxes: List[Boxes],
         features: Dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Classification logits of the teacher's box head on the given boxes (image coordinates).
+        with_deltas: bool = False,
+    ):
+        """Classification logits of the teacher's box head on the given boxes (image coordinates);
+        with ``with_deltas`` the pair ``(logits, box-regression deltas)`` of the same pass.
 
         ``features``: the teacher's feature maps when already computed (``Teacher.features``), so
         that the backbone runs once per iteration; otherwise they are computed from ``images``.
@@ -122,8 +124,8 @@ class Teacher(nn.Module):
             features = self.features(images, input_format)
         rh = self.roi_heads
         pooled = rh.box_pooler([features[f] for f in rh.box_in_features], boxes)
-        scores, _ = rh.box_predictor(rh.box_head(pooled))
-        return scores
+        scores, deltas = rh.box_predictor(rh.box_head(pooled))
+        return (scores, deltas) if with_deltas else scores
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("the teacher is used through DeepKDRCNN (Teacher.box_logits), not called directly")
