@@ -7,7 +7,8 @@ workers (torchrun). Rank 0 writes everything under the output directory:
     worklog.txt       plain-text log of the run (start, epochs, best, errors)
     metrics.jsonl     one json object per epoch ({"type": "epoch", ...}) and GSNR measurement
     tb/               TensorBoard scalars (losses, lr, K, top-1/top-5, GSNR)
-    latest.pth        full training state after the last finished epoch (used by --resume)
+    latest.pth        full training state after the last finished epoch (used by --resume); with
+                      DiffKD it also holds the distiller's training-only modules ("distiller")
     best.pth          full training state of the best validation top-1
     student_best.pth  student weights only, {"model": state_dict} (mdistiller layout)
     ckpt_epoch_<N>.pth  student weights only, every LOG.SAVE_EVERY epochs and after the last one
@@ -195,13 +196,16 @@ class ClsTrainer:
 
         student = build_model(cfg.DISTILLER.STUDENT, self.num_classes)
         teacher = build_teacher(cfg, self.num_classes)
-        self.distiller = build_distiller(cfg, student, teacher).to(self.device)
+        self.distiller = build_distiller(cfg, student, teacher, num_classes=self.num_classes).to(self.device)
         self.student = self.distiller.student
+        # Trained: the student and the method's own training-only modules (DiffKD's denoisers);
+        # only the student's weights are ever exported.
+        self.params = list(self.student.parameters()) + self.distiller.extra_parameters()
         if self.dist.distributed:
             deepkd_api.broadcast_parameters(self.student)
         self.topk_schedule = build_topk_schedule(cfg, self.num_classes)
         self.decoupled = decoupled(cfg.DEEPKD)
-        self.optimizer = deepkd_api.build_optimizer(cfg, self.student.parameters(), self.decoupled)
+        self.optimizer = deepkd_api.build_optimizer(cfg, self.params, self.decoupled)
         self.gsnr = (build_gsnr_meter(cfg.DEEPKD, self.student.named_parameters(), len(self.train_loader))
                      if cfg.DEEPKD.GSNR.ENABLED else None)
         # The losses are checked (averaged over workers, with epoch and iteration) before the step.
@@ -225,6 +229,7 @@ class ClsTrainer:
             "epoch": epoch,  # number of finished epochs
             "iteration": self.iteration,
             "model": self.student.state_dict(),
+            "distiller": self.distiller.extra_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "topk_schedule": self.topk_schedule.state_dict() if self.topk_schedule else None,
             "best_top1": self.best_top1,
@@ -240,6 +245,13 @@ class ClsTrainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path} (start without --resume)")
         state = load_checkpoint(path)
         self.student.load_state_dict(state["model"])
+        extra, own = state.get("distiller", {}), self.distiller.extra_state_dict()
+        if set(extra) != set(own):
+            raise ValueError(
+                f"{path}: the distiller's training-only modules differ from this run's: missing "
+                f"{sorted(set(own) - set(extra))[:5]}, unexpected {sorted(set(extra) - set(own))[:5]}")
+        if own:
+            self.distiller.load_state_dict(extra, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.topk_schedule is not None and state.get("topk_schedule"):
             self.topk_schedule.load_state_dict(state["topk_schedule"])
@@ -302,7 +314,7 @@ class ClsTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             if self.dist.distributed:
-                deepkd_api.average_gradients(list(self.student.parameters()))
+                deepkd_api.average_gradients(self.params)
         self.optimizer.step()
         if measuring:
             if self.decoupled:

@@ -19,8 +19,12 @@ from deepkd_det.det.checkpoint import DeepKDCheckpointer  # noqa: E402
 from deepkd_det.det.config import validate_deepkd_config  # noqa: E402
 from deepkd_det.det.engine.steps import split_components  # noqa: E402
 from deepkd_det.det.modeling.diffkd import diffkd_level_losses  # noqa: E402
-from tests.det.test_engine import _Crash, _args, _trainer  # noqa: E402
-from tests.det.test_engine import shapes_root  # noqa: E402,F401  (fixture)
+from tests.det.test_engine import (  # noqa: E402
+    _args,
+    _Crash,
+    _trainer,
+    shapes_root,  # noqa: E402,F401  (fixture)
+)
 from tests.det.tiny import get_tiny_cfg, make_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
