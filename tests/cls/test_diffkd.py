@@ -94,18 +94,19 @@ def _run_steps(trainer, steps):
 @pytest.mark.parametrize("deepkd", [False, True])
 def test_training_lowers_the_diffkd_losses(tmp_path, teacher_ckpt, tiny_cfg, deepkd):
     cfg = tiny_cfg(tmp_path, DISTILLER__TYPE="DIFFKD", DISTILLER__TEACHER="resnet8", TEACHER__CKPT=teacher_ckpt,
-                   DEEPKD__ENABLED=deepkd, DEEPKD__TOPK__MODE="off", SOLVER__LR=0.02, DIFFKD__CE_WEIGHT=0.0)
+                   DEEPKD__ENABLED=deepkd, DEEPKD__TOPK__MODE="off", SOLVER__LR=0.1, DIFFKD__CE_WEIGHT=0.0)
     trainer = ClsTrainer(cfg)
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     extra = trainer.distiller.extra_parameters()
     assert extra and all(id(p) in optimized for p in extra)
     assert (type(trainer.optimizer).__name__ == "DeepKDOptimizer") == deepkd
     teacher_before = {k: v.clone() for k, v in trainer.distiller.teacher.state_dict().items()}
-    h = _run_steps(trainer, 12)
-    # tog = feature MSE + diffusion losses here (CE weight 0); tcg + ncg = the logit KL.
-    for name, value in (("tog", lambda v: v["tog"]), ("kl", lambda v: v["tcg"] + v["ncg"])):
+    h = _run_steps(trainer, 24)
+    # tog = feature MSE + diffusion losses here (CE weight 0); tcg + ncg = the logit KL, which
+    # falls more slowly (measured: 1.76 -> 1.26 over these 24 steps, tog 5.6 -> 2.8).
+    for name, value, ratio in (("tog", lambda v: v["tog"], 0.7), ("kl", lambda v: v["tcg"] + v["ncg"], 0.9)):
         first, last = sum(map(value, h[:3])) / 3, sum(map(value, h[-3:])) / 3
-        assert last < 0.8 * first, (name, [value(v) for v in h])
+        assert last < ratio * first, (name, [value(v) for v in h])
     for k, v in trainer.distiller.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k
 
@@ -127,7 +128,8 @@ def test_resume_with_diffkd_is_exact_and_exports_hold_only_the_student(tmp_path,
         assert torch.equal(a[k], b[k]), k
     for p, q in zip(full.params, resumed.params):
         for c in ("tog", "tcg", "ncg"):
-            assert torch.equal(full.optimizer.momentum_buffer(p, c), resumed.optimizer.momentum_buffer(q, c))
+            x, y = full.optimizer.momentum_buffer(p, c), resumed.optimizer.momentum_buffer(q, c)
+            assert (x is None and y is None) or torch.equal(x, y)  # None: no gradient of that component
     latest = torch.load(tmp_path / "split" / "latest.pth", weights_only=True)
     assert latest["distiller"] and all(k.startswith("diffkd.") for k in latest["distiller"])
     for name in ("student_best.pth", "ckpt_epoch_3.pth"):
