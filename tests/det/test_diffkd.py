@@ -203,7 +203,7 @@ def test_training_lowers_the_diffkd_losses(tmp_path, shapes_root, config, decoup
 
 
 def test_resume_with_diffkd_is_exact(tmp_path, shapes_root):  # noqa: F811
-    opts = ["SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.STEPS", "(3,)"]
+    opts = ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.STEPS", "(2,)"]
     config = DEMO / "student-diffkd-deepkd.yaml"
     whole = tmp_path / "whole"
     opts += RANDOM_TEACHER
