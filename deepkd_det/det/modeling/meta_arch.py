@@ -103,7 +103,7 @@ class DeepKDRCNN(GeneralizedRCNN):
 
     State-dict keys: the student's as in GeneralizedRCNN, the teacher's under ``teacher.`` (the
     layout of the ReviewKD/mdistiller combined release files). ``self.teacher`` is None and the
-    model is a plain GeneralizedRCNN when KD.TYPE is "NONE" and KD.REVIEWKD is off. With
+    model is a plain GeneralizedRCNN when KD.TYPE is "NONE" and KD.REVIEWKD, KD.DIFFKD are off. With
     KD.REVIEWKD the trained review head is ``self.reviewkd_head`` (keys ``reviewkd_head.*``, a
     student part, not the teacher's); KD.TYPE "NONE" + KD.REVIEWKD gives ReviewKD alone. With
     KD.DIFFKD the per-level DiffKD modules are ``self.diffkd`` (keys ``diffkd.<level>.*``,
