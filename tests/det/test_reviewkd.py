@@ -322,7 +322,7 @@ def test_release_file_loads_without_the_head(tmp_path, caplog):
     torch.manual_seed(6)
     model = build_model(cfg)
     head_before = {k: v.clone() for k, v in model.reviewkd_head.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="deepkd_det.det.modeling.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="deepkd_det.det.checkpoint"):
         incompatible = _load(model, path)
     assert "ReviewKD head not in the checkpoint" in caplog.text
     assert not [k for k in incompatible.missing_keys if k.startswith(("reviewkd_head.", "teacher."))]
