@@ -91,6 +91,7 @@ def _run_steps(trainer, steps):
     return history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deepkd", [False, True])
 def test_training_lowers_the_diffkd_losses(tmp_path, teacher_ckpt, tiny_cfg, deepkd):
     cfg = tiny_cfg(tmp_path, DISTILLER__TYPE="DIFFKD", DISTILLER__TEACHER="resnet8", TEACHER__CKPT=teacher_ckpt,
@@ -111,6 +112,7 @@ def test_training_lowers_the_diffkd_losses(tmp_path, teacher_ckpt, tiny_cfg, dee
         assert torch.equal(v, teacher_before[k]), k
 
 
+@pytest.mark.slow
 def test_resume_with_diffkd_is_exact_and_exports_hold_only_the_student(tmp_path, teacher_ckpt, tiny_cfg):
     opts = dict(DISTILLER__TYPE="DIFFKD", DISTILLER__TEACHER="resnet8", TEACHER__CKPT=teacher_ckpt,
                 DEEPKD__ENABLED=True, SOLVER__EPOCHS=3, DATASET__DIGITS__TRAIN_LIMIT=128, DIFFKD__AE_CHANNELS=16)

@@ -181,6 +181,7 @@ def _history(trainer, steps):
         return {k: [v for v, _ in h.values()] for k, h in storage.histories().items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,decoupled", [("student-diffkd.yaml", False), ("student-diffkd-deepkd.yaml", True)])
 def test_training_lowers_the_diffkd_losses(tmp_path, shapes_root, config, decoupled):  # noqa: F811
     torch.manual_seed(0)
@@ -202,6 +203,7 @@ def test_training_lowers_the_diffkd_losses(tmp_path, shapes_root, config, decoup
         assert torch.equal(v, teacher_before[k]), k
 
 
+@pytest.mark.slow
 def test_resume_with_diffkd_is_exact(tmp_path, shapes_root):  # noqa: F811
     opts = ["SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.STEPS", "(2,)"]
     config = DEMO / "student-diffkd-deepkd.yaml"
