@@ -16,6 +16,8 @@ Cases:
   step_memory_<scheme>        peak extra memory of one decoupled step, in parameter sizes
   teacher_forward_folded_bn[_channels_last]  prepared teacher forward vs the teacher as built
   iter_deepkd_<strategy>[_folded_teacher]   CIFAR R32x4 -> R8x4 iteration vs plain DKD
+  iter_diffkd                 CIFAR R32x4 -> R8x4 DiffKD iteration (pre-pooling map + logits,
+                              5 DDIM steps, torch SGD) vs plain DKD
 
 Timings on a shared machine are only meaningful when nothing else runs: the 2-thread OpenMP
 kernels slow down several-fold under oversubscription.
@@ -398,6 +400,8 @@ def bench_iteration(batch: int, warmup: int, repeats: int) -> None:
 
         fns[f"iter_deepkd_{strategy}{suffix}"] = deepkd_iteration
 
+    diffkd_note = _add_diffkd_iteration(fns, student, teacher, x, y)
+
     t = median_seconds(fns, warmup, repeats)
     emit("teacher_forward_folded_bn", t["teacher_folded"] * 1e3, "ms", t["teacher"] * 1e3, batch=batch,
          note="baseline = the same teacher with its BatchNorm layers")
@@ -405,9 +409,35 @@ def bench_iteration(batch: int, warmup: int, repeats: int) -> None:
          batch=batch, note="baseline = the same teacher with its BatchNorm layers")
     for case in fns:
         if case.startswith("iter_"):
+            note = diffkd_note if case == "iter_diffkd" else ""
             emit(case, t[case] * 1e3, "ms", t["dkd"] * 1e3, batch=batch,
-                 note="baseline = plain DKD iteration (one backward, torch SGD), teacher with BN",
+                 note="baseline = plain DKD iteration (one backward, torch SGD), teacher with BN" + note,
                  models=f"resnet32x4 -> resnet8x4 ({source})")
+
+
+def _add_diffkd_iteration(fns, student, teacher, x, y) -> str:
+    """Adds ``iter_diffkd`` (the classification DiffKD distiller, plain SGD) when available."""
+    try:
+        from deepkd_det.cls.distillers import DiffKD, StepContext
+    except ImportError:
+        return ""
+    if not hasattr(student, "forward_feature_map"):
+        return ""
+    distiller = DiffKD(student, teacher, num_classes=100, student_channels=student.feature_dim,
+                       teacher_channels=teacher.feature_dim)
+    distiller.train()
+    params = list(student.parameters()) + distiller.extra_parameters()
+    sgd = torch.optim.SGD(params, lr=1e-4, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    ctx = StepContext(epoch=1)
+
+    def diffkd_iteration():
+        _, losses = distiller(x, y, ctx)
+        sgd.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        sgd.step()
+
+    fns["iter_diffkd"] = diffkd_iteration
+    return "; DiffKD on the 256-channel 8x8 map and the 100 logits, 5 DDIM steps each"
 
 
 def main() -> None:

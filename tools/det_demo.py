@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """The embedded detection demo: teacher, then a student three ways, on generated shapes (CPU).
 
-    python tools/det_demo.py [--output output/det_demo] [--quick] [--threads N]
+    python tools/det_demo.py [--output output/det_demo] [--quick] [--threads N] [--reviewkd] [--diffkd]
 
 1. generates the synthetic shapes set (COCO json + PNG, deterministic) under <output>/data;
 2. trains a teacher (Faster R-CNN R-18-FPN, the longer schedule) with ``KD.TYPE NONE``;
 3. trains the student (same detector, a third of the schedule) without distillation, with DKD,
-   and with DeepKD on DKD, from the same seed;
+   and with DeepKD on DKD, from the same seed (``--reviewkd``: also ReviewKD + DeepKD-DKD;
+   ``--diffkd``: also DiffKD alone and DiffKD + DeepKD-DKD);
 4. evaluates everything (and the untrained student) with COCOEvaluator and prints a table
    (AP, AP50, AP75, training time), saved as <output>/results.json, and a figure
    <output>/det_demo.png: loss curves (metrics.json), the top-k schedule K, the AP bars.
@@ -50,6 +51,11 @@ RUNS = [
 ]
 # Added with --reviewkd: ReviewKD features on the FPN plus DeepKD-DKD on the head logits.
 REVIEWKD_RUN = ("student + ReviewKD + DeepKD-DKD", "student-reviewkd-deepkd.yaml", "student")
+# Added with --diffkd: DiffKD on the FPN (+ box-regression KD) alone, and with DeepKD-DKD on the logits.
+DIFFKD_RUNS = [
+    ("student + DiffKD", "student-diffkd.yaml", "student"),
+    ("student + DiffKD + DeepKD-DKD", "student-diffkd-deepkd.yaml", "student"),
+]
 PROFILES = {
     "default": dict(num_train=200, num_val=50, image_size=128, batch=8, teacher_iters=400, student_iters=130),
     "quick": dict(num_train=24, num_val=8, image_size=64, batch=4, teacher_iters=40, student_iters=12),
@@ -176,8 +182,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--teacher", default="", help="use this trained demo teacher (model_final.pth) instead of training one")
     parser.add_argument("--reviewkd", action="store_true", help="also train a ReviewKD + DeepKD-DKD student")
+    parser.add_argument("--diffkd", action="store_true",
+                        help="also train a DiffKD student and a DiffKD + DeepKD-DKD student")
     args = parser.parse_args(argv)
-    runs = RUNS + [REVIEWKD_RUN] if args.reviewkd else RUNS
+    runs = RUNS + ([REVIEWKD_RUN] if args.reviewkd else []) + (DIFFKD_RUNS if args.diffkd else [])
 
     profile = PROFILES["quick" if args.quick else "default"]
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

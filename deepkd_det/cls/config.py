@@ -22,7 +22,7 @@ __all__ = ["ConfigError", "get_cfg", "load_cfg", "validate_cfg", "experiment_nam
            "DATASET_TYPES", "DISTILLER_TYPES", "NUM_CLASSES", "OPTIMIZERS", "STRONG_AUGS"]
 
 DATASET_TYPES = ("digits", "cifar100", "imagenet")
-DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD")
+DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD", "DIFFKD")
 STRONG_AUGS = ("autoaugment", "randaugment")
 NUM_CLASSES = {"digits": 10, "cifar100": 100, "imagenet": 1000}
 _DEFAULT_ROOTS = {"digits": "", "cifar100": "datasets/cifar100", "imagenet": "datasets/imagenet"}
@@ -58,7 +58,7 @@ _C.DATASET.DIGITS.TRAIN_LIMIT = 0  # keep only this many training images (0: all
 _C.DATASET.STRONG_AUG = "autoaugment"
 
 _C.DISTILLER = CN()
-_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD
+_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD, DIFFKD
 _C.DISTILLER.TEACHER = ""
 _C.DISTILLER.STUDENT = "resnet8"
 _C.DISTILLER.LOGIT_STAND = False  # logit standardisation of both logits before the KD terms
@@ -117,6 +117,19 @@ _C.CRLD.ALPHA = 1.0
 _C.CRLD.BETA = 2.0
 _C.CRLD.WARMUP = 0.0  # epochs
 _C.CRLD.CONFIDENCE_MASK = "row"  # row (per sample, the paper); release (kept fraction); none
+
+# DiffKD (Huang et al., NeurIPS 2023; core.diffkd, cls/distillers/diffkd.py): the student's
+# pre-pooling feature map and its logits are denoised by diffusion models trained on the
+# teacher's, then compared with the teacher's (MSE; KL at T = 1). Weights: paper, all 1.
+_C.DIFFKD = CN()
+_C.DIFFKD.CE_WEIGHT = 1.0
+_C.DIFFKD.FEATURE_WEIGHT = 1.0  # MSE(denoised student map, teacher map); 0: no feature DiffKD
+_C.DIFFKD.LOGIT_WEIGHT = 1.0  # KL(teacher || denoised student logits), split into TCKD + NCKD; 0: none
+_C.DIFFKD.DIFF_WEIGHT = 1.0  # each diffusion (noise-prediction) loss
+_C.DIFFKD.AE_WEIGHT = 1.0  # autoencoder reconstruction (with AE_CHANNELS)
+_C.DIFFKD.AE_CHANNELS = 0  # latent channels of the teacher-map autoencoder; 0: none (paper: 1024 for R-34/R-50)
+_C.DIFFKD.INFERENCE_STEPS = 5  # DDIM steps (paper and release)
+_C.DIFFKD.WARMUP = 0.0  # epochs of linear warm-up of the two KD terms
 
 # The DeepKD node shared with the detector (deepkd_det/core/settings.py documents every key):
 # ENABLED, DECOUPLE, OPTIMIZER (deepkd | dot), COMPAT (paper | official), DELTA_TOG/TCG/NCG,
@@ -273,7 +286,8 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
         need(bool(dist.TEACHER), f"DISTILLER.TYPE {dist.TYPE} needs a teacher: set DISTILLER.TEACHER")
     if deep.ENABLED and dist.TYPE == "NONE":
         errors.append(
-            "DEEPKD.ENABLED needs a distillation method (DISTILLER.TYPE KD, DKD, MLKD or CRLD): with NONE there is "
+            "DEEPKD.ENABLED needs a distillation method (DISTILLER.TYPE KD, DKD, MLKD, CRLD or DIFFKD): with NONE "
+            "there is "
             "no target/non-target gradient to decouple"
         )
 
@@ -300,6 +314,14 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
         need(cfg.DKD[key] >= 0, f"DKD.{key} must be >= 0")
 
     _check_two_view_methods(cfg, need)
+    d = cfg.DIFFKD
+    for key in ("CE_WEIGHT", "FEATURE_WEIGHT", "LOGIT_WEIGHT", "DIFF_WEIGHT", "AE_WEIGHT", "WARMUP"):
+        need(d[key] >= 0, f"DIFFKD.{key} must be >= 0, got {d[key]}")
+    need(d.AE_CHANNELS >= 0, f"DIFFKD.AE_CHANNELS must be 0 (no autoencoder) or positive, got {d.AE_CHANNELS}")
+    need(1 <= d.INFERENCE_STEPS <= 500, f"DIFFKD.INFERENCE_STEPS must lie in 1..500, got {d.INFERENCE_STEPS}")
+    if dist.TYPE == "DIFFKD":
+        need(d.FEATURE_WEIGHT > 0 or d.LOGIT_WEIGHT > 0,
+             "DIFFKD.FEATURE_WEIGHT and DIFFKD.LOGIT_WEIGHT are both 0: DiffKD would distil nothing")
 
     num = num_classes or NUM_CLASSES.get(ds.TYPE)
     errors.extend(validate_deepkd_settings(deep, solver.MOMENTUM, num - 1 if num else None))

@@ -7,7 +7,8 @@ workers (torchrun). Rank 0 writes everything under the output directory:
     worklog.txt       plain-text log of the run (start, epochs, best, errors)
     metrics.jsonl     one json object per epoch ({"type": "epoch", ...}) and GSNR measurement
     tb/               TensorBoard scalars (losses, lr, K, top-1/top-5, GSNR)
-    latest.pth        full training state after the last finished epoch (used by --resume)
+    latest.pth        full training state after the last finished epoch (used by --resume); with
+                      DiffKD it also holds the distiller's training-only modules ("distiller")
     best.pth          full training state of the best validation top-1
     student_best.pth  student weights only, {"model": state_dict} (mdistiller layout)
     ckpt_epoch_<N>.pth  student weights only, every LOG.SAVE_EVERY epochs and after the last one
@@ -196,13 +197,16 @@ class ClsTrainer:
 
         student = build_model(cfg.DISTILLER.STUDENT, self.num_classes)
         teacher = build_teacher(cfg, self.num_classes)
-        self.distiller = build_distiller(cfg, student, teacher).to(self.device)
+        self.distiller = build_distiller(cfg, student, teacher, num_classes=self.num_classes).to(self.device)
         self.student = self.distiller.student
+        # Trained: the student and the method's own training-only modules (DiffKD's denoisers);
+        # only the student's weights are ever exported.
+        self.params = list(self.student.parameters()) + self.distiller.extra_parameters()
         if self.dist.distributed:
             deepkd_api.broadcast_parameters(self.student)
         self.topk_schedule = build_topk_schedule(cfg, self.num_classes)
         self.decoupled = decoupled(cfg.DEEPKD)
-        self.optimizer = deepkd_api.build_optimizer(cfg, self.student.parameters(), self.decoupled)
+        self.optimizer = deepkd_api.build_optimizer(cfg, self.params, self.decoupled)
         self.gsnr = (build_gsnr_meter(cfg.DEEPKD, self.student.named_parameters(), len(self.train_loader))
                      if cfg.DEEPKD.GSNR.ENABLED else None)
         # Mixed precision: autocast forward; fp16 adds one loss scale over every component.
@@ -229,6 +233,7 @@ class ClsTrainer:
             "epoch": epoch,  # number of finished epochs
             "iteration": self.iteration,
             "model": self.student.state_dict(),
+            "distiller": self.distiller.extra_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "topk_schedule": self.topk_schedule.state_dict() if self.topk_schedule else None,
             "best_top1": self.best_top1,
@@ -249,6 +254,13 @@ class ClsTrainer:
             raise ValueError(f"--resume: {exc}. Start without --resume (a new run), or restore {path} "
                              "from a copy") from None
         self.student.load_state_dict(state["model"])
+        extra, own = state.get("distiller", {}), self.distiller.extra_state_dict()
+        if set(extra) != set(own):
+            raise ValueError(
+                f"{path}: the distiller's training-only modules differ from this run's: missing "
+                f"{sorted(set(own) - set(extra))[:5]}, unexpected {sorted(set(extra) - set(own))[:5]}")
+        if own:
+            self.distiller.load_state_dict(extra, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
@@ -315,11 +327,10 @@ class ClsTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             total = sum(losses.values())
             (total if self.scaler is None else total * self.scaler.scale).backward()
-            params = list(self.student.parameters())
             if self.dist.distributed:
-                deepkd_api.average_gradients(params)
+                deepkd_api.average_gradients(self.params)
             if self.scaler is not None:
-                skip = self.scaler.update(self.scaler.unscale_([p.grad for p in params]))
+                skip = self.scaler.update(self.scaler.unscale_([p.grad for p in self.params]))
         if not skip:  # (the decoupled step folds nothing on an fp16 overflow: step() has nothing to apply)
             self.optimizer.step()
         if measuring:

@@ -24,7 +24,9 @@ detectron2's ``DetectionCheckpointer`` with:
 - the ReviewKD head (``reviewkd_head.*``, training-only) may be absent as a whole from a
   checkpoint (release files and plain detectors have none): it then keeps its initialisation,
   said in one log line; a partly present head is refused with the missing key names. Head keys
-  loaded into a model without the head are dropped, with a log line.
+  loaded into a model without the head are dropped, with a log line. The DiffKD modules
+  (``diffkd.*``, training-only) are treated the same way: a model evaluated or fine-tuned
+  without DiffKD never receives them.
 Works for any model (a plain ``GeneralizedRCNN`` too).
 """
 
@@ -41,6 +43,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from deepkd_det.core.io import atomic_write, load_weights_only
 
+from .modeling.diffkd import DIFFKD_PREFIX
 from .modeling.reviewkd import REVIEWKD_HEAD_PREFIX, release_head_keys_to_ours
 from .modeling.teacher import (
     check_same_teacher,
@@ -59,7 +62,11 @@ from .modeling.weights import (
     imagenet_flavour,
 )
 
-__all__ = ["DeepKDCheckpointer", "check_student_state"]
+__all__ = ["DeepKDCheckpointer", "TRAINING_ONLY_PARTS", "check_student_state"]
+
+# Training-only parts of DeepKDRCNN: (attribute, state-dict prefix, name in messages).
+TRAINING_ONLY_PARTS = (("reviewkd_head", REVIEWKD_HEAD_PREFIX, "ReviewKD head"),
+                       ("diffkd", DIFFKD_PREFIX, "DiffKD modules"))
 
 logger = logging.getLogger(__name__)
 
@@ -132,24 +139,26 @@ class DeepKDCheckpointer(DetectionCheckpointer):
         elif tstate:
             logger.info("Ignoring the %d teacher tensors of %s: this model has no teacher", len(tstate), source)
 
-        head_in_model = getattr(self.model, "reviewkd_head", None) is not None
-        head_in_file = [k for k in state if k.startswith(REVIEWKD_HEAD_PREFIX)]
-        if head_in_file and not head_in_model:
-            logger.info(
-                "Ignoring the %d ReviewKD head tensors (%s*) of the checkpoint: this model has no head",
-                len(head_in_file), REVIEWKD_HEAD_PREFIX,
-            )
-            state = {k: v for k, v in state.items() if not k.startswith(REVIEWKD_HEAD_PREFIX)}
-        if head_in_model and head_in_file:
-            partial = sorted(
-                k for k in self.model.state_dict()
-                if k.startswith(REVIEWKD_HEAD_PREFIX) and k not in state and not k.endswith("num_batches_tracked")
-            )
-            if partial:
-                raise ValueError(
-                    f"the checkpoint holds part of the ReviewKD head but lacks {len(partial)} of its keys: "
-                    f"{partial[:10]}"
+        present = {}
+        for attr, prefix, what in TRAINING_ONLY_PARTS:
+            in_model = getattr(self.model, attr, None) is not None
+            in_file = [k for k in state if k.startswith(prefix)]
+            present[prefix] = (in_model, bool(in_file), what)
+            if in_file and not in_model:
+                logger.info("Ignoring the %d %s tensors (%s*) of the checkpoint: this model has none",
+                            len(in_file), what, prefix)
+                state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            if in_model and in_file:
+                # Checked before loading, so that a refused file leaves the model untouched.
+                partial = sorted(
+                    k for k in self.model.state_dict()
+                    if k.startswith(prefix) and k not in state and not k.endswith("num_batches_tracked")
                 )
+                if partial:
+                    raise ValueError(
+                        f"the checkpoint holds part of the {what} but lacks {len(partial)} of its keys: "
+                        f"{partial[:10]}"
+                    )
         checkpoint["model"] = state
         with _teacher_detached(self.model) as student:
             if checkpoint.get("matching_heuristics", False):
@@ -169,16 +178,13 @@ class DeepKDCheckpointer(DetectionCheckpointer):
             # strictly (a loaded teacher equals the file already, checked above).
             load_teacher_weights(teacher, source, {TEACHER_PREFIX + k: v for k, v in tstate.items()},
                                  source_key="checkpoint")
-        if head_in_model and not head_in_file:
-            # Release files (teacher + ImageNet student) never hold the head: it is trained from
-            # its initialisation, like the student's FPN and heads. Not reported as missing.
-            head_missing = [k for k in incompatible.missing_keys if k.startswith(REVIEWKD_HEAD_PREFIX)]
-            logger.info(
-                "ReviewKD head not in the checkpoint: its %d tensors keep their initialisation", len(head_missing)
-            )
-            incompatible.missing_keys[:] = [
-                k for k in incompatible.missing_keys if not k.startswith(REVIEWKD_HEAD_PREFIX)
-            ]
+        for prefix, (in_model, in_file, what) in present.items():
+            if in_model and not in_file:
+                # Release files (teacher + ImageNet student) never hold these training-only parts:
+                # they are trained from their initialisation, like the student's FPN and heads.
+                missing = [k for k in incompatible.missing_keys if k.startswith(prefix)]
+                logger.info("%s not in the checkpoint: its %d tensors keep their initialisation", what, len(missing))
+                incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefix)]
         return incompatible
 
 

@@ -134,6 +134,34 @@ def add_deepkd_config(cfg: CN) -> CN:
     cfg.KD.REVIEWKD.MID_CHANNELS = 256
     # HCL pyramid sizes (adaptive average pooling to l x l, weights 1/2, 1/4, ...).
     cfg.KD.REVIEWKD.HCL_LEVELS = [4, 2, 1]
+    # DiffKD (Huang et al., NeurIPS 2023): each listed FPN level of the student is projected to
+    # the teacher's channels, noise-matched and denoised by a small diffusion model trained on
+    # the teacher's map of that level (deepkd_det/core/diffkd.py), then compared with it (MSE).
+    # One DiffKD module per level (training-only, state-dict keys ``diffkd.<level>.*``). Losses:
+    # "loss_diffkd_kd" (LOSS_WEIGHT * sum over levels of the MSE), "loss_diffkd_diff"
+    # (DIFF_WEIGHT * sum of the diffusion losses), "loss_diffkd_ae" (with AE_CHANNELS) and
+    # "loss_regkd" (REG_WEIGHT * box-regression KD, deepkd_det/core/boxkd.py). Works alone
+    # (KD.TYPE "NONE") and with KD/DKD/DeepKD on the logits (DeepKD puts all of them in TOG).
+    cfg.KD.DIFFKD = CN()
+    cfg.KD.DIFFKD.ENABLED = False
+    # FPN outputs distilled (names and strides must agree between the two FPNs).
+    cfg.KD.DIFFKD.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    # Weight of the KD loss between the denoised student and the teacher (paper, Faster R-CNN: 5).
+    cfg.KD.DIFFKD.LOSS_WEIGHT = 5.0
+    # Weight of the diffusion (noise-prediction) loss (paper: 1).
+    cfg.KD.DIFFKD.DIFF_WEIGHT = 1.0
+    # Weight of the autoencoder reconstruction loss (paper: 1; used only with AE_CHANNELS).
+    cfg.KD.DIFFKD.AE_WEIGHT = 1.0
+    # Latent channels of the linear autoencoder on the teacher's maps; 0 = no autoencoder
+    # (paper: none on the 256-channel FPN).
+    cfg.KD.DIFFKD.AE_CHANNELS = 0
+    # DDIM steps of the student's denoising (paper and release: 5).
+    cfg.KD.DIFFKD.INFERENCE_STEPS = 5
+    # Weight of the box-regression KD: mean over foreground sampled proposals of the squared L2
+    # distance between the student's and the teacher's deltas of the ground-truth class, on the
+    # same boxes (paper, Faster R-CNN: a regression KD loss with weight 1; its form is ours).
+    # 0 turns it off.
+    cfg.KD.DIFFKD.REG_WEIGHT = 1.0
 
     # ---------------------------------------------------------------- DeepKD
     # The DeepKD node shared with the classifier (deepkd_det/core/settings.py documents every
@@ -257,11 +285,18 @@ def validate_deepkd_config(cfg: CN) -> None:
     _check_choice("KD.TYPE", kd.TYPE, KD_TYPES)
     distill = kd.TYPE != "NONE"
     reviewkd = _validate_reviewkd(cfg)
+    diffkd = _validate_diffkd(cfg)
     if dk.ENABLED and not distill:
         raise ValueError(
             "DEEPKD.ENABLED needs a distillation loss, but KD.TYPE is 'NONE' "
             "(set KD.TYPE to 'KD' or 'DKD', or disable DEEPKD)"
             + ("; KD.REVIEWKD alone is a task-side (TOG) loss and needs no DeepKD" if reviewkd else "")
+            + ("; KD.DIFFKD alone is a task-side (TOG) loss and needs no DeepKD" if diffkd else "")
+        )
+    if diffkd and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
+        raise ValueError(
+            "KD.DIFFKD.ENABLED needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
+            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no feature distillation would happen)"
         )
     if reviewkd and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
         raise ValueError(
@@ -305,19 +340,20 @@ def validate_deepkd_config(cfg: CN) -> None:
     if cfg.TEACHER.EVAL_MODE is not True:
         raise ValueError("TEACHER.EVAL_MODE must be True: the teacher always runs in eval mode")
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
-    if distill or reviewkd:
+    if distill or reviewkd or diffkd:
         tcfg = resolve_teacher_cfg(cfg)
         if tcfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
             raise ValueError(
                 "TEACHER.MODEL.META_ARCHITECTURE must be 'GeneralizedRCNN' (a two-stage detector "
                 f"with an R-CNN box head), got {tcfg.MODEL.META_ARCHITECTURE!r}"
             )
-    if distill:
+    if distill or (diffkd and cfg.KD.DIFFKD.REG_WEIGHT > 0):
         t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
         if t_classes != s_classes and t_classes and s_classes:
             raise ValueError(
                 f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
-                f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit distillation needs the same classes"
+                f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit and box-regression distillation need the "
+                "same classes"
             )
 
 
@@ -404,3 +440,20 @@ def lr_batch_warning(cfg: CN, file_batch: int, file_lr: float) -> Optional[str]:
         f"the linear scaling rule gives SOLVER.BASE_LR {lr * batch / file_batch:g} (set it to silence this warning; "
         "a smaller batch at the same learning rate often diverges)"
     )
+
+
+def _validate_diffkd(cfg: CN) -> bool:
+    """Check KD.DIFFKD; return whether it is enabled. Feature names, strides and channels are
+    checked against the built FPNs when the model is built."""
+    d = cfg.KD.DIFFKD
+    for key in ("LOSS_WEIGHT", "DIFF_WEIGHT", "AE_WEIGHT", "REG_WEIGHT"):
+        if not d[key] >= 0:
+            raise ValueError(f"KD.DIFFKD.{key} must be >= 0, got {d[key]}")
+    if int(d.AE_CHANNELS) != d.AE_CHANNELS or d.AE_CHANNELS < 0:
+        raise ValueError(f"KD.DIFFKD.AE_CHANNELS must be 0 (no autoencoder) or a positive integer, got {d.AE_CHANNELS}")
+    if int(d.INFERENCE_STEPS) != d.INFERENCE_STEPS or not 1 <= d.INFERENCE_STEPS <= 500:
+        raise ValueError(f"KD.DIFFKD.INFERENCE_STEPS must be an integer in 1..500, got {d.INFERENCE_STEPS}")
+    names = list(d.IN_FEATURES)
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"KD.DIFFKD.IN_FEATURES must be distinct feature names, at least one, got {names}")
+    return bool(d.ENABLED)

@@ -1,4 +1,4 @@
-"""Distillers (one file per method): vanilla cross-entropy, KD, DKD, MLKD, CRLD; each plain or with DeepKD."""
+"""Distillers (one file per method): vanilla cross-entropy, KD, DKD, MLKD, CRLD, DiffKD; each plain or with DeepKD."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ from deepkd_det.core.settings import topk_rank
 
 from .base import Distiller, StepContext, TwoViewDistiller
 from .crld import CRLD
+from .diffkd import DiffKD
 from .dkd import DKD
 from .kd import KD
 from .mlkd import MLKD
 from .vanilla import Vanilla
 
-__all__ = ["CRLD", "DISTILLERS", "DKD", "KD", "MLKD", "Distiller", "StepContext", "TwoViewDistiller", "Vanilla",
+__all__ = ["CRLD", "DISTILLERS", "DKD", "DiffKD", "KD", "MLKD", "Distiller", "StepContext", "TwoViewDistiller", "Vanilla",
            "build_distiller", "distiller_class"]
 
-DISTILLERS = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "MLKD": MLKD, "CRLD": CRLD}
+DISTILLERS = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "MLKD": MLKD, "CRLD": CRLD, "DIFFKD": DiffKD}
 
 
 def distiller_class(cfg) -> Type[Distiller]:
@@ -27,8 +28,9 @@ def distiller_class(cfg) -> Type[Distiller]:
     return DISTILLERS[kind]
 
 
-def build_distiller(cfg, student, teacher=None) -> Distiller:
-    """The distiller ``cfg.DISTILLER.TYPE`` names, with its loss settings from ``cfg``."""
+def build_distiller(cfg, student, teacher=None, num_classes=None) -> Distiller:
+    """The distiller ``cfg.DISTILLER.TYPE`` names, with its loss settings from ``cfg``
+    (``num_classes``: the data's class count; default: the dataset type's)."""
     kind = cfg.DISTILLER.TYPE
     stand = cfg.DISTILLER.LOGIT_STAND
     # compat "official" reproduces the released code's losses where they differ from the paper:
@@ -66,4 +68,13 @@ def build_distiller(cfg, student, teacher=None) -> Distiller:
                     alpha=c.ALPHA, beta=c.BETA, warmup=c.WARMUP,
                     confidence_mask="release" if release_deepkd else c.CONFIDENCE_MASK, logit_stand=stand,
                     apply_topk=not release_dot, topk_rank=rank)
+    if kind == "DIFFKD":
+        from ..config import NUM_CLASSES
+
+        d = cfg.DIFFKD
+        return DiffKD(student, teacher, num_classes=int(num_classes or NUM_CLASSES[cfg.DATASET.TYPE]),
+                      student_channels=student.feature_dim, teacher_channels=teacher.feature_dim,
+                      ce_weight=d.CE_WEIGHT, feature_weight=d.FEATURE_WEIGHT, logit_weight=d.LOGIT_WEIGHT,
+                      diff_weight=d.DIFF_WEIGHT, ae_weight=d.AE_WEIGHT, ae_channels=d.AE_CHANNELS,
+                      inference_steps=d.INFERENCE_STEPS, warmup=d.WARMUP)
     raise ValueError(f"unknown DISTILLER.TYPE {kind!r}; choose from {sorted(DISTILLERS)}")

@@ -49,8 +49,7 @@ class Distiller(nn.Module):
                 p.requires_grad_(False)
 
     def train(self, mode: bool = True):
-        self.training = mode
-        self.student.train(mode)
+        super().train(mode)  # the student and any training-only modules of the method (DiffKD's)
         if self.teacher is not None:
             self.teacher.eval()  # the teacher never leaves eval mode (batch-norm statistics frozen)
         return self
@@ -60,6 +59,15 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.to(*args, **kwargs)
         return self
+
+    def extra_state_dict(self) -> Dict[str, torch.Tensor]:
+        """State of the method's own training-only modules (everything but the student; the
+        teacher is not registered): saved in full checkpoints, never in student-only files."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def extra_parameters(self):
+        """Trainable parameters of the method's own modules (trained with the student)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("student.") and p.requires_grad]
 
     def teacher_logits(self, image: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -91,12 +91,16 @@ class CifarMobileNetV2(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before global pooling, shape (N, feature_dim, H, W)."""
         x = self.conv1(x)
         for stage in self.blocks:
             x = stage(x)
         x = self.conv2(x)
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))

@@ -86,11 +86,15 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Globally pooled output of the last stage, shape (N, feature_dim)."""
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before global pooling, shape (N, feature_dim, H, W)."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Globally pooled output of the last stage, shape (N, feature_dim)."""
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))

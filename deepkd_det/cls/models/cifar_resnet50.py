@@ -71,10 +71,14 @@ class CifarBottleneckResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before global pooling, shape (N, feature_dim, H, W)."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.forward_features(x))

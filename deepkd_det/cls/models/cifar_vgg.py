@@ -64,7 +64,8 @@ class CifarVGG(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before global pooling, shape (N, feature_dim, H, W)."""
         x = F.relu(self.block0(x))
         x = F.relu(self.block1(F.max_pool2d(x, 2)))
         x = F.relu(self.block2(F.max_pool2d(x, 2)))
@@ -72,7 +73,10 @@ class CifarVGG(nn.Module):
         if x.shape[-1] > 4:  # 32x32 inputs keep the 4x4 map for the last block
             x = F.max_pool2d(x, 2)
         x = F.relu(self.block4(x))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(F.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.forward_features(x))

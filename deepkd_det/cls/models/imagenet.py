@@ -27,10 +27,14 @@ class ImageNetResNet(ResNet):
         super().__init__(block, layers, num_classes=num_classes)
         self.feature_dim = self.fc.in_features
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before global pooling, shape (N, feature_dim, H, W)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.forward_feature_map(x)), 1)
 
 
 class ImageNetMobileNetV2(MobileNetV2):
@@ -38,9 +42,13 @@ class ImageNetMobileNetV2(MobileNetV2):
         super().__init__(num_classes=num_classes)
         self.feature_dim = self.last_channel
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map before global pooling, shape (N, feature_dim, H, W)."""
         x = self.features(x)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.forward_feature_map(x), 1), 1)
 
 
 def imagenet_resnet18(num_classes: int = 1000) -> ImageNetResNet:

@@ -2,15 +2,19 @@
 
 CIFAR names are mdistiller's (its teacher folders are ``<name>_vanilla``); ImageNet names carry
 an ``imagenet_`` prefix. Every constructor takes ``num_classes`` and returns a module whose
-``forward`` gives logits (N, num_classes) and whose ``forward_features`` gives the pooled
-penultimate features (N, model.feature_dim).
+``forward`` gives logits (N, num_classes), whose ``forward_features`` gives the pooled
+penultimate features (N, model.feature_dim) and whose ``forward_feature_map`` gives the map
+before that global average pooling (N, model.feature_dim, H, W);
+``feature_map_and_logits`` gives the map and the logits of one pass.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .cifar_mobilenetv2 import mobilenetv2_cifar
 from .cifar_resnet import (
@@ -79,3 +83,18 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return MODEL_REGISTRY[name](num_classes)
+
+
+# The classifier layer's attribute in each family (torchvision: fc / classifier; CIFAR: fc,
+# classifier or linear); forward is always classifier(global-average-pool(feature map)).
+CLASSIFIER_ATTRIBUTES = ("fc", "classifier", "linear")
+
+
+def feature_map_and_logits(model: nn.Module, x: torch.Tensor):
+    """``(feature map before pooling, logits)`` of one pass; the logits equal ``model(x)``."""
+    fmap = model.forward_feature_map(x)
+    head = next((getattr(model, a) for a in CLASSIFIER_ATTRIBUTES if isinstance(getattr(model, a, None), nn.Module)),
+                None)
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has none of the classifier attributes {CLASSIFIER_ATTRIBUTES}")
+    return fmap, head(torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1))

@@ -6,8 +6,11 @@ same boxes on its own features (its own normalisation and channel order, no grad
 TCKD / NCKD terms come from ``deepkd_det.core.losses`` with labels = gt_classes of the sampled
 proposals (background = NUM_CLASSES, the last index). With KD.REVIEWKD the student's FPN maps go
 through a trained review head and are compared with the teacher's FPN maps (HCL), as
-``loss_reviewkd``; the teacher backbone runs once per iteration for both. Inference: the student
-alone.
+``loss_reviewkd``. With KD.DIFFKD each listed FPN level of the student is denoised by a
+per-level DiffKD module and compared with the teacher's (``loss_diffkd_kd``, ``loss_diffkd_diff``,
+``loss_diffkd_ae``), and the student's box deltas are pulled to the teacher's on the same boxes
+(``loss_regkd``). The teacher backbone runs once per iteration for all of them. Inference: the
+student alone.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from deepkd_det.core.boxkd import box_regression_kd_loss
 from deepkd_det.core.losses import dkd_components, kd_components, warmup_factor
 from deepkd_det.core.reviewkd import HCL_LEVELS, hcl_loss
 from deepkd_det.core.settings import topk_rank
 from deepkd_det.core.topk import TopKSchedule
 from deepkd_det.det.config import build_topk_schedule, validate_deepkd_config
 
+from .diffkd import build_diffkd_modules, diffkd_level_losses
 from .reviewkd import build_reviewkd_head
 from .teacher import Teacher, build_teacher
 
@@ -48,6 +53,7 @@ class _BoxHeadTap:
         self.active, self.calls = True, 0
         self.boxes: list | None = None
         self.scores: torch.Tensor | None = None
+        self.deltas: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
 
     def stop(self):
@@ -60,7 +66,7 @@ class _BoxHeadTap:
     def predictor_hook(self, module, args, output):
         if self.active:
             self.calls += 1
-            self.scores = output[0]
+            self.scores, self.deltas = output[0], output[1]
 
     def roi_heads_hook(self, module, args, output):
         # In training ROI heads return (sampled proposals, losses); the pooler saw these
@@ -98,9 +104,11 @@ class DeepKDRCNN(GeneralizedRCNN):
 
     State-dict keys: the student's as in GeneralizedRCNN, the teacher's under ``teacher.`` (the
     layout of the ReviewKD/mdistiller combined release files). ``self.teacher`` is None and the
-    model is a plain GeneralizedRCNN when KD.TYPE is "NONE" and KD.REVIEWKD is off. With
+    model is a plain GeneralizedRCNN when KD.TYPE is "NONE" and KD.REVIEWKD, KD.DIFFKD are off. With
     KD.REVIEWKD the trained review head is ``self.reviewkd_head`` (keys ``reviewkd_head.*``, a
-    student part, not the teacher's); KD.TYPE "NONE" + KD.REVIEWKD gives ReviewKD alone.
+    student part, not the teacher's); KD.TYPE "NONE" + KD.REVIEWKD gives ReviewKD alone. With
+    KD.DIFFKD the per-level DiffKD modules are ``self.diffkd`` (keys ``diffkd.<level>.*``,
+    training-only); KD.TYPE "NONE" + KD.DIFFKD gives DiffKD alone.
     """
 
     @configurable
@@ -123,6 +131,9 @@ class DeepKDRCNN(GeneralizedRCNN):
         reviewkd_in_features: Sequence[str] = (),
         reviewkd_weight: float = 1.0,
         reviewkd_levels: Sequence[int] = HCL_LEVELS,
+        diffkd: nn.ModuleDict | None = None,
+        diffkd_weights: Dict[str, float] | None = None,
+        regkd_weight: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -142,13 +153,22 @@ class DeepKDRCNN(GeneralizedRCNN):
         self.reviewkd_in_features = list(reviewkd_in_features)
         self.reviewkd_weight = float(reviewkd_weight)
         self.reviewkd_levels = tuple(reviewkd_levels)
+        if diffkd is not None and teacher is None:
+            raise ValueError("KD.DIFFKD needs a teacher")
+        if diffkd is not None and len(diffkd) == 0:
+            raise ValueError("KD.DIFFKD needs at least one feature name (KD.DIFFKD.IN_FEATURES)")
+        # Attribute name = deepkd_det.core.diffkd.DIFFKD_PREFIX without the dot.
+        self.diffkd = diffkd
+        self.diffkd_weights = dict(diffkd_weights or {"diff": 1.0, "ae": 1.0, "kd": 1.0})
+        self.regkd_weight = float(regkd_weight) if diffkd is not None else 0.0
         self._backbone_tap = _BackboneTap()
         if reviewkd_head is not None:
             if not self.reviewkd_in_features:
                 raise ValueError("KD.REVIEWKD needs at least one feature name (KD.REVIEWKD.IN_FEATURES)")
+        if reviewkd_head is not None or diffkd is not None:
             self.backbone.register_forward_hook(self._backbone_tap.hook)
         self._tap = _BoxHeadTap()
-        if kd_type != "NONE":
+        if kd_type != "NONE" or self.regkd_weight > 0:
             for attr in ("box_pooler", "box_predictor"):
                 if not hasattr(self.roi_heads, attr):
                     raise ValueError(
@@ -168,7 +188,8 @@ class DeepKDRCNN(GeneralizedRCNN):
         kd = cfg.KD
         distill = kd.TYPE != "NONE"
         reviewkd = bool(kd.REVIEWKD.ENABLED)
-        teacher = build_teacher(cfg) if distill or reviewkd else None
+        diffkd = bool(kd.DIFFKD.ENABLED)
+        teacher = build_teacher(cfg) if distill or reviewkd or diffkd else None
         ret.update(
             teacher=teacher,
             kd_type=kd.TYPE,
@@ -186,6 +207,9 @@ class DeepKDRCNN(GeneralizedRCNN):
             reviewkd_in_features=list(kd.REVIEWKD.IN_FEATURES),
             reviewkd_weight=kd.REVIEWKD.LOSS_WEIGHT,
             reviewkd_levels=[int(v) for v in kd.REVIEWKD.HCL_LEVELS],
+            diffkd=build_diffkd_modules(cfg, ret["backbone"], teacher.backbone) if diffkd else None,
+            diffkd_weights={"diff": kd.DIFFKD.DIFF_WEIGHT, "ae": kd.DIFFKD.AE_WEIGHT, "kd": kd.DIFFKD.LOSS_WEIGHT},
+            regkd_weight=kd.DIFFKD.REG_WEIGHT,
         )
         return ret
 
@@ -203,39 +227,57 @@ class DeepKDRCNN(GeneralizedRCNN):
         if "instances" not in batched_inputs[0]:
             raise ValueError("DeepKDRCNN training needs ground-truth 'instances' in the inputs")
         distill_logits = self.kd_type != "NONE"
+        regkd = self.regkd_weight > 0
+        box_tap = distill_logits or regkd
         reviewkd = self.reviewkd_head is not None
+        diffkd = self.diffkd is not None
+        features_tap = reviewkd or diffkd
         tap, btap = self._tap, self._backbone_tap
-        if distill_logits:
+        if box_tap:
             tap.start()
-        if reviewkd:
+        if features_tap:
             btap.start()
         try:
             losses = super().forward(batched_inputs)
         finally:
             tap.stop()
             btap.stop()
-        if distill_logits and (tap.calls != 1 or tap.boxes is None or tap.labels is None):
+        if box_tap and (tap.calls != 1 or tap.boxes is None or tap.labels is None):
             raise RuntimeError(
                 f"the student's box head ran {tap.calls} times in one forward; DeepKDRCNN needs a "
                 "single-stage box head (StandardROIHeads)"
             )
-        if reviewkd and btap.calls != 1:
+        if features_tap and btap.calls != 1:
             raise RuntimeError(f"the student's backbone ran {btap.calls} times in one forward, expected once")
-        # One teacher backbone pass per iteration serves both the box-head logits and ReviewKD.
-        # With ReviewKD the teacher's batch is padded to the student's padded size, so that the
-        # FPN maps of both have the same shapes level by level.
+        # One teacher backbone pass per iteration serves the box-head logits, ReviewKD and DiffKD.
+        # With a feature loss the teacher's batch is padded to the student's padded size, so that
+        # the FPN maps of both have the same shapes level by level.
         images = [x["image"].to(self.device) for x in batched_inputs]
-        teacher_features = self.teacher.features(images, self.input_format, btap.image_size if reviewkd else None)
+        teacher_features = self.teacher.features(images, self.input_format, btap.image_size if features_tap else None)
+        teacher_logits = teacher_deltas = None
+        if box_tap:
+            teacher_logits, teacher_deltas = self.teacher.box_logits(
+                None, self.input_format, tap.boxes, features=teacher_features, with_deltas=True
+            )
         if distill_logits:
             losses.update(
-                self._distill_losses(batched_inputs, tap.boxes, tap.scores, tap.labels, teacher_features)
+                self._distill_losses(
+                    batched_inputs, tap.boxes, tap.scores, tap.labels, teacher_features, teacher_logits
+                )
+            )
+        if diffkd:
+            # Like loss_reviewkd, every DiffKD loss is a task-side (TOG) term under DeepKD.
+            losses.update(self._diffkd_losses(btap.features, teacher_features))
+        if regkd:
+            losses["loss_regkd"] = self.regkd_weight * box_regression_kd_loss(
+                tap.deltas, teacher_deltas, tap.labels, self.roi_heads.num_classes
             )
         if reviewkd:
             # The engine puts every loss except loss_tckd / loss_nckd into TOG: under DeepKD the
             # feature loss rides with the task gradient (it is neither a target- nor a
             # non-target-class logit term), which is the intended placement.
             losses["loss_reviewkd"] = self._reviewkd_loss(btap.features, teacher_features)
-        tap.boxes = tap.scores = tap.labels = None  # drop the graph references
+        tap.boxes = tap.scores = tap.deltas = tap.labels = None  # drop the graph references
         btap.features = None
         return losses
 
@@ -247,16 +289,30 @@ class DeepKDRCNN(GeneralizedRCNN):
         reviewed = self.reviewkd_head([student_features[n] for n in names])
         return self.reviewkd_weight * hcl_loss(reviewed, [teacher_features[n] for n in names], self.reviewkd_levels)
 
+    def _diffkd_losses(
+        self, student_features: Dict[str, torch.Tensor], teacher_features: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
+        """Weighted DiffKD losses, each summed over the levels: KD (LOSS_WEIGHT), diffusion
+        (DIFF_WEIGHT) and, with an autoencoder, reconstruction (AE_WEIGHT)."""
+        raw = diffkd_level_losses(self.diffkd, student_features, teacher_features)
+        w = self.diffkd_weights
+        out = {"loss_diffkd_kd": w["kd"] * raw["kd"], "loss_diffkd_diff": w["diff"] * raw["diff"]}
+        if any(m.autoencoder is not None for m in self.diffkd.values()):
+            out["loss_diffkd_ae"] = w["ae"] * raw["ae"]
+        return out
+
     def _distill_losses(
-        self, batched_inputs, boxes, student_logits, labels, teacher_features=None
+        self, batched_inputs, boxes, student_logits, labels, teacher_features=None, teacher_logits=None
     ) -> Dict[str, torch.Tensor]:
         """Weighted TCKD / NCKD of the student's box logits against the teacher's on the same boxes.
 
-        ``teacher_features``: the teacher's FPN maps of this batch when already computed."""
+        ``teacher_features``: the teacher's FPN maps of this batch when already computed;
+        ``teacher_logits``: the teacher's box logits on ``boxes`` when already computed."""
         if labels.numel() != student_logits.shape[0]:
             raise RuntimeError(f"{labels.numel()} sampled labels for {student_logits.shape[0]} logits")
-        images = None if teacher_features is not None else [x["image"].to(self.device) for x in batched_inputs]
-        teacher_logits = self.teacher.box_logits(images, self.input_format, boxes, features=teacher_features)
+        if teacher_logits is None:
+            images = None if teacher_features is not None else [x["image"].to(self.device) for x in batched_inputs]
+            teacher_logits = self.teacher.box_logits(images, self.input_format, boxes, features=teacher_features)
         if teacher_logits.shape != student_logits.shape:
             raise RuntimeError(
                 f"teacher logits {tuple(teacher_logits.shape)} and student logits "

@@ -195,8 +195,10 @@ class Teacher(nn.Module):
         input_format: str,
         boxes: List[Boxes],
         features: Dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Classification logits of the teacher's box head on the given boxes (image coordinates).
+        with_deltas: bool = False,
+    ):
+        """Classification logits of the teacher's box head on the given boxes (image coordinates);
+        with ``with_deltas`` the pair ``(logits, box-regression deltas)`` of the same pass.
 
         ``features``: the teacher's feature maps when already computed (``Teacher.features``), so
         that the backbone runs once per iteration; otherwise they are computed from ``images``.
@@ -207,8 +209,9 @@ class Teacher(nn.Module):
         _, box_head = self._forward_modules()
         pooled = rh.box_pooler([features[f] for f in rh.box_in_features], boxes)
         with autocast(pooled.device, self.amp_dtype):
-            scores, _ = rh.box_predictor(box_head(pooled))
-        return self._float(scores)  # every KD loss in float32
+            scores, deltas = rh.box_predictor(box_head(pooled))
+        # every KD loss in float32
+        return (self._float(scores), self._float(deltas)) if with_deltas else self._float(scores)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("the teacher is used through DeepKDRCNN (Teacher.box_logits), not called directly")
