@@ -163,11 +163,12 @@ def build_decoupled_optimizer(node, params, *, lr: float, momentum: float, weigh
                            compat=node.COMPAT)
 
 
-def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True):
-    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer``."""
+def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True, clip_norm: float = 0.0):
+    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer`` (``clip_norm``: see core.step)."""
     from .step import DecoupledStep
 
-    return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite)
+    return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite,
+                         clip_norm=clip_norm)
 
 
 def build_gsnr_meter(node, named_parameters, steps_per_epoch: int):

@@ -23,6 +23,13 @@ Strategies:
     ``"sequential"`` (the all-reduce needs whole gradient sets); with a ``grad_hook`` each
     component's gradients are also collected for the hook.
 
+Gradient-norm clipping (``clip_norm > 0``): the norm of the *summed* gradient (all components,
+after the all-reduce) is clipped as ``torch.nn.utils.clip_grad_norm_`` clips one gradient, by
+scaling every component by the same factor ``min(1, clip_norm / (norm + 1e-6))``, so the
+decomposition is kept and the summed update equals a clipped plain one. It needs every
+component's gradient before the first fold: the call computes them one by one (as
+``"sequential"``) and holds them all, whatever the strategy.
+
 Distributed (torch.distributed initialised, world size > 1): the model is *not* wrapped in
 DistributedDataParallel (DDP averages one combined gradient, not one per component). Instead
 each component's gradient is all-reduced here, in flattened buckets, and divided by the world
@@ -187,6 +194,8 @@ class DecoupledStep:
         bucket_mb: size of the flattened all-reduce buckets.
         check_finite: check the losses for NaN/inf before anything is folded (a trainer that
             already checked them, with its own message, passes False).
+        clip_norm: > 0 clips the norm of the summed gradient to this value (see module docstring);
+            the norm before clipping is kept in ``last_grad_norm``.
     """
 
     def __init__(
@@ -198,6 +207,7 @@ class DecoupledStep:
         process_group=None,
         bucket_mb: float = 25.0,
         check_finite: bool = True,
+        clip_norm: float = 0.0,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"gradient strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -213,6 +223,10 @@ class DecoupledStep:
         self.process_group = process_group
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.check_finite = check_finite
+        if not clip_norm >= 0:
+            raise ValueError(f"clip_norm must be >= 0 (0: no clipping), got {clip_norm}")
+        self.clip_norm = float(clip_norm)
+        self.last_grad_norm: Optional[float] = None
         self._batched_checked = False  # first batched call keeps the graph, so a fallback can still run
 
     # ---------------------------------------------------------------------------- checks
@@ -247,6 +261,9 @@ class DecoupledStep:
         if not index:
             raise ValueError("the optimizer holds no parameter with requires_grad=True")
         plan = _Plan(all_params, index)
+        if self.clip_norm > 0:
+            self._clipped(active, plan)
+            return values
         if self.strategy == "batched" and len(active) > 1:
             if self._batched(active, plan):
                 return values
@@ -269,6 +286,25 @@ class DecoupledStep:
             grads = torch.autograd.grad(loss, plan.trainable, retain_graph=k < last, allow_unused=True)
             self._fold(name, grads, plan, reduce=True)
             del grads  # the optimizer keeps what it needs; free before the next backward
+
+    def _clipped(self, active, plan: _Plan) -> None:
+        last = len(active) - 1
+        per_component = []
+        for k, (name, loss) in enumerate(active):
+            grads = torch.autograd.grad(loss, plan.trainable, retain_graph=k < last, allow_unused=True)
+            per_component.append((name, allreduce_gradients(grads, plan.trainable, self.process_group,
+                                                            self.bucket_bytes)))
+        norms = []
+        for j in range(len(plan.trainable)):
+            parts = [grads[j] for _, grads in per_component if grads[j] is not None]
+            if parts:
+                norms.append(torch.linalg.vector_norm(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]))
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        self.last_grad_norm = float(total)
+        coef = torch.clamp(self.clip_norm / (total + 1e-6), max=1.0)
+        for name, grads in per_component:
+            scaled = [None if g is None else g * coef.to(g.device, g.dtype) for g in grads]
+            self._fold(name, scaled, plan, reduce=False)
 
     def _batched(self, active, plan: _Plan) -> bool:
         # Which parameters each loss reaches: in a batched gradient an unreached parameter shows
