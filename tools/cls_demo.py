@@ -8,7 +8,8 @@ for several seeds, and prints the mean ± std of the students' top-1 on the held
     python tools/cls_demo.py [--out output/cls_demo] [--seeds 0 1 2] [--methods ...] [KEY VALUE ...]
 
 Methods (rows): vanilla, kd, dkd, deepkd_dkd, mlkd, crld, dot_dkd (the default set) and
-deepkd_mlkd, deepkd_crld; ``--methods all`` runs every row. Trailing KEY VALUE pairs override
+deepkd_mlkd, deepkd_crld, gpd (from scratch), gpd_dkd, deepkd_gpd_dkd (GPD: a 2x dynamic teacher
+sharing the student's weights, several times a DKD row's cost); ``--methods all`` runs every row. Trailing KEY VALUE pairs override
 every student config. Results also go to <out>/summary.json and <out>/results.md. Whatever the
 numbers show is what is printed.
 """
@@ -34,9 +35,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METHODS = (("vanilla", "vanilla (CE)"), ("kd", "KD"), ("dkd", "DKD"), ("deepkd_dkd", "DeepKD-DKD"),
            ("mlkd", "MLKD"), ("deepkd_mlkd", "DeepKD-MLKD"), ("crld", "CRLD"), ("deepkd_crld", "DeepKD-CRLD"),
-           ("dot_dkd", "DOT-DKD"))
+           ("dot_dkd", "DOT-DKD"), ("gpd", "GPD (scratch)"), ("gpd_dkd", "GPD-DKD"),
+           ("deepkd_gpd_dkd", "DeepKD-GPD-DKD"))
 LABELS = dict(METHODS)
-# The two-view DeepKD rows cost about twice a plain MLKD/CRLD row: selectable, not in the default set.
+# The two-view DeepKD rows cost about twice a plain MLKD/CRLD row, the GPD rows several DKD rows:
+# selectable, not in the default set.
 DEFAULT_METHODS = ("vanilla", "kd", "dkd", "deepkd_dkd", "mlkd", "crld", "dot_dkd")
 QUIET = ["LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False"]
 

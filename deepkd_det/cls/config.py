@@ -341,6 +341,9 @@ def _check_two_view_methods(cfg: CN, need) -> None:
 
 GPD_DISTILLERS = ("NONE", "DKD")
 GPD_DEEPKD_BUFFERS = ("task", "split")
+# Students whose forward shuffles / concatenates channels: the leading-slice layout of core.gpd
+# cannot hold (the trainer also compares both widths at start-up, for any model).
+GPD_UNSLICEABLE = ("ShuffleV1", "ShuffleV2")
 
 
 def _check_gpd(cfg: CN, need) -> None:
@@ -349,6 +352,8 @@ def _check_gpd(cfg: CN, need) -> None:
         return
     need(cfg.DISTILLER.TYPE in GPD_DISTILLERS,
          f"GPD.ENABLED supports DISTILLER.TYPE NONE (from scratch) or DKD, got {cfg.DISTILLER.TYPE!r}")
+    need(cfg.DISTILLER.STUDENT not in GPD_UNSLICEABLE,
+         f"GPD.ENABLED: DISTILLER.STUDENT {cfg.DISTILLER.STUDENT} shuffles channels and cannot be width-sliced")
     need(isinstance(g.RATIO, int) and not isinstance(g.RATIO, bool) and g.RATIO >= 2,
          f"GPD.RATIO must be an int >= 2 (the dynamic teacher is RATIO times wider), got {g.RATIO!r}")
     need(g.BRANCHES == 6, f"GPD.BRANCHES must be 6 (the released CBR branch set; core.gpd.CBR_BRANCHES), got {g.BRANCHES}")
