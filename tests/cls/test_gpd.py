@@ -81,15 +81,27 @@ def test_losses_follow_the_released_step_and_the_buffer_maps(tmp_path, tiny_cfg)
     torch.testing.assert_close(scratch["dt_tog"], F.cross_entropy(z_dt, y))
 
 
-def test_gpd_deepkd_learns_and_resumes_exactly(tmp_path, teacher_ckpt, tiny_cfg):
-    """GPD + DeepKD (CBR on): top-1 moves; stopping after epoch 1 and resuming gives the same bits."""
+def test_gpd_deepkd_learns(tmp_path, teacher_ckpt, tiny_cfg):
+    """GPD + DeepKD (CBR on, clip through the decoupled step): three epochs move the student's top-1."""
+    cfg = tiny_cfg(tmp_path, **_gpd_opts(teacher_ckpt, DEEPKD__ENABLED=True, SOLVER__LR=0.01))
+    trainer = ClsTrainer(cfg)
+    assert any(isinstance(m, WidthSliced) for m in trainer.student.modules())
+    before = evaluate(trainer.student, trainer.val_loader, trainer.device)["top1"]
+    summary = trainer.train()
+    assert summary["last_top1"] > before + 7.0, (before, summary)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert {"train/dt_tog", "train/dt_tcg", "train/dt_ncg", "train/gpd_kd", "val/dt_top1"} <= rows[0].keys()
+    for p in trainer.student.parameters():  # the shared weights hold all three DeepKD buffers
+        for component in ("tog", "tcg", "ncg"):
+            assert trainer.optimizer.momentum_buffer(p, component) is not None
+
+
+def test_gpd_deepkd_resumes_exactly(tmp_path, teacher_ckpt, tiny_cfg):
+    """Stopping after epoch 1 and resuming gives the uninterrupted run's bits (both widths' BN too)."""
     opts = _gpd_opts(teacher_ckpt, DEEPKD__ENABLED=True, SOLVER__EPOCHS=2, SOLVER__LR_DECAY_STAGES=[1],
-                     SOLVER__LR=0.02, DEEPKD__TOPK__END=1.0)
+                     DATASET__DIGITS__TRAIN_LIMIT=64, DEEPKD__TOPK__END=1.0)
     full = ClsTrainer(tiny_cfg(tmp_path / "full", **opts))
-    assert any(isinstance(m, WidthSliced) for m in full.student.modules())
-    before = evaluate(full.student, full.val_loader, full.device)["top1"]
-    summary = full.train()
-    assert summary["last_top1"] > before + 8.0, (before, summary)
+    full.train()
     first = ClsTrainer(tiny_cfg(tmp_path / "split", **opts))
     first.train(stop_after=1)
     torch.manual_seed(999)  # whatever the process did in between must not matter
@@ -98,32 +110,33 @@ def test_gpd_deepkd_learns_and_resumes_exactly(tmp_path, teacher_ckpt, tiny_cfg)
     resumed.train()
     a, b = full.student.state_dict(), resumed.student.state_dict()
     assert a.keys() == b.keys() and any(k.endswith("student_running_mean") for k in a)
+    assert any(k.endswith("branch_scale") for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     rows = [[json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")] for d in ("full", "split")]
-    assert [r["val/top1"] for r in rows[0]] == [r["val/top1"] for r in rows[1]]
-    assert {"train/dt_tog", "train/dt_tcg", "train/dt_ncg", "train/gpd_kd", "val/dt_top1"} <= rows[0][0].keys()
+    assert [(r["val/top1"], r["val/dt_top1"]) for r in rows[0]] == [(r["val/top1"], r["val/dt_top1"]) for r in rows[1]]
 
 
 def test_gpd_dkd_learns_and_exports_the_plain_student(tmp_path, teacher_ckpt, tiny_cfg, capsys):
-    """GPD + DKD (CBR off, plain SGD with the clip): top-1 moves; student_best.pth loads strictly into
-    the ordinary resnet8 and gives the shared model's student-width logits; eval_cls agrees."""
+    """GPD + DKD (CBR off, plain SGD with the clip): top-1 moves; the student files load strictly into
+    the ordinary resnet8 and give the shared model's student-width logits; eval_cls agrees."""
     import tools.eval_cls as eval_cls
 
-    cfg = tiny_cfg(tmp_path, **_gpd_opts(teacher_ckpt, GPD__CBR=False, SOLVER__EPOCHS=2, SOLVER__LR_DECAY_STAGES=[1],
-                                          SOLVER__LR=0.02))
+    cfg = tiny_cfg(tmp_path, **_gpd_opts(teacher_ckpt, GPD__CBR=False, SOLVER__EPOCHS=2, SOLVER__LR_DECAY_STAGES=[1]))
     trainer = ClsTrainer(cfg)
     before = evaluate(trainer.student, trainer.val_loader, trainer.device)["top1"]
     summary = trainer.train()
     assert summary["last_top1"] > before + 8.0, (before, summary)
-    plain = load_teacher_weights(build_model("resnet8", 10), tmp_path / "student_best.pth")  # strict
+    last = tmp_path / f"ckpt_epoch_{cfg.SOLVER.EPOCHS}.pth"
+    plain = load_teacher_weights(build_model("resnet8", 10), last)  # strict: the ordinary class
     assert not any(isinstance(m, WidthSliced) for m in plain.modules())
     x = torch.randn(16, 3, 8, 8)
     trainer.student.eval()
     plain.eval()
     with torch.no_grad(), at_width(trainer.student, STUDENT):
         torch.testing.assert_close(plain(x), trainer.student(x), rtol=1e-5, atol=1e-5)
-    assert evaluate(plain, trainer.val_loader, trainer.device)["top1"] == pytest.approx(summary["best_top1"])
+    best = load_teacher_weights(build_model("resnet8", 10), tmp_path / "student_best.pth")
+    assert evaluate(best, trainer.val_loader, trainer.device)["top1"] == pytest.approx(summary["best_top1"])
 
     cfg_file = str(tmp_path / "config.yaml")
     assert eval_cls.main(["--cfg", cfg_file, "--ckpt", str(tmp_path / "latest.pth")]) == 0
@@ -132,6 +145,6 @@ def test_gpd_dkd_learns_and_exports_the_plain_student(tmp_path, teacher_ckpt, ti
     assert shared["shared_student"]["top1"] == pytest.approx(shared["exported"]["top1"])
     assert shared["exported"]["top1"] == pytest.approx(summary["last_top1"])
     assert "dynamic_teacher" in shared
-    assert eval_cls.main(["--cfg", cfg_file, "--ckpt", str(tmp_path / f"ckpt_epoch_{cfg.SOLVER.EPOCHS}.pth")]) == 0
+    assert eval_cls.main(["--cfg", cfg_file, "--ckpt", str(last)]) == 0
     exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert exported["top1"] == pytest.approx(summary["last_top1"]) and "agree" not in exported
