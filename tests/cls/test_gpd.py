@@ -148,3 +148,25 @@ def test_gpd_dkd_learns_and_exports_the_plain_student(tmp_path, teacher_ckpt, ti
     assert eval_cls.main(["--cfg", cfg_file, "--ckpt", str(last)]) == 0
     exported = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert exported["top1"] == pytest.approx(summary["last_top1"]) and "agree" not in exported
+
+
+def test_imagenet_gpd_configs_carry_the_released_recipe():
+    import os
+
+    from deepkd_det.cls.config import load_cfg
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cls", "imagenet", "gpd")
+    for pair, student, beta in (("resnet34_resnet18", "imagenet_resnet18", 0.5),
+                                ("resnet50_mobilenetv2", "imagenet_mobilenet_v2", 2.0)):
+        for prefix, deepkd in (("", False), ("deepkd_", True)):
+            cfg = load_cfg(os.path.join(root, f"{prefix}{pair}.yaml"))
+            s, d, g = cfg.SOLVER, cfg.DKD, cfg.GPD
+            assert (s.EPOCHS, s.LR, list(s.LR_DECAY_STAGES), s.LR_DECAY_RATE, s.BATCH_SIZE) == (100, 0.1, [30, 60, 90],
+                                                                                                0.1, 512)
+            assert (s.WEIGHT_DECAY, s.MOMENTUM, s.WARMUP_EPOCHS) == (1e-4, 0.9, 0.0)
+            assert (d.ALPHA, d.BETA, d.T, d.WARMUP, d.CE_WEIGHT) == (1.0, beta, 1.0, 0.0, 1.0)
+            assert (g.ENABLED, g.RATIO, g.CBR, g.BRANCHES, g.KD_RATIO, g.CLIP_GRAD_NORM) == (True, 2, True, 6, 3.0, 5.0)
+            assert cfg.DISTILLER.STUDENT == student and cfg.DEEPKD.ENABLED == deepkd
+    for name in ("scratch_resnet18", "scratch_mobilenetv2"):
+        cfg = load_cfg(os.path.join(root, f"{name}.yaml"))
+        assert cfg.DISTILLER.TYPE == "NONE" and cfg.GPD.ENABLED and not cfg.DEEPKD.ENABLED
