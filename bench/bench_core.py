@@ -18,6 +18,8 @@ Cases:
   iter_deepkd_<strategy>[_folded_teacher]   CIFAR R32x4 -> R8x4 iteration vs plain DKD
   iter_diffkd                 CIFAR R32x4 -> R8x4 DiffKD iteration (pre-pooling map + logits,
                               5 DDIM steps, torch SGD) vs plain DKD
+  iter_gpd_dkd[_no_cbr], iter_deepkd_gpd_dkd  the GPD step (2x dynamic teacher sharing the
+                              student's weights, core.gpd; clip 5) vs plain DKD, same run
 
 Timings on a shared machine are only meaningful when nothing else runs: the 2-thread OpenMP
 kernels slow down several-fold under oversubscription.
@@ -36,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width, gpd_soft_target_loss, widen
 from deepkd_det.core.losses import dkd_components
 from deepkd_det.core.optim import DeepKDOptimizer
 from deepkd_det.core.step import STRATEGIES, DecoupledStep
@@ -353,6 +356,46 @@ class _MiniCifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def _gpd_iterations(student, teacher, x, y, dkd_args) -> Dict[str, Callable[[], None]]:
+    """The GPD training step as the classifier runs it (deepkd_det/cls/distillers/gpd.py): dynamic
+    teacher CE + DKD, student CE + DKD + 3 x soft target, one clipped update of the shared weights."""
+    fns: Dict[str, Callable[[], None]] = {}
+
+    def losses(shared):
+        with torch.no_grad():
+            zt = teacher(x)
+        with at_width(shared, DYNAMIC_TEACHER):
+            z_dt = shared(x)
+        zs = shared(x)
+        dt = F.cross_entropy(z_dt, y) + sum(dkd_components(z_dt, zt, y, **dkd_args))
+        tcg, ncg = dkd_components(zs, zt, y, **dkd_args)
+        return F.cross_entropy(zs, y) + dt + 3.0 * gpd_soft_target_loss(zs, z_dt), tcg, ncg
+
+    for name, cbr in (("iter_gpd_dkd", True), ("iter_gpd_dkd_no_cbr", False)):
+        shared = widen(student, 2, cbr=cbr)
+        sgd = torch.optim.SGD(shared.parameters(), lr=1e-4, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+        def gpd_iteration(shared=shared, sgd=sgd):
+            tog, tcg, ncg = losses(shared)
+            sgd.zero_grad(set_to_none=True)
+            (tog + tcg + ncg).backward()
+            torch.nn.utils.clip_grad_norm_(shared.parameters(), 5.0)
+            sgd.step()
+
+        fns[name] = gpd_iteration
+    shared = widen(student, 2, cbr=True)
+    opt = DeepKDOptimizer(shared.parameters(), lr=1e-4, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    step = DecoupledStep(opt, "sequential", clip_norm=5.0)
+
+    def deepkd_gpd_iteration():
+        tog, tcg, ncg = losses(shared)
+        step(opt.component_losses(tog=tog, tcg=tcg, ncg=ncg))
+        opt.step()
+
+    fns["iter_deepkd_gpd_dkd"] = deepkd_gpd_iteration
+    return fns
+
+
 def bench_iteration(batch: int, warmup: int, repeats: int) -> None:
     torch.manual_seed(0)
     teacher, student, source = _cifar_models()
@@ -401,6 +444,7 @@ def bench_iteration(batch: int, warmup: int, repeats: int) -> None:
         fns[f"iter_deepkd_{strategy}{suffix}"] = deepkd_iteration
 
     diffkd_note = _add_diffkd_iteration(fns, student, teacher, x, y)
+    fns.update(_gpd_iterations(student, teacher, x, y, dkd_args))
 
     t = median_seconds(fns, warmup, repeats)
     emit("teacher_forward_folded_bn", t["teacher_folded"] * 1e3, "ms", t["teacher"] * 1e3, batch=batch,

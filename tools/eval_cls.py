@@ -6,6 +6,12 @@
 ``--ckpt`` is any file with the student's weights: ``latest.pth``, ``best.pth``,
 ``student_best.pth``, ``ckpt_epoch_<N>.pth`` or a plain state dict. ``--teacher`` evaluates the
 config's teacher (``TEACHER.CKPT`` or ``TEACHER.ROOT``) instead.
+
+GPD (``GPD.ENABLED`` in the config): a file holding the GPD shared model (``latest.pth``,
+``best.pth``) is evaluated three ways: the shared model at student width, the plain student
+exported from it (core.gpd.export, what ``student_best.pth`` holds) and the dynamic teacher;
+the line also reports the largest logit difference between the first two (``max_logit_diff``)
+and ``agree`` (below 1e-4 of the largest logit). A plain student file is evaluated as usual.
 """
 
 from __future__ import annotations
@@ -14,11 +20,53 @@ import argparse
 import json
 import sys
 
+import torch
+
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.data import build_datasets, build_loaders
+from deepkd_det.cls.distillers.gpd import plain_student, widen_student
 from deepkd_det.cls.engine import build_teacher, evaluate
 from deepkd_det.cls.models import build_model, load_teacher_weights
+from deepkd_det.cls.models.checkpoint import read_state_dict
 from deepkd_det.core.dist import init_distributed
+from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
+
+AGREE_RTOL = 1e-4
+
+
+@torch.no_grad()
+def logit_gap(a, b, loader, device):
+    """(max |a(x) - b(x)|, max |b(x)|) over the loader (eval mode), maximised over the workers."""
+    a.eval()
+    b.eval()
+    worst = torch.zeros(2, dtype=torch.float64)
+    for image, _ in loader:
+        image = image.to(device)
+        za, zb = a(image), b(image)
+        worst = torch.maximum(worst, torch.tensor([(za - zb).abs().max().item(), zb.abs().max().item()],
+                                                  dtype=torch.float64))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    return worst[0].item(), worst[1].item()
+
+
+def evaluate_gpd(cfg, path, num_classes, val_loader, device):
+    """The GPD shared model in ``path``: shared at student width, exported student, dynamic teacher."""
+    shared = widen_student(cfg, build_model(cfg.DISTILLER.STUDENT, num_classes), check=False)
+    shared.load_state_dict(read_state_dict(path))  # strict
+    shared.to(device)
+    exported = plain_student(shared)
+    result = {"shared_student": evaluate(shared, val_loader, device), "exported": evaluate(exported, val_loader, device)}
+    with at_width(shared, DYNAMIC_TEACHER):
+        result["dynamic_teacher"] = evaluate(shared, val_loader, device)
+    gap, scale = logit_gap(shared, exported, val_loader, device)
+    result.update(max_logit_diff=gap, agree=gap <= AGREE_RTOL * max(scale, 1.0))
+    return {**result["exported"], **result}
+
+
+def _holds_shared_model(cfg, path, num_classes) -> bool:
+    shared = widen_student(cfg, build_model(cfg.DISTILLER.STUDENT, num_classes), check=False)
+    return set(read_state_dict(path)) == set(shared.state_dict())
 
 
 def main(argv=None) -> int:
@@ -40,13 +88,21 @@ def main(argv=None) -> int:
             name = cfg.DISTILLER.TEACHER
         else:
             name = cfg.DISTILLER.STUDENT
-            model = load_teacher_weights(build_model(name, num_classes), args.ckpt)  # strict load
-        result = evaluate(model.to(info.device), val_loader, info.device)
+        if not args.teacher and cfg.GPD.ENABLED and _holds_shared_model(cfg, args.ckpt, num_classes):
+            result = evaluate_gpd(cfg, args.ckpt, num_classes, val_loader, info.device)
+        else:
+            if not args.teacher:
+                model = load_teacher_weights(build_model(name, num_classes), args.ckpt)  # strict load
+            result = evaluate(model.to(info.device), val_loader, info.device)
     except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
         print(f"eval_cls.py: error: {exc}", file=sys.stderr)
         return 1
     if info.is_main:
         print(json.dumps({"model": name, "ckpt": args.ckpt or "teacher", **result}))
+    if result.get("agree") is False:
+        print(f"eval_cls.py: error: the exported student differs from the shared model at student width by "
+              f"{result['max_logit_diff']:.3g} in the logits", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -142,6 +142,23 @@ _C.AMP = CN()
 _C.AMP.ENABLED = False
 _C.AMP.DTYPE = "fp16"  # as detectron2's SOLVER.AMP (DTYPE there too)
 
+# GPD (Guo et al., ICLR 2025; core.gpd, docs/gpd.md): a dynamic teacher, the student widened RATIO
+# times and sharing its weights, trained with it. With DISTILLER.TYPE DKD both widths learn from the
+# static teacher too (the release); with NONE it is GPD from scratch (CE + the dynamic teacher only).
+_C.GPD = CN()
+_C.GPD.ENABLED = False
+_C.GPD.RATIO = 2  # dynamic-teacher width / student width (released: 2)
+_C.GPD.CBR = True  # channel-branch reparameterization of the 3x3 stride-1 convs (released: on)
+_C.GPD.BRANCHES = 6  # CBR branches: the released six (origin, avg, prior, 1x1-kxk, kxk, dw-pw); fixed
+_C.GPD.CBR_INIT = "multi"  # multi: released from-scratch init; single: keeps a pretrained student's function
+_C.GPD.KD_RATIO = 3.0  # weight of the dynamic teacher -> student soft-target loss (released: 3)
+_C.GPD.SMOOTHING = 0.1  # label smoothing of that soft-target loss (released: 0.1)
+_C.GPD.DYNAMIC_TEACHER_STATIC_KD = True  # the dynamic teacher also learns from the static teacher (DKD)
+_C.GPD.CLIP_GRAD_NORM = 5.0  # norm clip of the summed gradient (released: 5); 0 disables
+# With DeepKD: "task" puts the dynamic teacher's whole loss and the soft-target loss in TOG (default);
+# "split" sends the dynamic teacher's TCKD / NCKD to TCG / NCG (its CE and the soft target stay in TOG).
+_C.GPD.DEEPKD_BUFFERS = "task"
+
 _C.LOG = CN()
 _C.LOG.TENSORBOARD = True
 _C.LOG.PROGRESS_BAR = True
@@ -243,11 +260,11 @@ def experiment_name(cfg: CN) -> str:
         return cfg.EXPERIMENT.NAME
     kind = cfg.DISTILLER.TYPE
     if kind == "NONE":
-        return f"{cfg.DISTILLER.STUDENT}_vanilla"
+        return f"{cfg.DISTILLER.STUDENT}_{'gpd' if cfg.GPD.ENABLED else 'vanilla'}"
     prefix = ""
     if cfg.DEEPKD.ENABLED:
         prefix = "dot_" if cfg.DEEPKD.OPTIMIZER == "dot" else "deepkd_"
-    method = prefix + kind.lower()
+    method = prefix + ("gpd_" if cfg.GPD.ENABLED else "") + kind.lower()
     return f"{method}_{cfg.DISTILLER.TEACHER}_{cfg.DISTILLER.STUDENT}"
 
 
@@ -322,6 +339,7 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
     if dist.TYPE == "DIFFKD":
         need(d.FEATURE_WEIGHT > 0 or d.LOGIT_WEIGHT > 0,
              "DIFFKD.FEATURE_WEIGHT and DIFFKD.LOGIT_WEIGHT are both 0: DiffKD would distil nothing")
+    _check_gpd(cfg, need)
 
     num = num_classes or NUM_CLASSES.get(ds.TYPE)
     errors.extend(validate_deepkd_settings(deep, solver.MOMENTUM, num - 1 if num else None))
@@ -349,6 +367,32 @@ def _check_two_view_methods(cfg: CN, need) -> None:
              f"{name}.CONFIDENCE_MASK must be one of {CONFIDENCE_MASK_MODES}, got {node.CONFIDENCE_MASK!r}")
     for key in ("TAU_WEAK", "TAU_STRONG"):
         need(0.0 <= c[key] <= 1.0, f"CRLD.{key} is a probability threshold and must lie in [0, 1], got {c[key]}")
+
+
+GPD_DISTILLERS = ("NONE", "DKD")
+GPD_DEEPKD_BUFFERS = ("task", "split")
+# Students whose forward shuffles / concatenates channels: the leading-slice layout of core.gpd
+# cannot hold (the trainer also compares both widths at start-up, for any model).
+GPD_UNSLICEABLE = ("ShuffleV1", "ShuffleV2")
+
+
+def _check_gpd(cfg: CN, need) -> None:
+    g = cfg.GPD
+    if not g.ENABLED:
+        return
+    need(cfg.DISTILLER.TYPE in GPD_DISTILLERS,
+         f"GPD.ENABLED supports DISTILLER.TYPE NONE (from scratch) or DKD, got {cfg.DISTILLER.TYPE!r}")
+    need(cfg.DISTILLER.STUDENT not in GPD_UNSLICEABLE,
+         f"GPD.ENABLED: DISTILLER.STUDENT {cfg.DISTILLER.STUDENT} shuffles channels and cannot be width-sliced")
+    need(isinstance(g.RATIO, int) and not isinstance(g.RATIO, bool) and g.RATIO >= 2,
+         f"GPD.RATIO must be an int >= 2 (the dynamic teacher is RATIO times wider), got {g.RATIO!r}")
+    need(g.BRANCHES == 6, f"GPD.BRANCHES must be 6 (the released CBR branch set; core.gpd.CBR_BRANCHES), got {g.BRANCHES}")
+    need(g.CBR_INIT in ("multi", "single"), f"GPD.CBR_INIT must be 'multi' or 'single', got {g.CBR_INIT!r}")
+    need(g.KD_RATIO >= 0, f"GPD.KD_RATIO must be >= 0, got {g.KD_RATIO}")
+    need(0.0 <= g.SMOOTHING <= 1.0, f"GPD.SMOOTHING must lie in [0, 1], got {g.SMOOTHING}")
+    need(g.CLIP_GRAD_NORM >= 0, f"GPD.CLIP_GRAD_NORM must be >= 0 (0: no clip), got {g.CLIP_GRAD_NORM}")
+    need(g.DEEPKD_BUFFERS in GPD_DEEPKD_BUFFERS,
+         f"GPD.DEEPKD_BUFFERS must be one of {GPD_DEEPKD_BUFFERS}, got {g.DEEPKD_BUFFERS!r}")
 
 
 def _check_model_names(cfg: CN, errors: List[str]) -> None:

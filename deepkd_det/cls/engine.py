@@ -12,6 +12,10 @@ workers (torchrun). Rank 0 writes everything under the output directory:
     best.pth          full training state of the best validation top-1
     student_best.pth  student weights only, {"model": state_dict} (mdistiller layout)
     ckpt_epoch_<N>.pth  student weights only, every LOG.SAVE_EVERY epochs and after the last one
+
+With ``GPD.ENABLED`` the trained model is the GPD shared model (student and dynamic teacher in
+one, distillers/gpd.py): latest.pth / best.pth hold it, student_best.pth and ckpt_epoch_<N>.pth
+the exported plain student (loadable into the ordinary student class).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 
 from deepkd_det.core.amp import ComponentGradScaler, amp_dtype, autocast
 from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
+from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
 from deepkd_det.core.rng import capture_rng_state, restore_rng_state
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.core.step import check_finite_losses
@@ -37,6 +42,7 @@ from .checkpoint import atomic_save, load_checkpoint
 from .config import build_topk_schedule, experiment_name, output_dir, validate_cfg
 from .data import build_datasets, build_loaders
 from .distillers import StepContext, build_distiller, distiller_class
+from .distillers.gpd import plain_student, widen_student
 
 __all__ = ["ClsTrainer", "NonFiniteLossError", "accuracy", "evaluate", "build_teacher", "lr_at"]
 
@@ -196,6 +202,11 @@ class ClsTrainer:
             cfg, train_set, val_set, self.dist.rank, self.dist.world, pin_memory=self.device.type == "cuda")
 
         student = build_model(cfg.DISTILLER.STUDENT, self.num_classes)
+        self.gpd = bool(cfg.GPD.ENABLED)
+        if self.gpd:  # the GPD shared model: student and dynamic teacher in one (distillers/gpd.py)
+            student = widen_student(cfg, student)
+        # GPD clips the summed gradient (released: norm 5); 0 / GPD off: no clip.
+        self.clip_norm = cfg.GPD.CLIP_GRAD_NORM if self.gpd else 0.0
         teacher = build_teacher(cfg, self.num_classes)
         self.distiller = build_distiller(cfg, student, teacher, num_classes=self.num_classes).to(self.device)
         self.student = self.distiller.student
@@ -215,7 +226,7 @@ class ClsTrainer:
         # The losses are checked (averaged over workers, with epoch and iteration) before the step.
         self.decoupled_step = (build_decoupled_step(
             cfg.DEEPKD, self.optimizer, grad_hook=self.gsnr.gradient_hook if self.gsnr is not None else None,
-            check_finite=False, scaler=self.scaler) if self.decoupled else None)
+            check_finite=False, scaler=self.scaler, clip_norm=self.clip_norm) if self.decoupled else None)
 
         self.start_epoch = 0
         self.best_top1 = -1.0
@@ -286,7 +297,9 @@ class ClsTrainer:
         if not self.dist.is_main:
             return
         atomic_save(state, os.path.join(self.out_dir, "latest.pth"))
-        student_only = {"model": state["model"], "epoch": epoch, "top1": metrics.get("top1")}
+        # Student-only files hold the plain student (GPD: exported from the shared model, core.gpd.export).
+        weights = plain_student(self.student).state_dict() if self.gpd else state["model"]
+        student_only = {"model": weights, "epoch": epoch, "top1": metrics.get("top1")}
         if metrics.get("is_best"):
             atomic_save(state, os.path.join(self.out_dir, "best.pth"))
             atomic_save(student_only, os.path.join(self.out_dir, "student_best.pth"))
@@ -320,7 +333,7 @@ class ClsTrainer:
         measuring = self.gsnr is not None and self.gsnr.begin(self.iteration)
         skip = False
         if self.decoupled:
-            self.decoupled_step(self.optimizer.component_losses(**losses))
+            self.decoupled_step(self.optimizer.component_losses(**self.distiller.buffer_losses(losses)))
         else:
             if measuring:
                 deepkd_api.observe_plain_components(self.gsnr, losses, list(self.student.parameters()))
@@ -331,6 +344,8 @@ class ClsTrainer:
                 deepkd_api.average_gradients(self.params)
             if self.scaler is not None:
                 skip = self.scaler.update(self.scaler.unscale_([p.grad for p in self.params]))
+            if self.clip_norm > 0 and not skip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if not skip:  # (the decoupled step folds nothing on an fp16 overflow: step() has nothing to apply)
             self.optimizer.step()
         if measuring:
@@ -411,6 +426,9 @@ class ClsTrainer:
                     last_eval = evaluate(self.student, self.val_loader, self.device)
                     metrics.update({"val/top1": last_eval["top1"], "val/top5": last_eval["top5"],
                                     "val/loss": last_eval["loss"]})
+                    if self.gpd:  # the dynamic teacher: how far ahead of the student it is
+                        with at_width(self.student, DYNAMIC_TEACHER):
+                            metrics["val/dt_top1"] = evaluate(self.student, self.val_loader, self.device)["top1"]
                     if last_eval["top1"] > self.best_top1:
                         self.best_top1, self.best_epoch = last_eval["top1"], finished
                         metrics["is_best"] = True

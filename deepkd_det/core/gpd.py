@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .rng import preserve_rng_state
+
 __all__ = [
     "BranchConv2d",
     "CBR_BRANCHES",
@@ -768,12 +770,15 @@ def export(model: nn.Module) -> nn.Module:
 
     CBR branches are folded into one kernel; BN layers take the student's running statistics.
     The result keeps the original classes and names, so its state dict loads (strictly) into a
-    freshly built student of the same class. ``model`` is not modified.
+    freshly built student of the same class. ``model`` is not modified, and neither are the
+    global random streams (building the plain layers runs their random init; a trainer that
+    exports while training must draw the same numbers afterwards, resumed or not).
     """
-    plain = copy.deepcopy(model)
-    for name, module in list(plain.named_modules()):
-        if isinstance(module, WidthSliced):
-            _set_submodule(plain, name, module.to_plain())
+    with preserve_rng_state():
+        plain = copy.deepcopy(model)
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, WidthSliced):
+                _set_submodule(plain, name, module.to_plain())
     return plain
 
 

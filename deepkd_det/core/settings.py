@@ -196,12 +196,14 @@ def build_decoupled_optimizer(node, params, *, lr: float, momentum: float, weigh
                            compat=node.COMPAT, merge_equal_momenta=merge)
 
 
-def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True, scaler=None):
-    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer`` (``scaler``: fp16, core.amp)."""
+def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = True, scaler=None,
+                         clip_norm: float = 0.0):
+    """The ``DecoupledStep`` of ``GRAD_STRATEGY`` over ``optimizer`` (``scaler``: fp16, core.amp;
+    ``clip_norm``: norm clip of the summed gradient, see core.step)."""
     from .step import DecoupledStep
 
     return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite,
-                         scaler=scaler)
+                         scaler=scaler, clip_norm=clip_norm)
 
 
 def build_gsnr_meter(node, named_parameters, steps_per_epoch: int):

@@ -37,6 +37,12 @@ parameter stays as it was, ``self.skipped`` is True) and the scale backs off. Th
 all components before the first fold, so the gradient sets are kept until then ("streaming"
 runs as "sequential"). bf16 needs no scaler.
 
+Gradient-norm clipping (``clip_norm > 0``): the norm of the *summed* gradient (all components,
+after the all-reduce) is clipped as ``torch.nn.utils.clip_grad_norm_`` clips one gradient, by
+scaling every component by the same factor ``min(1, clip_norm / (norm + 1e-6))``, so the
+decomposition is kept and the summed update equals a clipped plain one. It needs every
+component's gradient before the first fold: they are held, as with the scaler.
+
 Distributed (torch.distributed initialised, world size > 1): the model is *not* wrapped in
 DistributedDataParallel (DDP averages one combined gradient, not one per component). Instead
 each component's gradient is all-reduced here, in flattened buckets, and divided by the world
@@ -202,6 +208,8 @@ class DecoupledStep:
         check_finite: check the losses for NaN/inf before anything is folded (a trainer that
             already checked them, with its own message, passes False).
         scaler: optional ``ComponentGradScaler`` (fp16 mixed precision; module docstring).
+        clip_norm: > 0 clips the norm of the summed gradient to this value (see module docstring);
+            the norm before clipping is kept in ``last_grad_norm``.
     """
 
     def __init__(
@@ -214,6 +222,7 @@ class DecoupledStep:
         bucket_mb: float = 25.0,
         check_finite: bool = True,
         scaler=None,
+        clip_norm: float = 0.0,
     ):
         if strategy not in STRATEGIES:
             raise ValueError(f"gradient strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -237,6 +246,10 @@ class DecoupledStep:
         self.scaler = scaler
         self.skipped = False  # the last call found an overflow (scaler) and folded nothing
         self._held: Optional[list] = None
+        if not clip_norm >= 0:
+            raise ValueError(f"clip_norm must be >= 0 (0: no clipping), got {clip_norm}")
+        self.clip_norm = float(clip_norm)
+        self.last_grad_norm: Optional[float] = None
         self._batched_checked = False  # first batched call keeps the graph, so a fallback can still run
 
     # ---------------------------------------------------------------------------- checks
@@ -275,22 +288,44 @@ class DecoupledStep:
         ties = getattr(self.optimizer, "ties", ())
         if ties:
             active = _merge_ties(active, ties, plan, self.optimizer.tie_name)
-        if self.scaler is None:
+        if self.scaler is None and self.clip_norm == 0:
             self._compute(active, plan)
             return values
+        # The scaler's overflow check and the norm clip both need every component's gradient
+        # before the first fold: the gradients are held, then decided on together.
         self._held = []
         try:
-            self._compute(self.scaler.scale_losses(active), plan)
-            held, found = self._held, {}
+            self._compute(self.scaler.scale_losses(active) if self.scaler is not None else active, plan)
+            held = self._held
         finally:
             self._held = None
-        for _, grads, _ in held:
-            found = self.scaler.unscale_(grads, found)
-        self.skipped = self.scaler.update(found)
-        if not self.skipped:
-            for name, grads, plan in held:
-                self._fold_now(name, grads, plan)
+        if self.scaler is not None:
+            found: dict = {}
+            for _, grads, _ in held:
+                found = self.scaler.unscale_(grads, found)
+            self.skipped = self.scaler.update(found)
+            if self.skipped:
+                return values
+        if self.clip_norm > 0:
+            held = self._clip(held)
+        for name, grads, plan in held:
+            self._fold_now(name, grads, plan)
         return values
+
+    def _clip(self, held):
+        """Scale every held component gradient by one factor so the summed gradient's norm is at
+        most ``clip_norm`` (``torch.nn.utils.clip_grad_norm_`` on the sum keeps the decomposition)."""
+        summed: Dict[int, torch.Tensor] = {}
+        for _, grads, plan in held:
+            for p, g in zip(plan.trainable, grads):
+                if g is not None:
+                    summed[id(p)] = g if id(p) not in summed else summed[id(p)] + g
+        norms = [torch.linalg.vector_norm(g.float()) for g in summed.values()]
+        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        self.last_grad_norm = float(total)
+        coef = torch.clamp(self.clip_norm / (total + 1e-6), max=1.0)
+        return [(name, [None if g is None else g * coef.to(g.device, g.dtype) for g in grads], plan)
+                for name, grads, plan in held]
 
     def _compute(self, active, plan: _Plan) -> None:
         if self.strategy == "batched" and len(active) > 1:

@@ -374,3 +374,14 @@ def test_soft_target_loss_is_label_smoothed_cross_entropy_to_the_dynamic_teacher
     assert torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
     assert zt.grad is None and zs.grad is not None  # the dynamic teacher gets no gradient from this term
+
+
+def test_export_leaves_the_global_random_streams_alone():
+    """A trainer exports the student at every checkpoint: the plain layers' random init must not
+    move the training RNG (else a resumed run draws different augmentations)."""
+    shared = widen(resnet8(num_classes=10), 2)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    export(shared)
+    assert torch.equal(torch.rand(4), expected)

@@ -10,11 +10,12 @@ from .base import Distiller, StepContext, TwoViewDistiller
 from .crld import CRLD
 from .diffkd import DiffKD
 from .dkd import DKD
+from .gpd import GPD
 from .kd import KD
 from .mlkd import MLKD
 from .vanilla import Vanilla
 
-__all__ = ["CRLD", "DISTILLERS", "DKD", "DiffKD", "KD", "MLKD", "Distiller", "StepContext", "TwoViewDistiller", "Vanilla",
+__all__ = ["CRLD", "DISTILLERS", "DKD", "DiffKD", "GPD", "KD", "MLKD", "Distiller", "StepContext", "TwoViewDistiller", "Vanilla",
            "build_distiller", "distiller_class"]
 
 DISTILLERS = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "MLKD": MLKD, "CRLD": CRLD, "DIFFKD": DiffKD}
@@ -30,7 +31,17 @@ def distiller_class(cfg) -> Type[Distiller]:
 
 def build_distiller(cfg, student, teacher=None, num_classes=None) -> Distiller:
     """The distiller ``cfg.DISTILLER.TYPE`` names, with its loss settings from ``cfg``
-    (``num_classes``: the data's class count; default: the dataset type's)."""
+    (``num_classes``: the data's class count; default: the dataset type's); with
+    ``GPD.ENABLED`` wrapped in :class:`GPD` (``student`` is then the shared model, ``widen_student``)."""
+    inner = _build_method(cfg, student, teacher, num_classes)
+    if not cfg.GPD.ENABLED:
+        return inner
+    g = cfg.GPD
+    return GPD(inner, kd_ratio=g.KD_RATIO, smoothing=g.SMOOTHING,
+               dynamic_teacher_static_kd=g.DYNAMIC_TEACHER_STATIC_KD, buffers=g.DEEPKD_BUFFERS)
+
+
+def _build_method(cfg, student, teacher=None, num_classes=None) -> Distiller:
     kind = cfg.DISTILLER.TYPE
     stand = cfg.DISTILLER.LOGIT_STAND
     # compat "official" reproduces the released code's losses where they differ from the paper:

@@ -82,6 +82,10 @@ class Distiller(nn.Module):
     def component_losses(self, logits_student, logits_teacher, target, ctx: StepContext) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def buffer_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The losses grouped by DeepKD buffer (``tog`` / ``tcg`` / ``ncg``): here they already are."""
+        return losses
+
     def forward_test(self, image: torch.Tensor) -> torch.Tensor:
         return self.student(image)
 
