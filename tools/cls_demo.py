@@ -53,8 +53,10 @@ PLAIN_OF = {"deepkd_kd": "kd", "deepkd_dkd": "dkd", "deepkd_mlkd": "mlkd", "deep
 QUIET = ["LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False"]
 # 5 steps an epoch: a 5-batch GSNR window every 3 epochs.
 GSNR_OPTS = ["DEEPKD.GSNR.ENABLED", "True", "DEEPKD.GSNR.WINDOW", "5", "DEEPKD.GSNR.PERIOD", "15"]
-QUICK_TEACHER = ["SOLVER.EPOCHS", "2", "LOG.SAVE_EVERY", "2", "DATASET.DIGITS.TRAIN_LIMIT", "300"]
-QUICK_STUDENT = ["SOLVER.EPOCHS", "3", "LOG.EVAL_EVERY", "1", "LOG.SAVE_EVERY", "3"]
+# --quick: 8x8 images, a 2-epoch teacher on 300 images, 3-epoch students (a smoke run, not a result).
+QUICK_TEACHER = ["SOLVER.EPOCHS", "2", "LOG.SAVE_EVERY", "2", "DATASET.DIGITS.TRAIN_LIMIT", "300",
+                 "DATASET.DIGITS.SIZE", "8"]
+QUICK_STUDENT = ["SOLVER.EPOCHS", "3", "LOG.EVAL_EVERY", "1", "LOG.SAVE_EVERY", "3", "DATASET.DIGITS.SIZE", "8"]
 QUICK_GSNR = ["DEEPKD.GSNR.ENABLED", "True", "DEEPKD.GSNR.WINDOW", "2", "DEEPKD.GSNR.PERIOD", "5"]
 
 
