@@ -191,6 +191,7 @@ def plot(results: Dict, curves: Dict[str, List[Dict]], teacher_top1: float, capt
     ax_note = fig.add_subplot(grid[1, 2])
     ax_txt = fig.add_subplot(grid[2, :])
     colours = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = ["-", "--", ":", "-."]
     for key, runs in curves.items():
         xs, mean, std = _band(runs, "val/top1")
         if xs:
@@ -216,10 +217,9 @@ def plot(results: Dict, curves: Dict[str, List[Dict]], teacher_top1: float, capt
     ax_seed.set(title="last epoch: mean ± std (squares), each seed (dots)", ylabel="top-1 (%)")
     ax_seed.grid(alpha=0.3, axis="y")
 
-    for key in curves:
+    for key, ls, lw in zip([k for k in curves if _band(curves[k], "topk/K")[0]], styles, (3.0, 1.5, 1.5, 1.5)):
         xs, mean, _ = _band(curves[key], "topk/K")
-        if xs:
-            ax_k.step(xs, mean, where="post", color=colours[key], label=results[key]["label"])
+        ax_k.step(xs, mean, where="post", color=colours[key], ls=ls, lw=lw, label=results[key]["label"])
     ax_k.set(title="DeepKD top-k mask: K non-target classes kept", xlabel="epoch", ylabel="K")
     if ax_k.get_legend_handles_labels()[0]:
         ax_k.legend(fontsize=8)
@@ -227,13 +227,14 @@ def plot(results: Dict, curves: Dict[str, List[Dict]], teacher_top1: float, capt
 
     deep = [k for k in curves if any(run.get("gsnr/tog") for run in curves[k])]
     comp_colours = {"tog": "tab:blue", "tcg": "tab:orange", "ncg": "tab:green"}
-    styles = ["-", "--", ":", "-."]
     for ax, kind, title in ((ax_g, "gsnr", "gradient SNR (GSNR)"), (ax_b, "bsnr", "momentum-buffer SNR (BSNR)")):
         for key, ls in zip(deep, styles):
             for comp, c in comp_colours.items():
-                xs, mean, _ = _band(curves[key], f"{kind}/{comp}")
-                if xs:
-                    ax.plot(xs, mean, ls=ls, color=c, marker=".", label=f"{results[key]['label']} {comp.upper()}")
+                # NCG is exactly 0 while K = 1 (one kept class: NCKD vanishes); a log axis skips it.
+                points = [(x, m) for x, m in zip(*_band(curves[key], f"{kind}/{comp}")[:2]) if m > 0]
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], ls=ls, color=c, marker=".",
+                            label=f"{results[key]['label']} {comp.upper()}")
         ax.set(title=f"DeepKD {title}, mean over seeds", xlabel="epoch", ylabel=f"{kind.upper()} (mean over elements)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -241,7 +242,9 @@ def plot(results: Dict, curves: Dict[str, List[Dict]], teacher_top1: float, capt
             ax.legend(fontsize=7, ncol=2)
 
     ax_note.axis("off")
-    ax_note.text(0.0, 1.0, "\n".join(textwrap.wrap(caption, 58)), va="top", ha="left", fontsize=10,
+    note = (caption + " GSNR/BSNR: one 5-batch window every 3 epochs, mean over the student's parameters; "
+            "NCG is exactly 0 while K = 1 (not drawn on the log axis).")
+    ax_note.text(0.0, 1.0, "\n".join(textwrap.wrap(note, 58)), va="top", ha="left", fontsize=10,
                  transform=ax_note.transAxes)
     ax_txt.axis("off")
     ax_txt.text(0.0, 1.0, "\n".join(table), va="top", ha="left", family="monospace", fontsize=9.5,
@@ -287,16 +290,22 @@ def main(argv=None) -> int:
     # Small convolutions on a 2-core machine: one thread per run, runs side by side.
     pool = (_Inline() if args.jobs <= 1
             else ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")))
+    def submit(job):
+        return pool.submit(_train_job, os.path.join(CONFIGS, f"{job[0]}.yaml"), jobs[job], 1)
+
     with pool:
+        futures = {}
         if teacher:
             print(f"[cls_demo] teacher {teacher_cfg.DISTILLER.STUDENT}: reusing {teacher_ckpt}", flush=True)
         else:
             print(f"[cls_demo] teacher {teacher_cfg.DISTILLER.STUDENT}: training ({teacher_cfg.SOLVER.EPOCHS} epochs "
                   f"on the whole training split)", flush=True)
-            teacher = pool.submit(_train_job, teacher_file, teacher_opts, max(1, args.jobs)).result()
+            pending = pool.submit(_train_job, teacher_file, teacher_opts, 1)
+            # The vanilla students need no teacher: they train beside it.
+            futures = {job: submit(job) for job in jobs if job[0] == "vanilla"}
+            teacher = pending.result()
         print(f"[cls_demo] teacher top-1 {teacher['last_top1']:.2f}  ({time.time() - start:.0f} s)", flush=True)
-        futures = {job: pool.submit(_train_job, os.path.join(CONFIGS, f"{job[0]}.yaml"), opts, 1)
-                   for job, opts in jobs.items()}
+        futures.update({job: submit(job) for job in jobs if job not in futures})
         results = {key: {"label": LABELS[key], "last_top1": [], "best_top1": []} for key in methods}
         for (key, seed), future in futures.items():
             summary = future.result()
