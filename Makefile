@@ -11,13 +11,13 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.deepkd-setup.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-quick demo-cls bench bench-quick gpu-check env clean-venv help
+.PHONY: setup test lint demo demo-quick demo-cls demo-cls-quick bench bench-quick gpu-check env clean-venv help
 
 help:
 	@echo "make setup        create $(VENV): torch, detectron2 (see README 'How the install works'), deepkd_det"
 	@echo "make test         run the test suite"
 	@echo "make demo         detection demo on the embedded shapes data (teacher, then 3 students)"
-	@echo "make demo-cls     classification demo on scikit-learn's digits (vanilla, KD, DKD, DeepKD, MLKD, CRLD, DOT; 3 seeds)"
+	@echo "make demo-cls     classification demo on the digits: 5 labels per class, teacher saw all (vanilla, KD, DKD, DeepKD, DOT; 3 seeds)"
 	@echo "make bench        benchmarks (one JSON object per line)"
 	@echo "make gpu-check    on a machine with one CUDA GPU: CUDA tests, CUDA training, GPU benchmarks"
 	@echo "make lint         ruff"
@@ -49,6 +49,9 @@ demo-quick: setup
 
 demo-cls: setup
 	$(PY) tools/cls_demo.py
+
+demo-cls-quick: setup
+	$(PY) tools/cls_demo.py --quick
 
 bench: setup
 	@for f in bench/bench_*.py; do $(PY) $$f || exit 1; done

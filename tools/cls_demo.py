@@ -1,16 +1,24 @@
 #!/usr/bin/env python
-"""Classification demo on the embedded digits (CPU, nothing downloaded, a few minutes).
+"""Classification demo on the embedded digits: a few labels, a teacher that saw them all (CPU).
 
-Trains the digits teacher once (configs/cls/digits/teacher.yaml; an identical teacher already
-in <out>/teacher is reused), then a student with each method (configs/cls/digits/<method>.yaml)
-for several seeds, and prints the mean ± std of the students' top-1 on the held-out digits:
+The setting where distillation is known to matter: the teacher (configs/cls/digits/teacher.yaml,
+ResNet-20) is trained on the whole training split (1258 images), each student (ResNet-8,
+configs/cls/digits/<method>.yaml) on only 5 labelled images per class (50 images) of it. The
+teacher's soft labels on the randomly shifted views of those 50 images carry what it learnt
+from the rest; the vanilla student has only the 50 labels.
 
-    python tools/cls_demo.py [--out output/cls_demo] [--seeds 0 1 2] [--methods ...] [KEY VALUE ...]
+    python tools/cls_demo.py [--out output/cls_demo] [--seeds 0 1 2] [--methods ...] [--quick] [KEY VALUE ...]
 
-Methods (rows): vanilla, kd, dkd, deepkd_dkd, mlkd, crld, dot_dkd (the default set) and
-deepkd_mlkd, deepkd_crld, diffkd, deepkd_diffkd; ``--methods all`` runs every row. Trailing KEY VALUE pairs override
-every student config. Results also go to <out>/summary.json and <out>/results.md. Whatever the
-numbers show is what is printed.
+Rows: vanilla, kd, dkd, deepkd_kd, deepkd_dkd, dot_dkd (the default set), mlkd, deepkd_mlkd,
+crld, deepkd_crld (two views, about twice the cost), diffkd, deepkd_diffkd, gpd (from scratch),
+gpd_dkd, deepkd_gpd_dkd (several times a DKD row's cost; ``--methods all`` runs every row). Every
+row is the mean ± std over the seeds; the table marks which differences from the vanilla
+student (and DeepKD-X from X) exceed the spread, i.e. |mean difference| > std_a + std_b.
+The DeepKD rows measure the GSNR/BSNR of TOG/TCG/NCG (DEEPKD.GSNR). Writes <out>/results.md,
+<out>/summary.json and the picture <out>/cls_demo.png (validation curves with seed bands,
+per-seed results, the top-k schedule K, GSNR and BSNR). An identical teacher already in
+<out>/teacher is reused. ``--quick``: a tiny smoke run (a teacher of 2 epochs, 3 rows, 2 seeds).
+Trailing KEY VALUE pairs override every student config. Whatever the numbers show is printed.
 """
 
 from __future__ import annotations
@@ -21,35 +29,75 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List
 
 from deepkd_det.cls.config import load_cfg
 from deepkd_det.cls.data import build_datasets
-from deepkd_det.cls.engine import ClsTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs", "cls", "digits")
 
-METHODS = (("vanilla", "vanilla (CE)"), ("kd", "KD"), ("dkd", "DKD"), ("deepkd_dkd", "DeepKD-DKD"),
-           ("mlkd", "MLKD"), ("deepkd_mlkd", "DeepKD-MLKD"), ("crld", "CRLD"), ("deepkd_crld", "DeepKD-CRLD"),
-           ("dot_dkd", "DOT-DKD"), ("diffkd", "DiffKD"), ("deepkd_diffkd", "DeepKD-DiffKD"))
+METHODS = (("vanilla", "vanilla (CE)"), ("kd", "KD"), ("deepkd_kd", "DeepKD-KD"), ("dkd", "DKD"),
+           ("deepkd_dkd", "DeepKD-DKD"), ("dot_dkd", "DOT-DKD"), ("mlkd", "MLKD"), ("deepkd_mlkd", "DeepKD-MLKD"),
+           ("crld", "CRLD"), ("deepkd_crld", "DeepKD-CRLD"), ("diffkd", "DiffKD"), ("deepkd_diffkd", "DeepKD-DiffKD"),
+           ("gpd", "GPD (scratch)"), ("gpd_dkd", "GPD-DKD"), ("deepkd_gpd_dkd", "DeepKD-GPD-DKD"))
 LABELS = dict(METHODS)
-# The two-view DeepKD rows cost about twice a plain MLKD/CRLD row, the DiffKD rows (two diffusion
-# models, 5 DDIM steps each) more: selectable, not in the default set.
-DEFAULT_METHODS = ("vanilla", "kd", "dkd", "deepkd_dkd", "mlkd", "crld", "dot_dkd")
+DEFAULT_METHODS = ("vanilla", "kd", "deepkd_kd", "dkd", "deepkd_dkd", "dot_dkd")
+QUICK_METHODS = ("vanilla", "kd", "deepkd_dkd")
+# DeepKD-X is compared with X as well as with the vanilla student.
+PLAIN_OF = {"deepkd_kd": "kd", "deepkd_dkd": "dkd", "deepkd_mlkd": "mlkd", "deepkd_crld": "crld", "dot_dkd": "dkd",
+            "deepkd_diffkd": "diffkd", "gpd_dkd": "dkd", "deepkd_gpd_dkd": "gpd_dkd"}
 QUIET = ["LOG.PROGRESS_BAR", "False", "LOG.TENSORBOARD", "False"]
+# 5 steps an epoch: a 5-batch GSNR window every 3 epochs.
+GSNR_OPTS = ["DEEPKD.GSNR.ENABLED", "True", "DEEPKD.GSNR.WINDOW", "5", "DEEPKD.GSNR.PERIOD", "15"]
+# --quick: 8x8 images, a 2-epoch teacher on 300 images, 3-epoch students (a smoke run, not a result).
+QUICK_TEACHER = ["SOLVER.EPOCHS", "2", "LOG.SAVE_EVERY", "2", "DATASET.DIGITS.TRAIN_LIMIT", "300",
+                 "DATASET.DIGITS.SIZE", "8"]
+QUICK_STUDENT = ["SOLVER.EPOCHS", "3", "LOG.EVAL_EVERY", "1", "LOG.SAVE_EVERY", "3", "DATASET.DIGITS.SIZE", "8"]
+QUICK_GSNR = ["DEEPKD.GSNR.ENABLED", "True", "DEEPKD.GSNR.WINDOW", "2", "DEEPKD.GSNR.PERIOD", "5"]
 
 
 def _train_job(cfg_file: str, opts, threads: int) -> dict:
-    """One training run (in a worker process): quiet, with its own torch thread count."""
+    """One training run (in a worker process, or inline with --jobs 1): quiet, ``threads`` torch threads."""
     import torch
 
+    from deepkd_det.cls.engine import ClsTrainer
+
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    cfg = load_cfg(cfg_file, opts)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return ClsTrainer(cfg).train()
+    try:
+        cfg = load_cfg(cfg_file, opts)
+        shutil.rmtree(cfg.OUTPUT_DIR, ignore_errors=True)  # metrics.jsonl appends: start clean
+        with contextlib.redirect_stdout(io.StringIO()):
+            return ClsTrainer(cfg).train()
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Inline:
+    """A stand-in for the process pool with --jobs 1: runs each job when submitted."""
+
+    class _Done:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(self, fn, *args):
+        return self._Done(fn(*args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _trained_teacher(cfg) -> dict:
@@ -68,81 +116,252 @@ def _trained_teacher(cfg) -> dict:
     return {"last_top1": last[0]["val/top1"]}
 
 
-def _fmt(values) -> str:
+def _mean_std(values) -> tuple:
     mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:6.2f} ± {std:4.2f}"
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def compare(a: List[float], b: List[float]) -> Dict:
+    """Mean difference a - b and whether it exceeds the spread (|difference| > std_a + std_b)."""
+    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+    diff = ma - mb
+    return {"diff": diff, "spread": sa + sb, "exceeds": abs(diff) > sa + sb}
+
+
+def _verdict(c: Dict) -> str:
+    if not c["exceeds"]:
+        return f"{c['diff']:+.2f} (within ±{c['spread']:.2f})"
+    return f"**{c['diff']:+.2f}** ({'above' if c['diff'] > 0 else 'below'}, spread {c['spread']:.2f})"
+
+
+def read_run(run_dir: str, steps_per_epoch: int) -> Dict[str, list]:
+    """Curves of one run from its metrics.jsonl: val top-1 and K per epoch, GSNR/BSNR per epoch."""
+    curves: Dict[str, list] = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row.get("type") == "epoch":
+                for key in ("val/top1", "topk/K"):
+                    if key in row:
+                        curves.setdefault(key, []).append((row["epoch"], row[key]))
+            elif row.get("type") == "gsnr":
+                for key, value in row.items():
+                    if key.startswith(("gsnr/", "bsnr/")) and key.count("/") == 1:
+                        curves.setdefault(key, []).append((row["iter"] / steps_per_epoch, value))
+    return curves
+
+
+def _band(runs: List[Dict[str, list]], key: str):
+    """x, mean, std over the seeds of one curve (the points all seeds share)."""
+    per_seed = [dict(r.get(key, [])) for r in runs]
+    xs = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+    values = [[p[x] for p in per_seed] for x in xs]
+    return xs, [statistics.fmean(v) for v in values], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+
+
+def picture_table(results: Dict, comparisons: Dict) -> List[str]:
+    """The table as fixed-width lines for the picture ("*": the difference exceeds the spread)."""
+    def cell(name):
+        c = comparisons.get(name)
+        return "-" if c is None else f"{c['diff']:+.2f}{' *' if c['exceeds'] else '  '} (spread {c['spread']:.2f})"
+
+    lines = [f"{'method':<13} {'top-1 last epoch':>16}   {'vs vanilla':<22} {'vs plain':<30} per seed"]
+    for key, r in results.items():
+        plain = PLAIN_OF.get(key)
+        vs_plain = f"{cell(f'{key} - {plain}')} vs {LABELS[plain]}" if f"{key} - {plain}" in comparisons else "-"
+        lines.append(f"{r['label']:<13} {_fmt(r['last_top1']):>16}   {cell(f'{key} - vanilla'):<22} {vs_plain:<30} "
+                     + ", ".join(f"{v:.2f}" for v in r["last_top1"]))
+    lines.append("* = |mean difference| > std_a + std_b (beyond the seed spread)")
+    return lines
+
+
+def plot(results: Dict, curves: Dict[str, List[Dict]], teacher_top1: float, caption: str, table: List[str],
+         path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(17, 12))
+    grid = fig.add_gridspec(3, 3, height_ratios=[1.0, 1.0, 0.42])
+    ax_val, ax_seed, ax_k = (fig.add_subplot(grid[0, i]) for i in range(3))
+    ax_g, ax_b = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
+    ax_note = fig.add_subplot(grid[1, 2])
+    ax_txt = fig.add_subplot(grid[2, :])
+    colours = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    styles = ["-", "--", ":", "-."]
+    for key, runs in curves.items():
+        xs, mean, std = _band(runs, "val/top1")
+        if xs:
+            c = colours[key]
+            ax_val.plot(xs, mean, color=c, label=results[key]["label"])
+            ax_val.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=c, alpha=0.2)
+    ax_val.axhline(teacher_top1, color="k", ls="--", lw=1, label=f"teacher {teacher_top1:.2f}")
+    ax_val.set(title="validation top-1, mean ± std over seeds", xlabel="epoch", ylabel="top-1 (%)")
+    finals = [v for r in results.values() for v in r["last_top1"]] + [teacher_top1]
+    ax_val.set_ylim(max(0.0, min(finals) - 10.0), min(100.5, max(finals) + 2.0))
+    ax_val.legend(fontsize=8, loc="lower right")
+    ax_val.grid(alpha=0.3)
+
+    for i, (key, r) in enumerate(results.items()):
+        c = colours[key]
+        mean, std = _mean_std(r["last_top1"])
+        ax_seed.errorbar([i], [mean], yerr=[std], fmt="s", color=c, capsize=6, ms=8)
+        ax_seed.scatter([i + 0.18] * len(r["last_top1"]), r["last_top1"], color=c, s=18, alpha=0.7)
+    ax_seed.axhline(teacher_top1, color="k", ls="--", lw=1)
+    ax_seed.set_xticks(range(len(results)))
+    ax_seed.set_xticklabels([r["label"] for r in results.values()], rotation=25, ha="right", fontsize=9)
+    ax_seed.set(title="last epoch: mean ± std (squares), each seed (dots)", ylabel="top-1 (%)")
+    ax_seed.grid(alpha=0.3, axis="y")
+
+    for key, ls, lw in zip([k for k in curves if _band(curves[k], "topk/K")[0]], styles, (3.0, 1.5, 1.5, 1.5)):
+        xs, mean, _ = _band(curves[key], "topk/K")
+        ax_k.step(xs, mean, where="post", color=colours[key], ls=ls, lw=lw, label=results[key]["label"])
+    ax_k.set(title="DeepKD top-k mask: K non-target classes kept", xlabel="epoch", ylabel="K")
+    if ax_k.get_legend_handles_labels()[0]:
+        ax_k.legend(fontsize=8)
+    ax_k.grid(alpha=0.3)
+
+    deep = [k for k in curves if any(run.get("gsnr/tog") for run in curves[k])]
+    comp_colours = {"tog": "tab:blue", "tcg": "tab:orange", "ncg": "tab:green"}
+    for ax, kind, title in ((ax_g, "gsnr", "gradient SNR (GSNR)"), (ax_b, "bsnr", "momentum-buffer SNR (BSNR)")):
+        for key, ls in zip(deep, styles):
+            for comp, c in comp_colours.items():
+                # NCG is exactly 0 while K = 1 (one kept class: NCKD vanishes); a log axis skips it.
+                points = [(x, m) for x, m in zip(*_band(curves[key], f"{kind}/{comp}")[:2]) if m > 0]
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], ls=ls, color=c, marker=".",
+                            label=f"{results[key]['label']} {comp.upper()}")
+        ax.set(title=f"DeepKD {title}, mean over seeds", xlabel="epoch", ylabel=f"{kind.upper()} (mean over elements)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, ncol=2)
+
+    ax_note.axis("off")
+    note = (caption + " GSNR/BSNR: one 5-batch window every 3 epochs, mean over the student's parameters; "
+            "NCG is exactly 0 while K = 1 (not drawn on the log axis).")
+    ax_note.text(0.0, 1.0, "\n".join(textwrap.wrap(note, 58)), va="top", ha="left", fontsize=10,
+                 transform=ax_note.transAxes)
+    ax_txt.axis("off")
+    ax_txt.text(0.0, 1.0, "\n".join(table), va="top", ha="left", family="monospace", fontsize=9.5,
+                transform=ax_txt.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=85)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="output/cls_demo", help="output directory")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=None, help="output directory (default output/cls_demo, or output/cls_demo_quick)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0 1)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (one torch thread each)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help=f"rows to run, from {', '.join(LABELS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: checks that everything is written")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for the student configs")
     args = parser.parse_args(argv)
-    methods = list(LABELS) if args.methods == ["all"] else list(dict.fromkeys(args.methods))
+    out = args.out or os.path.join("output", "cls_demo_quick" if args.quick else "cls_demo")
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    methods = list(LABELS) if methods == ["all"] else list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in LABELS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(LABELS)} or 'all'")
-    configs = os.path.join(ROOT, "configs", "cls", "digits")
+    student_opts = (QUICK_STUDENT if args.quick else []) + list(args.opts)
     start = time.time()
 
-    teacher_file = os.path.join(configs, "teacher.yaml")
-    teacher_opts = ["OUTPUT_DIR", os.path.join(args.out, "teacher")] + QUIET
+    teacher_file = os.path.join(CONFIGS, "teacher.yaml")
+    teacher_opts = ["OUTPUT_DIR", os.path.join(out, "teacher")] + QUIET + (QUICK_TEACHER if args.quick else [])
     teacher_cfg = load_cfg(teacher_file, teacher_opts)
     teacher_ckpt = os.path.join(teacher_cfg.OUTPUT_DIR, f"ckpt_epoch_{teacher_cfg.SOLVER.EPOCHS}.pth")
     teacher = _trained_teacher(teacher_cfg)
-    # Small convolutions on a shared 2-core machine: one thread per run, runs side by side.
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        if teacher:
-            print(f"[demo] teacher {teacher_cfg.DISTILLER.STUDENT}: reusing {teacher_ckpt}", flush=True)
-        else:
-            print(f"[demo] teacher {teacher_cfg.DISTILLER.STUDENT}: training ({teacher_cfg.SOLVER.EPOCHS} epochs)",
-                  flush=True)
-            teacher = pool.submit(_train_job, teacher_file, teacher_opts, 1).result()
-        print(f"[demo] teacher top-1 {teacher['last_top1']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+    jobs = {}
+    for key in methods:
+        deep = load_cfg(os.path.join(CONFIGS, f"{key}.yaml"), student_opts).DEEPKD.ENABLED
+        for seed in seeds:
+            opts = (["SEED", str(seed), "OUTPUT_DIR", os.path.join(out, key, f"seed{seed}"), "TEACHER.CKPT", teacher_ckpt]
+                    + QUIET + ((QUICK_GSNR if args.quick else GSNR_OPTS) if deep else []) + student_opts)
+            load_cfg(os.path.join(CONFIGS, f"{key}.yaml"), opts)  # refuse bad overrides before starting
+            jobs[key, seed] = opts
+    # Small convolutions on a 2-core machine: one thread per run, runs side by side.
+    pool = (_Inline() if args.jobs <= 1
+            else ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")))
+    def submit(job):
+        return pool.submit(_train_job, os.path.join(CONFIGS, f"{job[0]}.yaml"), jobs[job], 1)
+
+    with pool:
         futures = {}
-        for key in methods:
-            for seed in args.seeds:
-                opts = ["SEED", str(seed), "OUTPUT_DIR", os.path.join(args.out, key, f"seed{seed}"),
-                        "TEACHER.CKPT", teacher_ckpt] + QUIET + list(args.opts)
-                load_cfg(os.path.join(configs, f"{key}.yaml"), opts)  # refuse bad overrides before starting
-                futures[key, seed] = pool.submit(_train_job, os.path.join(configs, f"{key}.yaml"), opts, 1)
+        if teacher:
+            print(f"[cls_demo] teacher {teacher_cfg.DISTILLER.STUDENT}: reusing {teacher_ckpt}", flush=True)
+        else:
+            print(f"[cls_demo] teacher {teacher_cfg.DISTILLER.STUDENT}: training ({teacher_cfg.SOLVER.EPOCHS} epochs "
+                  f"on the whole training split)", flush=True)
+            pending = pool.submit(_train_job, teacher_file, teacher_opts, 1)
+            # The vanilla students need no teacher: they train beside it.
+            futures = {job: submit(job) for job in jobs if job[0] == "vanilla"}
+            teacher = pending.result()
+        print(f"[cls_demo] teacher top-1 {teacher['last_top1']:.2f}  ({time.time() - start:.0f} s)", flush=True)
+        futures.update({job: submit(job) for job in jobs if job not in futures})
         results = {key: {"label": LABELS[key], "last_top1": [], "best_top1": []} for key in methods}
         for (key, seed), future in futures.items():
             summary = future.result()
             results[key]["last_top1"].append(summary["last_top1"])
             results[key]["best_top1"].append(summary["best_top1"])
-            print(f"[demo] {results[key]['label']:<12} seed {seed}: top-1 {summary['last_top1']:.2f}  "
+            print(f"[cls_demo] {results[key]['label']:<12} seed {seed}: top-1 {summary['last_top1']:.2f}  "
                   f"({time.time() - start:.0f} s)", flush=True)
-    student = load_cfg(os.path.join(configs, "vanilla.yaml"), list(args.opts))
+    elapsed = time.time() - start
+
+    student = load_cfg(os.path.join(CONFIGS, "vanilla.yaml"), student_opts)
     train_set, val_set, _ = build_datasets(student)
+    steps_per_epoch = len(train_set) // student.SOLVER.BATCH_SIZE
+    d = student.DATASET.DIGITS
+    subset = f"{d.TRAIN_PER_CLASS} per class, " if d.TRAIN_PER_CLASS else ""
     lines = [
-        f"Digits (scikit-learn 8x8 digits upsampled to {student.DATASET.DIGITS.SIZE}x{student.DATASET.DIGITS.SIZE}, "
-        f"{len(train_set)} training / {len(val_set)} held-out images); teacher "
-        f"{teacher_cfg.DISTILLER.STUDENT} {teacher['last_top1']:.2f}, student {student.DISTILLER.STUDENT}, "
-        f"{student.SOLVER.EPOCHS} epochs, seeds {args.seeds}",
+        f"Digits 8x8 -> {d.SIZE}x{d.SIZE}: teacher {teacher_cfg.DISTILLER.STUDENT} trained on the whole training "
+        f"split, top-1 {teacher['last_top1']:.2f}; student {student.DISTILLER.STUDENT} on {len(train_set)} labelled "
+        f"images ({subset}the same for every seed), {student.SOLVER.EPOCHS} epochs; {len(val_set)} held-out images; "
+        f"seeds {seeds}.",
+        "Difference vs the vanilla student (and DeepKD-X vs X): **bold** where |mean difference| > std_a + std_b.",
         "",
-        "| method | top-1 last epoch (mean ± std) | best epoch (mean ± std) | per seed (last) |",
-        "|---|---|---|---|",
+        "| method | top-1 last epoch | best epoch | per seed (last) | vs vanilla | vs plain |",
+        "|---|---|---|---|---|---|",
     ]
+    comparisons = {}
     for key in methods:
         r = results[key]
         per_seed = ", ".join(f"{v:.2f}" for v in r["last_top1"])
-        lines.append(f"| {r['label']} | {_fmt(r['last_top1'])} | {_fmt(r['best_top1'])} | {per_seed} |")
+        vs_van = vs_plain = "-"
+        if key != "vanilla" and "vanilla" in results:
+            comparisons[f"{key} - vanilla"] = c = compare(r["last_top1"], results["vanilla"]["last_top1"])
+            vs_van = _verdict(c)
+        plain = PLAIN_OF.get(key)
+        if plain in results:
+            comparisons[f"{key} - {plain}"] = c = compare(r["last_top1"], results[plain]["last_top1"])
+            vs_plain = f"{_verdict(c)} vs {LABELS[plain]}"
+        lines.append(f"| {r['label']} | {_fmt(r['last_top1'])} | {_fmt(r['best_top1'])} | {per_seed} | "
+                     f"{vs_van} | {vs_plain} |")
     lines.append("")
-    lines.append(f"total time {time.time() - start:.0f} s")
+    lines.append(f"total time {elapsed:.0f} s")
     table = "\n".join(lines)
     print()
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"teacher_top1": teacher["last_top1"], "seeds": args.seeds, "results": results}, f, indent=2)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"teacher_top1": teacher["last_top1"], "seeds": seeds, "results": results,
+                   "comparisons": comparisons, "total_s": elapsed}, f, indent=2)
+    curves = {key: [read_run(os.path.join(out, key, f"seed{s}"), steps_per_epoch) for s in seeds] for key in methods}
+    png = os.path.join(out, "cls_demo.png")
+    plot(results, curves, teacher["last_top1"], lines[0], picture_table(results, comparisons), png)
+    print(f"\n[cls_demo] table {os.path.join(out, 'results.md')}, picture {png}", flush=True)
     return 0
 
 

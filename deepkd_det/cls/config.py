@@ -53,6 +53,7 @@ _C.DATASET.DIGITS.SIZE = 16  # the 8x8 images are upsampled to SIZE x SIZE, 3 ch
 _C.DATASET.DIGITS.VAL_FRACTION = 0.3  # stratified, deterministic split
 _C.DATASET.DIGITS.SPLIT_SEED = 0
 _C.DATASET.DIGITS.TRAIN_LIMIT = 0  # keep only this many training images (0: all)
+_C.DATASET.DIGITS.TRAIN_PER_CLASS = 0  # keep this many training images per class (0: all; whole-split normalisation)
 # Strong view of the two-view methods (MLKD, CRLD), on top of the weak crop/flip: torchvision's
 # AutoAugment (CIFAR10 policy for CIFAR-sized input, ImageNet policy for ImageNet) or RandAugment.
 _C.DATASET.STRONG_AUG = "autoaugment"
@@ -293,6 +294,7 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
     need(0.0 < ds.DIGITS.VAL_FRACTION < 1.0, "DATASET.DIGITS.VAL_FRACTION must lie in (0, 1)")
     need(ds.DIGITS.SIZE >= 8, "DATASET.DIGITS.SIZE must be >= 8")
     need(ds.DIGITS.TRAIN_LIMIT >= 0, "DATASET.DIGITS.TRAIN_LIMIT must be >= 0")
+    need(ds.DIGITS.TRAIN_PER_CLASS >= 0, "DATASET.DIGITS.TRAIN_PER_CLASS must be >= 0")
     need(cfg.DEVICE in ("auto", "cpu", "cuda"), f"DEVICE must be auto, cpu or cuda, got {cfg.DEVICE!r}")
     need(cfg.AMP.DTYPE in AMP_DTYPES, f"AMP.DTYPE must be one of {tuple(AMP_DTYPES)}, got {cfg.AMP.DTYPE!r}")
 

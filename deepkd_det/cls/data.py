@@ -218,11 +218,15 @@ class DigitsDataset(Dataset):
 
 
 def build_digits(size: int = 16, val_fraction: float = 0.3, split_seed: int = 0,
-                 train_limit: int = 0, strong_aug: Optional[str] = None) -> Tuple[Dataset, Dataset, int]:
+                 train_limit: int = 0, strong_aug: Optional[str] = None,
+                 train_per_class: int = 0) -> Tuple[Dataset, Dataset, int]:
     """scikit-learn's 8x8 handwritten digits (1797 real images, 10 classes), upsampled to size x size.
 
     The split is stratified and depends only on ``split_seed``; normalisation uses the mean and
-    std of the training images. Training images get a random shift (crop with padding) but no
+    std of the training images. ``train_per_class`` keeps the first that many training images of
+    each class (a labelled subset for a student whose teacher saw the whole split): the
+    normalisation then stays that of the whole training split, so teacher and student see
+    identical inputs. Training images get a random shift (crop with padding) but no
     flip: digits are not mirror-symmetric. ``strong_aug`` (autoaugment/randaugment, CIFAR10
     policy: the images are small): training items are two views.
     """
@@ -240,11 +244,17 @@ def build_digits(size: int = 16, val_fraction: float = 0.3, split_seed: int = 0,
         val_idx.extend(idx[:n_val].tolist())
         train_idx.extend(idx[n_val:].tolist())
     train_idx = rng.permutation(train_idx)
+    stats_idx = train_idx
+    if train_per_class:
+        per_class = [[i for i in train_idx if digits.target[i] == c][:train_per_class] for c in range(10)]
+        keep = set(sum(per_class, []))
+        train_idx = np.asarray([i for i in train_idx if i in keep])
     if train_limit:
         train_idx = train_idx[:train_limit]
+        stats_idx = train_idx
     images = F.interpolate(images[:, None], size=(size, size), mode="bilinear", align_corners=False)
     images = images.expand(-1, 3, -1, -1)
-    train_images = images[torch.as_tensor(train_idx)]
+    train_images = images[torch.as_tensor(stats_idx)]
     mean, std = train_images.mean(), train_images.std()
     images = ((images - mean) / std).contiguous()
     train = DigitsDataset(images[torch.as_tensor(train_idx)].clone(), labels[torch.as_tensor(train_idx)],
@@ -265,7 +275,8 @@ def build_datasets(cfg, two_views: bool = False) -> Tuple[Dataset, Dataset, int]
     strong = cfg.DATASET.STRONG_AUG if two_views else None
     if kind == "digits":
         d = cfg.DATASET.DIGITS
-        return build_digits(d.SIZE, d.VAL_FRACTION, d.SPLIT_SEED, d.TRAIN_LIMIT, strong_aug=strong)
+        return build_digits(d.SIZE, d.VAL_FRACTION, d.SPLIT_SEED, d.TRAIN_LIMIT, strong_aug=strong,
+                            train_per_class=d.TRAIN_PER_CLASS)
     root = dataset_root(cfg)
     if kind == "cifar100":
         return build_cifar100(root, download=cfg.DATASET.DOWNLOAD, strong_aug=strong)

@@ -133,3 +133,14 @@ def test_loader_refuses_a_set_smaller_than_one_batch():
     train, _, _ = build_digits(size=8, train_limit=10)
     with pytest.raises(ValueError, match="smaller than one batch"):
         EpochLoader(train, batch_size=16, num_workers=0, seed=0)
+
+
+def test_digits_per_class_subset_is_stratified_and_keeps_the_whole_split_normalisation():
+    full, val_full, _ = build_digits(size=8)
+    subset, val, _ = build_digits(size=8, train_per_class=3)
+    assert torch.bincount(subset.labels, minlength=10).tolist() == [3] * 10
+    # The teacher (whole split) and the student (subset) see identically normalised pixels.
+    assert (subset.mean, subset.std) == (full.mean, full.std)
+    assert torch.equal(val.images, val_full.images)
+    rows = {tuple(x.flatten().tolist()) for x in full.images[:, 0]}
+    assert all(tuple(x.flatten().tolist()) in rows for x in subset.images[:, 0])
