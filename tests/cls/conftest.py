@@ -9,7 +9,6 @@ from typing import Dict
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from deepkd_det.cls.config import load_cfg
@@ -94,12 +93,9 @@ def _write_image_folder(root, classes, per_class=2, size=(40, 30)):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small forwards on a shared 2-core machine run far faster single-threaded (no OpenMP waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_threaded(one_thread):
+    """Every classification test module runs single-threaded (tests/conftest.py: one_thread)."""
     yield
-    torch.set_num_threads(previous)
 
 
 

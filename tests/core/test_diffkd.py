@@ -19,13 +19,7 @@ from deepkd_det.core.diffkd import (
     noise_matched_start,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def abar_direct(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02):

@@ -26,13 +26,7 @@ from deepkd_det.core.gpd import (
     widen,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_mobilenet_v2(num_classes: int = 10) -> MobileNetV2:
