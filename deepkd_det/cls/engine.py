@@ -297,13 +297,16 @@ class ClsTrainer:
         if not self.dist.is_main:
             return
         atomic_save(state, os.path.join(self.out_dir, "latest.pth"))
+        periodic = epoch % self.cfg.LOG.SAVE_EVERY == 0 or epoch == self.cfg.SOLVER.EPOCHS
+        if not (metrics.get("is_best") or periodic):
+            return
         # Student-only files hold the plain student (GPD: exported from the shared model, core.gpd.export).
         weights = plain_student(self.student).state_dict() if self.gpd else state["model"]
         student_only = {"model": weights, "epoch": epoch, "top1": metrics.get("top1")}
         if metrics.get("is_best"):
             atomic_save(state, os.path.join(self.out_dir, "best.pth"))
             atomic_save(student_only, os.path.join(self.out_dir, "student_best.pth"))
-        if epoch % self.cfg.LOG.SAVE_EVERY == 0 or epoch == self.cfg.SOLVER.EPOCHS:
+        if periodic:
             atomic_save(student_only, os.path.join(self.out_dir, f"ckpt_epoch_{epoch}.pth"))
 
     # ------------------------------------------------------------------ training
