@@ -85,7 +85,7 @@ def build_cfg(config: str, out_dir: str, data_root: str, profile: Dict, iters: i
     cfg.SOLVER.CHECKPOINT_PERIOD = 10**9  # only model_final
     cfg.DATASETS.TEST = ()  # evaluated separately, so that the training time is training only
     cfg.TEST.EVAL_PERIOD = 0
-    if cfg.KD.TYPE != "NONE":
+    if cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED or cfg.KD.DIFFKD.ENABLED:  # a teacher is built
         cfg.TEACHER.MODEL.WEIGHTS = teacher_weights
     validate_deepkd_config(cfg)
     cfg.freeze()
@@ -96,6 +96,7 @@ def eval_cfg(cfg):
     cfg = cfg.clone()
     cfg.defrost()
     cfg.KD.TYPE, cfg.DEEPKD.ENABLED = "NONE", False  # the student alone
+    cfg.KD.REVIEWKD.ENABLED = cfg.KD.DIFFKD.ENABLED = False
     cfg.DATASETS.TEST = (SHAPES_VAL,)
     cfg.freeze()
     return cfg
