@@ -24,9 +24,24 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["batchnorm_affine", "fold_affine_into_conv_", "fold_batchnorm", "prepare_teacher"]
+__all__ = [
+    "batchnorm_affine", "copy_module_sharing_hooks", "fold_affine_into_conv_", "fold_batchnorm", "prepare_teacher",
+]
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_FORWARD_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def copy_module_sharing_hooks(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)`` whose forward/backward hooks are the original's callables, not copies.
+
+    Deep-copying a hook copies what it is bound to or closes over: a recorder holding this
+    step's activations (non-leaf tensors, which ``deepcopy`` refuses) or a counter that would then
+    count into a copy nobody reads. Shared, a hook on the original also sees the copy's forward.
+    """
+    memo = {id(hook): hook for m in module.modules() for name in _FORWARD_HOOK_DICTS
+            for hook in getattr(m, name, {}).values()}
+    return copy.deepcopy(module, memo)
 
 
 def batchnorm_affine(running_mean: torch.Tensor, running_var: torch.Tensor, weight: Optional[torch.Tensor],
@@ -146,7 +161,7 @@ def fold_batchnorm(
     ``atol * (1 + max |output|)``). The folded model's state dict differs (convs gain a bias).
     """
     original_mode = module.training
-    model = copy.deepcopy(module).eval()
+    model = copy_module_sharing_hooks(module).eval()
     untraced: List[str] = []
     pairs = _collect_pairs(model, "", order_fallback, untraced)
     for conv_name, bn_name in pairs:

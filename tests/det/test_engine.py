@@ -341,7 +341,7 @@ def test_resume_through_current_detectron2s_calls(tmp_path, shapes_root, monkeyp
     if post_v06:
         _post_v06_trainer_state(monkeypatch)
     out = tmp_path / "run"
-    opts = ("SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "1")
+    opts = ("SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "SOLVER.CHECKPOINT_PERIOD", "1")
     _trainer(_args(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, *opts)).train()
     saved = torch.load(out / "model_0000000.pth", weights_only=True)
     assert saved["trainer"]["_trainer"]["optimizer"]["state"]  # the momentum buffers are in the file

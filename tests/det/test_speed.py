@@ -105,7 +105,7 @@ def test_bf16_deepkd_detector_trains(tmp_path, config):
             "OUTPUT_DIR", str(tmp_path / "run"), "DATASETS.SHAPES.ROOT", root, "DATASETS.SHAPES.NUM_TRAIN", "4",
             "DATASETS.SHAPES.NUM_VAL", "2", "DATASETS.SHAPES.IMAGE_SIZE", "64",
             "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64", "SOLVER.IMS_PER_BATCH", "2",
-            "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "(5,)", "SOLVER.MAX_ITER", "3",
+            "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0", "SOLVER.STEPS", "(2,)", "SOLVER.MAX_ITER", "3",
             "SOLVER.CHECKPOINT_PERIOD", "100", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
             "TEACHER.MODEL.WEIGHTS", "", "TEACHER.ALLOW_RANDOM_INIT", "True",
             "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.DTYPE", "bf16", "DEEPKD.GRAD_STRATEGY", "streaming",

@@ -14,7 +14,6 @@ modules and state dict stay those of detectron2.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -29,7 +28,7 @@ from detectron2.structures import Boxes, ImageList
 from torch import nn
 
 from deepkd_det.core.amp import AMP_DTYPES, autocast
-from deepkd_det.core.teacher import batchnorm_affine, fold_affine_into_conv_
+from deepkd_det.core.teacher import batchnorm_affine, copy_module_sharing_hooks, fold_affine_into_conv_
 from deepkd_det.det.config import resolve_teacher_cfg
 
 from .weights import (
@@ -75,7 +74,7 @@ def fold_frozen_batchnorm(module: nn.Module) -> nn.Module:
     is one conv with scaled weights and a bias (``core.teacher.fold_affine_into_conv_``). The
     copy's norms become None; ``module`` is not modified.
     """
-    folded = copy.deepcopy(module).eval()
+    folded = copy_module_sharing_hooks(module).eval()
     for m in folded.modules():
         if isinstance(m, D2Conv2d) and _fixed_norm(m.norm):
             n = m.norm
@@ -165,7 +164,7 @@ class Teacher(nn.Module):
                       for m in (*self.backbone.modules(), *box_head.modules()))
         key = (self.fold_norm, self.channels_last, tuple((t.data_ptr(), t._version) for t in tensors), hooks)
         if self._fast is None or self._fast[0] != key:
-            fold = fold_frozen_batchnorm if self.fold_norm else (lambda m: copy.deepcopy(m).requires_grad_(False))
+            fold = fold_frozen_batchnorm if self.fold_norm else (lambda m: copy_module_sharing_hooks(m).requires_grad_(False))
             backbone, head = fold(self.backbone), fold(box_head)
             if self.channels_last:
                 backbone.to(memory_format=torch.channels_last)
