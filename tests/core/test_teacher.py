@@ -131,3 +131,22 @@ def test_prepare_teacher_is_frozen_and_stays_in_eval_mode():
     torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-4)
     unfolded = prepare_teacher(model, fold_bn=False)
     assert unfolded is model and _count(unfolded, nn.BatchNorm2d) == 7
+
+
+def test_copy_module_sharing_hooks_keeps_recorders_shared_and_copies_weights():
+    from deepkd_det.core.teacher import copy_module_sharing_hooks
+
+    class Recorder:  # a bound-method hook holding a non-leaf tensor, which deepcopy refuses
+        def __init__(self):
+            self.calls, self.held = 0, nn.Linear(2, 2)(torch.ones(1, 2))
+
+        def hook(self, m, args, out):
+            self.calls += 1
+
+    net = nn.Sequential(nn.Linear(2, 2))
+    rec = Recorder()
+    net[0].register_forward_hook(rec.hook)
+    copy = copy_module_sharing_hooks(net)
+    copy(torch.ones(1, 2))
+    assert rec.calls == 1  # the original's recorder saw the copy's forward
+    assert copy[0].weight is not net[0].weight and torch.equal(copy[0].weight, net[0].weight)
