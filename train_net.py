@@ -35,6 +35,7 @@ from deepkd_det.det.config import (
     add_deepkd_config,
     check_input_files,
     lr_batch_warning,
+    merge_config_file,
     validate_deepkd_config,
 )
 from deepkd_det.det.data import (
@@ -59,7 +60,7 @@ def _merge(cfg, args):
         if not os.path.isfile(args.config_file):
             raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
         try:
-            cfg.merge_from_file(args.config_file)
+            merge_config_file(cfg, args.config_file)
         except (AssertionError, KeyError) as exc:
             raise ValueError(f"{args.config_file}: {format_error(exc)}") from None
     file_batch = (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR)

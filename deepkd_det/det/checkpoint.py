@@ -209,8 +209,11 @@ def check_student_state(model, state, source: str, had_teacher_keys: bool = Fals
     pair, e.g. R-18 weights for an R-50 student), or a file with teacher keys only. The FPN and
     the heads may be absent (an ImageNet-initialised student trains them from initialisation);
     a model without ``backbone.bottom_up`` (e.g. a C4 detector) is not checked here."""
-    own = model.state_dict()
-    backbone = [k for k in own if k.startswith(STUDENT_PREFIX) and not k.endswith("num_batches_tracked")]
+    # BN step counters (``num_batches_tracked``) hold no weights: a BN file fits a FrozenBN model
+    # and back, so they count on neither side.
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    backbone = [k for k in own if k.startswith(STUDENT_PREFIX)]
     if not backbone:
         return
     if not any(k in own for k in state):

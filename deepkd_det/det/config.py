@@ -27,6 +27,7 @@ __all__ = [
     "get_deepkd_cfg",
     "model_zoo_config_file",
     "resolve_teacher_cfg",
+    "merge_config_file",
     "build_topk_schedule",
     "check_input_files",
     "lr_batch_warning",
@@ -80,7 +81,8 @@ def add_deepkd_config(cfg: CN) -> CN:
     # flipped to it when it differs from INPUT.FORMAT.
     cfg.TEACHER.INPUT_FORMAT = "BGR"
     # "" or a detectron2 yaml (a path, or "model_zoo:COCO-Detection/faster_rcnn_R_101_FPN_3x.yaml")
-    # whose MODEL part is the base of the teacher; "": the student's MODEL is. TEACHER.MODEL
+    # whose MODEL part is the base of the teacher; "": the student's MODEL is. A relative path in a
+    # yaml is relative to that yaml (merge_config_file, which train_net.py uses). TEACHER.MODEL
     # entries that differ from detectron2's defaults override the base (resolve_teacher_cfg). Its
     # MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
     cfg.TEACHER.CONFIG_FILE = ""
@@ -207,6 +209,38 @@ def _config_file_path(name: str) -> str:
         except ValueError as e:
             raise ValueError(f"TEACHER.CONFIG_FILE: {e}") from None
     return name
+
+
+def _setting_file(path: str, section: str, key: str) -> Optional[str]:
+    """The yaml of ``path``'s _BASE_ chain whose ``section.key`` the merged config holds (the
+    first one from ``path`` down that states it; later files override their bases), else None."""
+    import yaml
+
+    while path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if isinstance(data.get(section), dict) and data[section].get(key):
+            return path
+        base = data.get("_BASE_")
+        if not base:
+            return None
+        base = os.path.expanduser(base)
+        # detectron2's rule for _BASE_: relative to the file that names it.
+        path = base if base.startswith(("/", "https://", "http://")) else os.path.join(os.path.dirname(path), base)
+    return None
+
+
+def merge_config_file(cfg: CN, path: str) -> CN:
+    """``cfg.merge_from_file(path)``, with a relative TEACHER.CONFIG_FILE taken relative to the
+    yaml that states it (as detectron2 takes _BASE_), so a config finds its teacher's config from
+    any working directory. A TEACHER.CONFIG_FILE given on the command line stays as typed."""
+    cfg.merge_from_file(path)
+    name = cfg.TEACHER.CONFIG_FILE
+    if name and not name.startswith("model_zoo:") and not os.path.isabs(name):
+        origin = _setting_file(path, "TEACHER", "CONFIG_FILE")
+        if origin is not None:
+            cfg.TEACHER.CONFIG_FILE = os.path.normpath(os.path.join(os.path.dirname(origin), name))
+    return cfg
 
 
 def _diff(node: CN, base: CN, prefix: str = "") -> Dict[str, Any]:

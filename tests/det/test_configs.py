@@ -13,7 +13,12 @@ pytest.importorskip("detectron2")
 
 from detectron2.config import get_cfg  # noqa: E402
 
-from deepkd_det.det.config import add_deepkd_config, get_deepkd_cfg, resolve_teacher_cfg  # noqa: E402
+from deepkd_det.det.config import (  # noqa: E402
+    add_deepkd_config,
+    get_deepkd_cfg,
+    merge_config_file,
+    resolve_teacher_cfg,
+)
 from deepkd_det.det.data import add_data_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "DEEPKD"
@@ -27,6 +32,13 @@ DEMO = {"BACKBONE.NAME": "build_resnet_fpn_backbone", "FPN.OUT_CHANNELS": 64, "R
         "ROI_BOX_HEAD.FC_DIM": 128, "ANCHOR_GENERATOR.SIZES": [[8], [16], [32], [64], [128]],
         "FPN.IN_FEATURES": ["res2", "res3", "res4", "res5"], "RESNETS.NORM": "BN", "RESNETS.DEPTH": 18,
         "RESNETS.RES2_OUT_CHANNELS": 64, **MSRA}
+
+# configs/DEEPKD/custom: Faster R-CNN FPN with GroupNorm from scratch, class count from the json (0).
+CUSTOM = {"BACKBONE.NAME": "build_resnet_fpn_backbone", "BACKBONE.FREEZE_AT": 0, "FPN.OUT_CHANNELS": 256,
+          "FPN.NORM": "GN", "ROI_HEADS.NUM_CLASSES": 0, "ROI_BOX_HEAD.FC_DIM": 1024,
+          "ANCHOR_GENERATOR.SIZES": [[32], [64], [128], [256], [512]], "RESNETS.NORM": "GN",
+          "RESNETS.STRIDE_IN_1X1": False, "PIXEL_MEAN": [103.53, 116.28, 123.675], "PIXEL_STD": [1.0, 1.0, 1.0]}
+CUSTOM_R50 = {**CUSTOM, "META_ARCHITECTURE": "GeneralizedRCNN", "RESNETS.DEPTH": 50, "RESNETS.RES2_OUT_CHANNELS": 256}
 
 
 def _teacher(depth):
@@ -52,11 +64,20 @@ EXPECTED = {
     "demo-kd": ("BGR", {**DEMO, "META_ARCHITECTURE": "DeepKDRCNN", "WEIGHTS": ""},
                 {**DEMO, "META_ARCHITECTURE": "GeneralizedRCNN", "WEIGHTS": "output/demo/teacher/model_final.pth"}),
     "demo-plain": ("BGR", {**DEMO, "META_ARCHITECTURE": "GeneralizedRCNN", "WEIGHTS": ""}, None),
+    # Base-Custom.yaml holds the data, the class count and the schedule, no architecture.
+    "custom-base": ("BGR", {"META_ARCHITECTURE": "GeneralizedRCNN", "ROI_HEADS.NUM_CLASSES": 0, "WEIGHTS": ""}, None),
+    "custom-teacher": ("BGR", {**CUSTOM_R50, "WEIGHTS": ""}, None),
+    # The teacher is exactly the model teacher-R50.yaml trains (its TEACHER.CONFIG_FILE).
+    "custom-student": ("BGR", {**CUSTOM, "META_ARCHITECTURE": "DeepKDRCNN", "RESNETS.DEPTH": 18,
+                               "RESNETS.RES2_OUT_CHANNELS": 64, "WEIGHTS": ""},
+                       {**CUSTOM_R50, "WEIGHTS": "output/custom/teacher/model_final.pth"}),
 }
 
 
 def _group(path):
     name = os.path.basename(path)
+    if "custom" in path:
+        return {"Base-Custom.yaml": "custom-base", "teacher-R50.yaml": "custom-teacher"}.get(name, "custom-student")
     for pair in ("R18-R101", "R50-R101", "MV2-R50"):
         if pair in name:
             return pair
@@ -76,8 +97,7 @@ PATHS = sorted(glob.glob(str(CONFIGS / "**" / "*.yaml"), recursive=True))
 
 @pytest.mark.parametrize("path", PATHS, ids=[os.path.relpath(p, CONFIGS) for p in PATHS])
 def test_every_config_resolves_to_its_student_and_teacher(path):
-    cfg = add_data_config(add_deepkd_config(get_cfg()))
-    cfg.merge_from_file(path)
+    cfg = merge_config_file(add_data_config(add_deepkd_config(get_cfg())), path)
     fmt, student, teacher = EXPECTED[_group(path)]
     assert cfg.INPUT.FORMAT == fmt and cfg.TEACHER.INPUT_FORMAT == "BGR"
     for key, value in student.items():
@@ -143,5 +163,8 @@ def test_detection_yaml_writes_each_setting_once():
             for key, _value in flat({k: v for k, v in data.items() if k != "_BASE_"}):
                 seen.setdefault(key, p)
             p = os.path.join(os.path.dirname(p), data["_BASE_"]) if "_BASE_" in data else None
-        teacher_keys = [k for k in seen if k.startswith("TEACHER.MODEL.")]
+        # The class count of your own data (0: from its json) is a dataset setting, stated once in
+        # custom/Base-Custom.yaml for both detectors, not an architecture restated for the teacher.
+        teacher_keys = sorted(k for k in seen if k.startswith("TEACHER.MODEL.")
+                              and not (k == "TEACHER.MODEL.ROI_HEADS.NUM_CLASSES" and "custom" in path))
         assert teacher_keys in ([], ["TEACHER.MODEL.WEIGHTS"]), (path, teacher_keys)
