@@ -16,9 +16,12 @@ import pytest
 pytest.importorskip("detectron2")
 
 import torch  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
 
 import train_net  # noqa: E402
-from deepkd_det.det.data import generate_shapes_dataset, shapes_split_paths  # noqa: E402
+from deepkd_det.det.config import add_deepkd_config  # noqa: E402
+from deepkd_det.det.data import add_data_config, generate_shapes_dataset, shapes_split_paths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "DEEPKD" / "demo"
@@ -62,12 +65,14 @@ def _argv(config, out, train_json, train_dir, val_json=None, val_dir=None, *opts
 
 def _rebind_log_streams(stream):
     """detectron2's setup_logger caches its console handlers, bound to the sys.stdout of the
-    moment: in-process runs under capsys must not leave them on a stream that gets closed."""
+    moment: in-process runs under capsys must not leave them on a stream that gets closed.
+    Only those plain console handlers: pytest's own capture handlers (StreamHandler subclasses
+    that can sit on these loggers too) must keep their StringIO."""
     import logging
 
     for name in ("detectron2", "fvcore", "d2", "deepkd_det"):
         for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            if type(handler) is logging.StreamHandler:
                 handler.stream = stream  # (setStream would flush the old one, maybe closed)
 
 
@@ -160,9 +165,16 @@ def test_dataset_errors_name_the_json(tmp_path, coco, out, capsys):
 
 
 def test_eval_only_refuses_a_checkpoint_of_another_class_count(tmp_path, coco, out, capsys):
+    # A whole detector of the demo teacher's architecture, trained for 5 classes: with its backbone
+    # (a file of the heads alone is refused earlier, by the student backbone check).
+    cfg = get_cfg()
+    add_deepkd_config(cfg)
+    add_data_config(cfg)
+    cfg.merge_from_file(str(DEMO / "teacher.yaml"))
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    cfg.MODEL.DEVICE = "cpu"
     weights = tmp_path / "five_classes.pth"
-    torch.save({"model": {"roi_heads.box_predictor.cls_score.weight": torch.zeros(6, 128),
-                          "roi_heads.box_predictor.cls_score.bias": torch.zeros(6)}}, weights)
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
     before = _digest(out)
     _fails(capsys, _argv(DEMO / "teacher.yaml", out, *coco, "MODEL.WEIGHTS", weights, "--eval-only"),
            "MODEL.WEIGHTS does not fit", "trained for 5 classes", "cls_score.weight")
