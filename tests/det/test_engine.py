@@ -302,11 +302,11 @@ def test_configs_merge_and_validate(path):
     args = default_argument_parser().parse_args(["--config-file", path])
     from detectron2.config import get_cfg
 
-    from deepkd_det.det.config import add_deepkd_config, validate_deepkd_config
+    from deepkd_det.det.config import add_deepkd_config, merge_config_file, validate_deepkd_config
     from deepkd_det.det.data import add_data_config
 
     cfg = add_data_config(add_deepkd_config(get_cfg()))
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)  # as train_net.py merges (relative TEACHER.CONFIG_FILE)
     validate_deepkd_config(cfg)
     if "demo" not in path and os.path.basename(path).startswith(("DKD-", "KD-")):  # the paper settings
         assert (cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.MAX_ITER) == (16, 0.02, 90000)
