@@ -17,18 +17,18 @@ under no_grad) divided by the iteration time. One JSON object per line:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import statistics
 import tempfile
-import time
 from typing import Dict, List, Optional
 
 import torch
+
+# The same step timer and JSON row as the paper-pair benchmark (this folder is on sys.path when a
+# bench script runs).
+from bench_det_pairs import emit, time_steps
 from detectron2.config import get_cfg
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import EventStorage
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN)
 from deepkd_det.det.config import add_deepkd_config
@@ -71,46 +71,6 @@ def build_trainer(config: str, out_dir: str, data_root: str, size: int, batch: i
     return DeepKDTrainer(cfg)
 
 
-def time_case(trainer, warmup: int, repeats: int) -> Dict[str, float]:
-    """Median seconds per step, and the median fraction spent in the teacher."""
-    model = trainer.model
-    teacher = getattr(model, "teacher", None)
-    spent = [0.0]
-    if teacher is not None:
-        # Both teacher entry points (DeepKDRCNN runs the backbone once through ``features``, then
-        # the box head through ``box_logits``), so the share covers the whole teacher.
-        for name in ("features", "box_logits"):
-            inner = getattr(teacher, name)
-
-            def timed(*args, _inner=inner, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return _inner(*args, **kwargs)
-                finally:
-                    spent[0] += time.perf_counter() - start
-
-            setattr(teacher, name, timed)
-    steps, shares = [], []
-    with EventStorage(0) as storage:
-        trainer.storage = storage
-        for i in range(warmup + repeats):
-            trainer.iter = storage.iter = i
-            spent[0] = 0.0
-            start = time.perf_counter()
-            trainer.run_step()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                steps.append(elapsed)
-                shares.append(spent[0] / elapsed)
-    return {"step": statistics.median(steps), "teacher_share": statistics.median(shares) if teacher else 0.0}
-
-
-def emit(case: str, value: float, unit: str, baseline: Optional[str], base_value: Optional[float]) -> None:
-    ratio = None if base_value in (None, 0) else value / base_value
-    print(json.dumps({"case": case, "value": round(value, 6), "unit": unit, "baseline": baseline,
-                      "ratio": None if ratio is None else round(ratio, 4)}), flush=True)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 px, batch 2, 3 timed steps")
@@ -136,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         generate_shapes_dataset(data_root, num_train, 2, args.size, seed=0)
         for case, config, opts in CASES:
             trainer = build_trainer(config, os.path.join(tmp, case), data_root, args.size, args.batch, num_train, opts)
-            results[case] = time_case(trainer, args.warmup, args.repeats)
+            results[case] = time_steps(trainer, args.warmup, args.repeats, "cpu")
             del trainer
 
     base = results["student_plain"]["step"]

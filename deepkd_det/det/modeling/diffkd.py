@@ -21,25 +21,16 @@ from torch import nn
 
 from deepkd_det.core.diffkd import DIFFKD_PREFIX, DiffKD
 
+from .reviewkd import check_shared_features
+
 __all__ = ["DIFFKD_PREFIX", "build_diffkd_modules", "check_diffkd_features", "diffkd_level_losses"]
 
 
 def check_diffkd_features(
     names, student_shapes: Mapping[str, ShapeSpec], teacher_shapes: Mapping[str, ShapeSpec]
 ) -> None:
-    """Every name must be an output of both FPNs, with the same stride in both (so that the maps
-    of one padded batch have the same size)."""
-    for side, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
-        missing = [n for n in names if n not in shapes]
-        if missing:
-            raise ValueError(
-                f"KD.DIFFKD.IN_FEATURES {list(names)}: {missing} not among the {side}'s backbone "
-                f"outputs {sorted(shapes)}"
-            )
-    for n in names:
-        s, t = student_shapes[n].stride, teacher_shapes[n].stride
-        if s != t:
-            raise ValueError(f"KD.DIFFKD.IN_FEATURES: {n!r} has stride {s} in the student, {t} in the teacher")
+    """``check_shared_features`` for KD.DIFFKD.IN_FEATURES."""
+    check_shared_features("KD.DIFFKD.IN_FEATURES", names, student_shapes, teacher_shapes)
 
 
 def build_diffkd_modules(cfg, student_backbone, teacher_backbone) -> nn.ModuleDict:

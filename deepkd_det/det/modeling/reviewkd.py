@@ -20,6 +20,7 @@ __all__ = [
     "RELEASE_HEAD_PREFIX",
     "build_reviewkd_head",
     "check_reviewkd_features",
+    "check_shared_features",
     "release_head_keys_to_ours",
 ]
 
@@ -60,23 +61,29 @@ def release_head_keys_to_ours(state: Mapping) -> Mapping:
     return out
 
 
-def check_reviewkd_features(
-    names, student_shapes: Mapping[str, ShapeSpec], teacher_shapes: Mapping[str, ShapeSpec]
+def check_shared_features(
+    key: str, names, student_shapes: Mapping[str, ShapeSpec], teacher_shapes: Mapping[str, ShapeSpec]
 ) -> None:
-    """Every name must be an output of both FPNs, with the same stride in both (so the maps of
-    one padded image line up), and the names must go finest first (strictly increasing stride:
-    the review path fuses each level with the next coarser one)."""
+    """Every name of config key ``key`` must be an output of both FPNs, with the same stride in
+    both (so that the maps of one padded batch have the same size). Used by every feature KD."""
     for side, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
         missing = [n for n in names if n not in shapes]
         if missing:
             raise ValueError(
-                f"KD.REVIEWKD.IN_FEATURES {list(names)}: {missing} not among the {side}'s backbone "
-                f"outputs {sorted(shapes)}"
+                f"{key} {list(names)}: {missing} not among the {side}'s backbone outputs {sorted(shapes)}"
             )
     for n in names:
         s, t = student_shapes[n].stride, teacher_shapes[n].stride
         if s != t:
-            raise ValueError(f"KD.REVIEWKD.IN_FEATURES: {n!r} has stride {s} in the student, {t} in the teacher")
+            raise ValueError(f"{key}: {n!r} has stride {s} in the student, {t} in the teacher")
+
+
+def check_reviewkd_features(
+    names, student_shapes: Mapping[str, ShapeSpec], teacher_shapes: Mapping[str, ShapeSpec]
+) -> None:
+    """``check_shared_features`` for KD.REVIEWKD.IN_FEATURES, and the names must go finest first
+    (strictly increasing stride: the review path fuses each level with the next coarser one)."""
+    check_shared_features("KD.REVIEWKD.IN_FEATURES", names, student_shapes, teacher_shapes)
     strides = [student_shapes[n].stride for n in names]
     if any(a >= b for a, b in zip(strides, strides[1:])):
         raise ValueError(
