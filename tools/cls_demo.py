@@ -30,15 +30,14 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import statistics
 import sys
-import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List
+from typing import Dict
 
 from deepkd_det.cls.config import load_cfg
 from deepkd_det.cls.data import build_datasets
+from deepkd_det.core.report import InlinePool, compare, fmt_mean_std, picture_table, plot_report, verdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "cls", "digits")
@@ -80,26 +79,6 @@ def _train_job(cfg_file: str, opts, threads: int) -> dict:
         torch.set_num_threads(before)
 
 
-class _Inline:
-    """A stand-in for the process pool with --jobs 1: runs each job when submitted."""
-
-    class _Done:
-        def __init__(self, value):
-            self.value = value
-
-        def result(self):
-            return self.value
-
-    def submit(self, fn, *args):
-        return self._Done(fn(*args))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _trained_teacher(cfg) -> dict:
     """The summary of a finished teacher run with exactly this config in cfg.OUTPUT_DIR, else {}."""
     out = cfg.OUTPUT_DIR
@@ -114,29 +93,6 @@ def _trained_teacher(cfg) -> dict:
     if not last or last[0]["epoch"] != cfg.SOLVER.EPOCHS or "val/top1" not in last[0]:
         return {}
     return {"last_top1": last[0]["val/top1"]}
-
-
-def _mean_std(values) -> tuple:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _fmt(values) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean:.2f} ± {std:.2f}"
-
-
-def compare(a: List[float], b: List[float]) -> Dict:
-    """Mean difference a - b and whether it exceeds the spread (|difference| > std_a + std_b)."""
-    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
-    diff = ma - mb
-    return {"diff": diff, "spread": sa + sb, "exceeds": abs(diff) > sa + sb}
-
-
-def _verdict(c: Dict) -> str:
-    if not c["exceeds"]:
-        return f"{c['diff']:+.2f} (within ±{c['spread']:.2f})"
-    return f"**{c['diff']:+.2f}** ({'above' if c['diff'] > 0 else 'below'}, spread {c['spread']:.2f})"
 
 
 def read_run(run_dir: str, steps_per_epoch: int) -> Dict[str, list]:
@@ -154,107 +110,6 @@ def read_run(run_dir: str, steps_per_epoch: int) -> Dict[str, list]:
                     if key.startswith(("gsnr/", "bsnr/")) and key.count("/") == 1:
                         curves.setdefault(key, []).append((row["iter"] / steps_per_epoch, value))
     return curves
-
-
-def _band(runs: List[Dict[str, list]], key: str):
-    """x, mean, std over the seeds of one curve (the points all seeds share)."""
-    per_seed = [dict(r.get(key, [])) for r in runs]
-    xs = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
-    values = [[p[x] for p in per_seed] for x in xs]
-    return xs, [statistics.fmean(v) for v in values], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-
-
-def picture_table(results: Dict, comparisons: Dict) -> List[str]:
-    """The table as fixed-width lines for the picture ("*": the difference exceeds the spread)."""
-    def cell(name):
-        c = comparisons.get(name)
-        return "-" if c is None else f"{c['diff']:+.2f}{' *' if c['exceeds'] else '  '} (spread {c['spread']:.2f})"
-
-    lines = [f"{'method':<13} {'top-1 last epoch':>16}   {'vs vanilla':<22} {'vs plain':<30} per seed"]
-    for key, r in results.items():
-        plain = PLAIN_OF.get(key)
-        vs_plain = f"{cell(f'{key} - {plain}')} vs {LABELS[plain]}" if f"{key} - {plain}" in comparisons else "-"
-        lines.append(f"{r['label']:<13} {_fmt(r['last_top1']):>16}   {cell(f'{key} - vanilla'):<22} {vs_plain:<30} "
-                     + ", ".join(f"{v:.2f}" for v in r["last_top1"]))
-    lines.append("* = |mean difference| > std_a + std_b (beyond the seed spread)")
-    return lines
-
-
-def plot(results: Dict, curves: Dict[str, List[Dict]], teacher_top1: float, caption: str, table: List[str],
-         path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(17, 12))
-    grid = fig.add_gridspec(3, 3, height_ratios=[1.0, 1.0, 0.42])
-    ax_val, ax_seed, ax_k = (fig.add_subplot(grid[0, i]) for i in range(3))
-    ax_g, ax_b = fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])
-    ax_note = fig.add_subplot(grid[1, 2])
-    ax_txt = fig.add_subplot(grid[2, :])
-    colours = dict(zip(results, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    styles = ["-", "--", ":", "-."]
-    for key, runs in curves.items():
-        xs, mean, std = _band(runs, "val/top1")
-        if xs:
-            c = colours[key]
-            ax_val.plot(xs, mean, color=c, label=results[key]["label"])
-            ax_val.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=c, alpha=0.2)
-    ax_val.axhline(teacher_top1, color="k", ls="--", lw=1, label=f"teacher {teacher_top1:.2f}")
-    ax_val.set(title="validation top-1, mean ± std over seeds", xlabel="epoch", ylabel="top-1 (%)")
-    finals = [v for r in results.values() for v in r["last_top1"]] + [teacher_top1]
-    ax_val.set_ylim(max(0.0, min(finals) - 10.0), min(100.5, max(finals) + 2.0))
-    ax_val.legend(fontsize=8, loc="lower right")
-    ax_val.grid(alpha=0.3)
-
-    for i, (key, r) in enumerate(results.items()):
-        c = colours[key]
-        mean, std = _mean_std(r["last_top1"])
-        ax_seed.errorbar([i], [mean], yerr=[std], fmt="s", color=c, capsize=6, ms=8)
-        ax_seed.scatter([i + 0.18] * len(r["last_top1"]), r["last_top1"], color=c, s=18, alpha=0.7)
-    ax_seed.axhline(teacher_top1, color="k", ls="--", lw=1)
-    ax_seed.set_xticks(range(len(results)))
-    ax_seed.set_xticklabels([r["label"] for r in results.values()], rotation=25, ha="right", fontsize=9)
-    ax_seed.set(title="last epoch: mean ± std (squares), each seed (dots)", ylabel="top-1 (%)")
-    ax_seed.grid(alpha=0.3, axis="y")
-
-    for key, ls, lw in zip([k for k in curves if _band(curves[k], "topk/K")[0]], styles, (3.0, 1.5, 1.5, 1.5)):
-        xs, mean, _ = _band(curves[key], "topk/K")
-        ax_k.step(xs, mean, where="post", color=colours[key], ls=ls, lw=lw, label=results[key]["label"])
-    ax_k.set(title="DeepKD top-k mask: K non-target classes kept", xlabel="epoch", ylabel="K")
-    if ax_k.get_legend_handles_labels()[0]:
-        ax_k.legend(fontsize=8)
-    ax_k.grid(alpha=0.3)
-
-    deep = [k for k in curves if any(run.get("gsnr/tog") for run in curves[k])]
-    comp_colours = {"tog": "tab:blue", "tcg": "tab:orange", "ncg": "tab:green"}
-    for ax, kind, title in ((ax_g, "gsnr", "gradient SNR (GSNR)"), (ax_b, "bsnr", "momentum-buffer SNR (BSNR)")):
-        for key, ls in zip(deep, styles):
-            for comp, c in comp_colours.items():
-                # NCG is exactly 0 while K = 1 (one kept class: NCKD vanishes); a log axis skips it.
-                points = [(x, m) for x, m in zip(*_band(curves[key], f"{kind}/{comp}")[:2]) if m > 0]
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], ls=ls, color=c, marker=".",
-                            label=f"{results[key]['label']} {comp.upper()}")
-        ax.set(title=f"DeepKD {title}, mean over seeds", xlabel="epoch", ylabel=f"{kind.upper()} (mean over elements)")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, ncol=2)
-
-    ax_note.axis("off")
-    note = (caption + " GSNR/BSNR: one 5-batch window every 3 epochs, mean over the student's parameters; "
-            "NCG is exactly 0 while K = 1 (not drawn on the log axis).")
-    ax_note.text(0.0, 1.0, "\n".join(textwrap.wrap(note, 58)), va="top", ha="left", fontsize=10,
-                 transform=ax_note.transAxes)
-    ax_txt.axis("off")
-    ax_txt.text(0.0, 1.0, "\n".join(table), va="top", ha="left", family="monospace", fontsize=9.5,
-                transform=ax_txt.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=85)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -291,7 +146,7 @@ def main(argv=None) -> int:
             load_cfg(os.path.join(CONFIGS, f"{key}.yaml"), opts)  # refuse bad overrides before starting
             jobs[key, seed] = opts
     # Small convolutions on a 2-core machine: one thread per run, runs side by side.
-    pool = (_Inline() if args.jobs <= 1
+    pool = (InlinePool() if args.jobs <= 1
             else ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")))
     def submit(job):
         return pool.submit(_train_job, os.path.join(CONFIGS, f"{job[0]}.yaml"), jobs[job], 1)
@@ -340,12 +195,12 @@ def main(argv=None) -> int:
         vs_van = vs_plain = "-"
         if key != "vanilla" and "vanilla" in results:
             comparisons[f"{key} - vanilla"] = c = compare(r["last_top1"], results["vanilla"]["last_top1"])
-            vs_van = _verdict(c)
+            vs_van = verdict(c)
         plain = PLAIN_OF.get(key)
         if plain in results:
             comparisons[f"{key} - {plain}"] = c = compare(r["last_top1"], results[plain]["last_top1"])
-            vs_plain = f"{_verdict(c)} vs {LABELS[plain]}"
-        lines.append(f"| {r['label']} | {_fmt(r['last_top1'])} | {_fmt(r['best_top1'])} | {per_seed} | "
+            vs_plain = f"{verdict(c)} vs {LABELS[plain]}"
+        lines.append(f"| {r['label']} | {fmt_mean_std(r['last_top1'])} | {fmt_mean_std(r['best_top1'])} | {per_seed} | "
                      f"{vs_van} | {vs_plain} |")
     lines.append("")
     lines.append(f"total time {elapsed:.0f} s")
@@ -360,7 +215,13 @@ def main(argv=None) -> int:
                    "comparisons": comparisons, "total_s": elapsed}, f, indent=2)
     curves = {key: [read_run(os.path.join(out, key, f"seed{s}"), steps_per_epoch) for s in seeds] for key in methods}
     png = os.path.join(out, "cls_demo.png")
-    plot(results, curves, teacher["last_top1"], lines[0], picture_table(results, comparisons), png)
+    finals = [v for r in results.values() for v in r["last_top1"]] + [teacher["last_top1"]]
+    note = (lines[0] + " GSNR/BSNR: one 5-batch window every 3 epochs, mean over the student's parameters; "
+            "NCG is exactly 0 while K = 1 (not drawn on the log axis).")
+    plot_report(results, curves, png, metric="last_top1", curve="val/top1", k_curve="topk/K",
+                teacher=teacher["last_top1"], unit="top-1 (%)", x_label="epoch", note=note,
+                table=picture_table(results, comparisons, LABELS, PLAIN_OF, "last_top1", "top-1 last epoch"),
+                val_ylim=(max(0.0, min(finals) - 10.0), min(100.5, max(finals) + 2.0)))
     print(f"\n[cls_demo] table {os.path.join(out, 'results.md')}, picture {png}", flush=True)
     return 0
 

@@ -76,6 +76,7 @@ EXPECTED = {
 
 def _group(path):
     name = os.path.basename(path)
+    path = os.path.relpath(path, CONFIGS)  # the folder inside configs/DEEPKD, not the checkout's
     if "custom" in path:
         return {"Base-Custom.yaml": "custom-base", "teacher-R50.yaml": "custom-teacher"}.get(name, "custom-student")
     for pair in ("R18-R101", "R50-R101", "MV2-R50"):

@@ -16,6 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from deepkd_det.det.data import (  # noqa: E402
+    ALL_SHAPE_CATEGORIES,
     SHAPE_CATEGORIES,
     SHAPES_TRAIN,
     SHAPES_VAL,
@@ -165,3 +166,39 @@ def test_builtin_coco_without_files_points_to_the_readme(tmp_path, monkeypatch):
     json_file, images = _write_custom_coco(tmp_path)
     with pytest.raises(ValueError, match="already registered"):
         register_coco_dataset("coco_2017_val", json_file, images)
+
+
+def test_six_class_set_draws_every_shape_with_tight_boxes(tmp_path):
+    # num_classes 6 adds pentagons, hexagons and stars (ids 4..6) to the three default shapes.
+    paths = generate_shapes_dataset(str(tmp_path), num_train=30, num_val=2, image_size=64, seed=0, num_classes=6)
+    with open(paths["train"][0]) as f:
+        data = json.load(f)
+    assert data["categories"] == ALL_SHAPE_CATEGORIES
+    assert [c["name"] for c in data["categories"][3:]] == ["pentagon", "hexagon", "star"]
+    assert {a["category_id"] for a in data["annotations"]} == {1, 2, 3, 4, 5, 6}
+    vertices = {4: 5, 5: 6, 6: 10}
+    for ann in data["annotations"]:
+        poly = ann["segmentation"][0]
+        if ann["category_id"] in vertices:
+            assert len(poly) == 2 * vertices[ann["category_id"]]
+        x, y, w, h = ann["bbox"]
+        assert abs(min(poly[0::2]) - x) <= 1.5 and abs(max(poly[0::2]) - (x + w)) <= 1.5
+        assert abs(ann["area"] - _shoelace(poly)) <= 0.25 * _shoelace(poly) + 8
+    # Another class count is another dataset: the split is regenerated, not reused.
+    generate_shapes_dataset(str(tmp_path), num_train=30, num_val=2, image_size=64, seed=0, num_classes=3)
+    with open(paths["train"][0]) as f:
+        assert json.load(f)["categories"] == SHAPE_CATEGORIES
+    with pytest.raises(ValueError, match="num_classes must lie in 1..6, got 7"):
+        generate_shapes_dataset(str(tmp_path / "x"), num_train=1, num_val=1, num_classes=7)
+
+
+def test_shapes_num_classes_from_cfg_reaches_detectron2(tmp_path):
+    cfg = add_data_config(get_cfg())
+    cfg.DATASETS.SHAPES.ROOT = str(tmp_path)
+    cfg.DATASETS.SHAPES.NUM_TRAIN, cfg.DATASETS.SHAPES.NUM_VAL, cfg.DATASETS.SHAPES.IMAGE_SIZE = 20, 2, 64
+    cfg.DATASETS.SHAPES.NUM_CLASSES = 6
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (SHAPES_TRAIN,), (SHAPES_VAL,)
+    register_datasets_from_cfg(cfg)
+    names = ["circle", "square", "triangle", "pentagon", "hexagon", "star"]
+    assert MetadataCatalog.get(SHAPES_TRAIN).thing_classes == names
+    assert {a["category_id"] for d in DatasetCatalog.get(SHAPES_TRAIN) for a in d["annotations"]} == set(range(6))

@@ -12,6 +12,7 @@ from .register import (
     resolve_num_classes,
 )
 from .synthetic import (
+    ALL_SHAPE_CATEGORIES,
     SHAPE_CATEGORIES,
     SHAPES_TRAIN,
     SHAPES_VAL,
@@ -25,6 +26,7 @@ __all__ = [
     "check_num_classes",
     "inspect_coco_json",
     "resolve_num_classes",
+    "ALL_SHAPE_CATEGORIES",
     "SHAPE_CATEGORIES",
     "SHAPES_TRAIN",
     "SHAPES_VAL",

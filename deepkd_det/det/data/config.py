@@ -32,5 +32,8 @@ def add_data_config(cfg: CN) -> CN:
         # Square images of this side, in pixels.
         cfg.DATASETS.SHAPES.IMAGE_SIZE = 128
         cfg.DATASETS.SHAPES.MAX_OBJECTS = 4
+        # Shape classes drawn (1..6: circle, square, triangle, pentagon, hexagon, star); it must
+        # equal MODEL.ROI_HEADS.NUM_CLASSES (checked at start-up), or that be 0 (taken from here).
+        cfg.DATASETS.SHAPES.NUM_CLASSES = 3
         cfg.DATASETS.SHAPES.SEED = 0
     return cfg

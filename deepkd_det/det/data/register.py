@@ -187,7 +187,8 @@ def prepare_shapes_dataset(cfg) -> None:
 
     s = cfg.DATASETS.SHAPES
     if comm.is_main_process():
-        generate_shapes_dataset(s.ROOT, s.NUM_TRAIN, s.NUM_VAL, s.IMAGE_SIZE, s.SEED, s.MAX_OBJECTS)
+        generate_shapes_dataset(s.ROOT, s.NUM_TRAIN, s.NUM_VAL, s.IMAGE_SIZE, s.SEED, s.MAX_OBJECTS,
+                                num_classes=s.NUM_CLASSES)
     comm.synchronize()
     for name, split in ((SHAPES_TRAIN, "train"), (SHAPES_VAL, "val")):
         json_file, image_dir = shapes_split_paths(s.ROOT, split)

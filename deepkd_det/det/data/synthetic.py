@@ -2,8 +2,9 @@
 
 No dataset can be downloaded where this project is built and tested, so the demo and the tests
 use this small, deterministic detection set: circles, squares and triangles (three classes,
-category ids 1..3) of random colour, size and position, several per image, on backgrounds made
-of gratings and noise. Each split is a folder of PNG (or JPEG) images plus a COCO instances json
+category ids 1..3; ``num_classes`` up to 6 adds pentagons, hexagons and stars, so that some
+classes look alike at small sizes) of random colour, size and position, several per image, on
+backgrounds made of gratings and noise. Each split is a folder of PNG (or JPEG) images plus a COCO instances json
 with ``bbox`` (tight, XYWH), ``area`` (pixel count of the shape), ``iscrowd`` 0 and a polygon
 ``segmentation``. The same (seed, sizes) always gives the same files.
 """
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw
 from deepkd_det.core.io import atomic_write_json
 
 __all__ = [
+    "ALL_SHAPE_CATEGORIES",
     "SHAPE_CATEGORIES",
     "SHAPES_TRAIN",
     "SHAPES_VAL",
@@ -29,11 +31,13 @@ __all__ = [
     "shapes_split_paths",
 ]
 
-SHAPE_CATEGORIES: List[Dict] = [
-    {"id": 1, "name": "circle", "supercategory": "shape"},
-    {"id": 2, "name": "square", "supercategory": "shape"},
-    {"id": 3, "name": "triangle", "supercategory": "shape"},
+# Every shape the generator draws, in category-id order; a set of ``num_classes`` uses the first ones.
+ALL_SHAPE_CATEGORIES: List[Dict] = [
+    {"id": i + 1, "name": name, "supercategory": "shape"}
+    for i, name in enumerate(("circle", "square", "triangle", "pentagon", "hexagon", "star"))
 ]
+# The default set (three classes).
+SHAPE_CATEGORIES: List[Dict] = ALL_SHAPE_CATEGORIES[:3]
 # Dataset names under which deepkd_det.det.data.register registers the two splits.
 SHAPES_TRAIN = "deepkd_shapes_train"
 SHAPES_VAL = "deepkd_shapes_val"
@@ -61,13 +65,16 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
-    """Vertices of a shape of circumradius ``r`` (a 24-gon stands for the circle's outline)."""
+    """Vertices of a shape of circumradius ``r`` (a 24-gon stands for the circle's outline; the
+    star's inner vertices lie at 0.45 r)."""
+    if kind == "star":
+        return [
+            (cx + rr * math.cos(angle + math.pi * i / 5), cy + rr * math.sin(angle + math.pi * i / 5))
+            for i, rr in zip(range(10), [r, 0.45 * r] * 5)
+        ]
+    n = {"circle": 24, "square": 4, "triangle": 3, "pentagon": 5, "hexagon": 6}[kind]
     if kind == "circle":
-        n, angle = 24, 0.0
-    elif kind == "square":
-        n = 4
-    else:
-        n = 3
+        angle = 0.0
     return [
         (cx + r * math.cos(angle + 2 * math.pi * i / n), cy + r * math.sin(angle + 2 * math.pi * i / n))
         for i in range(n)
@@ -84,9 +91,10 @@ def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> Tup
 
 
 def render_shapes_image(
-    rng: np.random.Generator, size: int, max_objects: int = 4
+    rng: np.random.Generator, size: int, max_objects: int = 4, num_classes: int = 3
 ) -> Tuple[Image.Image, List[Dict]]:
-    """One image and its objects: ``[{"category_id", "bbox", "area", "segmentation"}, ...]``.
+    """One image and its objects: ``[{"category_id", "bbox", "area", "segmentation"}, ...]``, the
+    classes drawn from the first ``num_classes`` of ``ALL_SHAPE_CATEGORIES``.
 
     Objects never overlap (their boxes keep a 2 px gap), so every box is tight and unoccluded.
     """
@@ -98,7 +106,7 @@ def render_shapes_image(
     objects: List[Dict] = []
     for _ in range(num_objects):
         for _attempt in range(30):
-            cat = SHAPE_CATEGORIES[int(rng.integers(0, len(SHAPE_CATEGORIES)))]
+            cat = ALL_SHAPE_CATEGORIES[int(rng.integers(0, num_classes))]
             r = rng.uniform(0.08, 0.2) * size
             cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
             angle = rng.uniform(0, 2 * math.pi)
@@ -137,8 +145,10 @@ def render_shapes_image(
     return canvas, objects
 
 
-def _params(num_images: int, image_size: int, seed: int, max_objects: int, image_format: str) -> Dict:
+def _params(num_images: int, image_size: int, seed: int, max_objects: int, image_format: str,
+            num_classes: int) -> Dict:
     return {
+        "num_classes": int(num_classes),
         "num_images": int(num_images),
         "image_size": int(image_size),
         "seed": int(seed),
@@ -160,9 +170,9 @@ def _split_is_current(json_file: str, params: Dict) -> bool:
 
 
 def _generate_split(root: str, split: str, num_images: int, image_size: int, seed: int,
-                    max_objects: int, image_format: str) -> str:
+                    max_objects: int, image_format: str, num_classes: int) -> str:
     json_file, image_dir = shapes_split_paths(root, split)
-    params = _params(num_images, image_size, seed, max_objects, image_format)
+    params = _params(num_images, image_size, seed, max_objects, image_format, num_classes)
     if _split_is_current(json_file, params):
         return json_file
     os.makedirs(image_dir, exist_ok=True)
@@ -171,7 +181,7 @@ def _generate_split(root: str, split: str, num_images: int, image_size: int, see
     for index in range(num_images):
         # One generator per image: an image does not depend on how many came before it.
         rng = np.random.default_rng([int(seed), _SPLIT_IDS[split], index])
-        canvas, objects = render_shapes_image(rng, image_size, max_objects)
+        canvas, objects = render_shapes_image(rng, image_size, max_objects, num_classes)
         file_name = f"{split}_{index:06d}.{ext}"
         if ext == "png":
             canvas.save(os.path.join(image_dir, file_name), format="PNG")
@@ -186,7 +196,7 @@ def _generate_split(root: str, split: str, num_images: int, image_size: int, see
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": SHAPE_CATEGORIES,
+        "categories": ALL_SHAPE_CATEGORIES[:num_classes],
     }
     # The json is written last and atomically: it marks the split as complete.
     atomic_write_json(json_file, data)
@@ -201,11 +211,13 @@ def generate_shapes_dataset(
     seed: int = 0,
     max_objects: int = 4,
     image_format: str = "png",
+    num_classes: int = 3,
 ) -> Dict[str, Tuple[str, str]]:
     """Write (or reuse, when already generated with the same settings) the two splits.
 
     Returns ``{"train": (json_file, image_dir), "val": (json_file, image_dir)}``. The files are
-    a pure function of the arguments. ``image_format`` is "png" (lossless) or "jpg".
+    a pure function of the arguments. ``image_format`` is "png" (lossless) or "jpg";
+    ``num_classes`` (1 to 6) how many of ``ALL_SHAPE_CATEGORIES`` are drawn.
     """
     if num_train < 1 or num_val < 1:
         raise ValueError(f"need at least one image per split, got num_train={num_train}, num_val={num_val}")
@@ -213,10 +225,12 @@ def generate_shapes_dataset(
         raise ValueError(f"image_size must be >= 32 px, got {image_size}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if not 1 <= num_classes <= len(ALL_SHAPE_CATEGORIES):
+        raise ValueError(f"num_classes must lie in 1..{len(ALL_SHAPE_CATEGORIES)}, got {num_classes}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     out = {}
     for split, n in (("train", num_train), ("val", num_val)):
-        _generate_split(root, split, n, image_size, seed, max_objects, image_format)
+        _generate_split(root, split, n, image_size, seed, max_objects, image_format, num_classes)
         out[split] = shapes_split_paths(root, split)
     return out

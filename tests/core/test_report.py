@@ -1,0 +1,36 @@
+"""The demos' seed statistics (deepkd_det.core.report) against hand values."""
+
+import math
+
+from deepkd_det.core.report import InlinePool, compare, fmt_mean_std, mean_std, seed_band, verdict
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = mean_std([1.0, 2.0, 4.0])
+    assert math.isclose(mean, 7 / 3) and math.isclose(std, math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert fmt_mean_std([1.0, 3.0]) == "2.00 ± 1.41"
+
+
+def test_compare_marks_only_differences_beyond_the_spread():
+    far = compare([95.0, 96.0, 97.0], [90.0, 91.0, 92.0])  # diff 5, stds 1 + 1
+    near = compare([92.0, 93.0, 94.0], [90.0, 91.0, 92.0])  # diff 2, stds 1 + 1
+    assert far["exceeds"] and math.isclose(far["diff"], 5.0) and math.isclose(far["spread"], 2.0)
+    assert not near["exceeds"] and math.isclose(near["diff"], 2.0)
+    assert verdict(far) == "**+5.00** (above, spread 2.00)"
+    assert verdict(near) == "+2.00 (within ±2.00)"
+    assert verdict(compare([1.0, 1.0], [4.0, 4.0])) == "**-3.00** (below, spread 0.00)"
+
+
+def test_seed_band_uses_the_points_every_seed_has():
+    runs = [{"ap": [(10, 1.0), (20, 3.0), (30, 9.0)]}, {"ap": [(10, 3.0), (20, 5.0)]}, {"other": [(10, 0.0)]}]
+    assert seed_band(runs[:2], "ap") == ([10, 20], [2.0, 4.0], [math.sqrt(2.0), math.sqrt(2.0)])
+    assert seed_band(runs, "ap") == ([], [], [])  # a seed without the curve: no shared point
+
+
+def test_inline_pool_runs_each_job_when_submitted():
+    calls = []
+    with InlinePool() as pool:
+        done = pool.submit(lambda a, b: calls.append((a, b)) or a + b, 2, 3)
+        assert calls == [(2, 3)]
+    assert done.result() == 5
