@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Detection demo on the embedded shapes: a few labelled images, a teacher that saw them all (CPU).
 
-The setting where distillation is known to matter: the teacher (configs/DEEPKD/demo/teacher.yaml,
-Faster R-CNN R-18-FPN) is trained on the whole generated training split, each student (the same
-detector, configs/DEEPKD/demo/student-<method>.yaml) on only its first few images. The teacher's
-class scores on the student's proposals of those images (KD on the R-CNN head logits) carry what
-it learnt from the rest; the vanilla student has only the few boxes.
+The setting where distillation is known to matter: one Faster R-CNN R-18-FPN is pre-trained
+class-agnostically on other generated images (the stand-in for ImageNet weights); from it the
+teacher (configs/DEEPKD/demo/teacher.yaml) is fine-tuned on the whole generated training split,
+each student (the same detector, configs/DEEPKD/demo/student-<method>.yaml) on only its first few
+images. The teacher's class scores on the student's proposals of those images (KD on the R-CNN
+head logits) carry what it learnt from the rest; the vanilla student has only the few boxes.
 
     python tools/det_demo.py [--output output/det_demo] [--seeds 0 1 2] [--methods ...] [--jobs 2]
                              [--quick] [--set KEY=VALUE ...] [KEY VALUE ...]
@@ -17,7 +18,8 @@ during training; the table marks which differences from the vanilla student (and
 X) exceed the spread, |mean difference| > std_a + std_b. The DeepKD-DKD row measures the GSNR/BSNR
 of TOG/TCG/NCG (DEEPKD.GSNR). Writes <output>/results.md, <output>/summary.json and the picture
 <output>/det_demo.png (val AP curves with seed bands, per-seed results, the top-k schedule K,
-GSNR and BSNR). A teacher already trained with the same settings in <output>/teacher is reused.
+GSNR and BSNR). A pre-training and a teacher already trained with the same settings in <output>
+are reused; a student that diverges is reported as such in the table.
 ``--quick``: a tiny smoke run (a few iterations, 2 rows, 2 seeds). ``--set`` changes the profile
 (e.g. ``--set student_iters=300``); trailing KEY VALUE pairs override every student config.
 Whatever the numbers show is printed.
@@ -172,6 +174,7 @@ def run_job(job: Dict) -> Dict:
     from detectron2.utils.env import seed_all_rng
 
     import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN)
+    from deepkd_det.core.io import atomic_write_json
     from deepkd_det.det.engine import DeepKDTrainer
 
     before = torch.get_num_threads()
@@ -203,8 +206,8 @@ def run_job(job: Dict) -> Dict:
         # No detection at all gives NaN in detectron2's table: 0 here.
         ap = {k: (float(box[k]) if math.isfinite(box.get(k, float("nan"))) else 0.0) for k in ("AP", "AP50", "AP75")}
         result = {**ap, "train_s": seconds}
-        with open(os.path.join(out_dir, "demo_job.json"), "w") as f:
-            json.dump({"job": job_identity(job), "result": result}, f, indent=2)
+        # Written last (atomically): it marks the run as finished, for reuse.
+        atomic_write_json(os.path.join(out_dir, "demo_job.json"), {"job": job_identity(job), "result": result})
         return result
     finally:
         torch.set_num_threads(before)
