@@ -27,17 +27,24 @@ import argparse
 import contextlib
 import io
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Dict
 
 from deepkd_det.cls.config import load_cfg
 from deepkd_det.cls.data import build_datasets
-from deepkd_det.core.report import InlinePool, compare, fmt_mean_std, picture_table, plot_report, verdict
+from deepkd_det.core.report import (
+    add_demo_arguments,
+    compare,
+    demo_methods_and_seeds,
+    demo_pool,
+    fmt_mean_std,
+    picture_table,
+    plot_report,
+    verdict,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "cls", "digits")
@@ -115,20 +122,11 @@ def read_run(run_dir: str, steps_per_epoch: int) -> Dict[str, list]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="output directory (default output/cls_demo, or output/cls_demo_quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0 1)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained in parallel (one torch thread each)")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help=f"rows to run, from {', '.join(LABELS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run: checks that everything is written")
+    add_demo_arguments(parser, LABELS, DEFAULT_METHODS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for the student configs")
     args = parser.parse_args(argv)
     out = args.out or os.path.join("output", "cls_demo_quick" if args.quick else "cls_demo")
-    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
-    methods = list(LABELS) if methods == ["all"] else list(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in LABELS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(LABELS)} or 'all'")
+    methods, seeds = demo_methods_and_seeds(parser, args, LABELS, DEFAULT_METHODS, QUICK_METHODS)
     student_opts = (QUICK_STUDENT if args.quick else []) + list(args.opts)
     start = time.time()
 
@@ -146,8 +144,7 @@ def main(argv=None) -> int:
             load_cfg(os.path.join(CONFIGS, f"{key}.yaml"), opts)  # refuse bad overrides before starting
             jobs[key, seed] = opts
     # Small convolutions on a 2-core machine: one thread per run, runs side by side.
-    pool = (InlinePool() if args.jobs <= 1
-            else ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")))
+    pool = demo_pool(args.jobs)
     def submit(job):
         return pool.submit(_train_job, os.path.join(CONFIGS, f"{job[0]}.yaml"), jobs[job], 1)
 

@@ -33,13 +33,11 @@ import io
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import shutil
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional
 
 # detectron2's imports trip torch's deprecation notes (torch.jit.script, meshgrid): not the user's business.
@@ -51,8 +49,10 @@ if REPO not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, REPO)
 
 from deepkd_det.core.report import (  # noqa: E402
-    InlinePool,
+    add_demo_arguments,
     compare,
+    demo_methods_and_seeds,
+    demo_pool,
     fmt_mean_std,
     mean_std,
     picture_table,
@@ -317,8 +317,9 @@ def _parse_set(items: List[str], profile: Dict, parser) -> Dict:
 def make_job(key: str, seed: int, profile: Dict, out: str, data: Dict, teacher_weights: str, opts, threads: int):
     """One run: ``key`` "pretrain", "teacher" or a student method, with its seed."""
     teacher = key in ("teacher", "pretrain")
-    if teacher:
-        profile = {k: v for k, v in profile.items() if k not in STUDENT_ONLY + (("teacher_iters",) * (key == "pretrain"))}
+    if teacher:  # only what decides this run, so that a change elsewhere keeps it reusable
+        ignored = STUDENT_ONLY + (("teacher_iters",) if key == "pretrain" else ())
+        profile = {k: v for k, v in profile.items() if k not in ignored}
     return {
         "kind": key if teacher else "student",
         "config": "teacher.yaml" if teacher else CONFIG_OF[key],
@@ -341,23 +342,14 @@ def make_job(key: str, seed: int, profile: Dict, out: str, data: Dict, teacher_w
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=None, help="output folder (default output/det_demo, or output/det_demo_quick)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0 1)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one torch thread each)")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help=f"rows to run, from {', '.join(LABELS)}, or 'all' (default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run: checks that everything is written")
+    add_demo_arguments(parser, LABELS, DEFAULT_METHODS)
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help=f"change the profile ({', '.join(PROFILES['default'])})")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for the student configs")
     args = parser.parse_args(argv)
     profile = _parse_set(args.set, PROFILES["quick" if args.quick else "default"], parser)
     out = os.path.abspath(args.output or os.path.join("output", "det_demo_quick" if args.quick else "det_demo"))
-    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    methods = args.methods or list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
-    methods = list(LABELS) if methods == ["all"] else list(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in LABELS]
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(LABELS)} or 'all'")
+    methods, seeds = demo_methods_and_seeds(parser, args, LABELS, DEFAULT_METHODS, QUICK_METHODS)
     if not 1 <= profile["student_images"] <= profile["num_train"]:
         parser.error(f"student_images must lie in 1..num_train ({profile['num_train']}), got {profile['student_images']}")
     start = time.time()
@@ -395,8 +387,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (ValueError, KeyError, TypeError, AssertionError) as exc:
             parser.error(f"{job['config']} with the overrides {' '.join(args.opts)}: {exc}")
     # Small detectors on a 2-core machine: one thread per run, runs side by side.
-    pool = (InlinePool() if args.jobs <= 1
-            else ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")))
+    pool = demo_pool(args.jobs)
     with pool:
         if finished_run(pretrain_job) and os.path.isfile(data["init_weights"]):
             print(f"[det_demo] pre-training: reusing {data['init_weights']}", flush=True)

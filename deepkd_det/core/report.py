@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["InlinePool", "compare", "fmt_mean_std", "mean_std", "picture_table", "plot_report", "seed_band", "verdict"]
+__all__ = ["InlinePool", "add_demo_arguments", "compare", "demo_methods_and_seeds", "demo_pool", "fmt_mean_std", "mean_std", "picture_table", "plot_report", "seed_band", "verdict"]
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -46,6 +46,17 @@ def seed_band(runs: List[Dict[str, list]], key: str):
     xs = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
     values = [[p[x] for p in per_seed] for x in xs]
     return xs, [statistics.fmean(v) for v in values], [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+
+
+def demo_pool(jobs: int):
+    """Where a demo's runs train: ``jobs`` worker processes (spawned, so each run starts from a
+    fresh interpreter), or, for ``jobs <= 1``, an ``InlinePool`` in this process."""
+    if jobs <= 1:
+        return InlinePool()
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
 
 
 class InlinePool:
@@ -176,3 +187,25 @@ def plot_report(results: Dict, curves: Dict[str, List[Dict[str, list]]], path: s
     fig.tight_layout()
     fig.savefig(path, dpi=85)
     plt.close(fig)
+
+
+def add_demo_arguments(parser, labels: Dict[str, str], default_methods: Sequence[str]) -> None:
+    """The options both demos share: ``--seeds``, ``--jobs``, ``--methods``, ``--quick``."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0 1)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one torch thread each)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help=f"rows to run, from {', '.join(labels)}, or 'all' (default: {' '.join(default_methods)})")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: checks that everything is written")
+
+
+def demo_methods_and_seeds(parser, args, labels: Dict[str, str], default_methods: Sequence[str],
+                           quick_methods: Sequence[str]) -> Tuple[List[str], List[int]]:
+    """The rows (``--methods``; "all": every row; duplicates dropped) and seeds of a demo run;
+    an unknown method is a one-line ``parser.error``."""
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    methods = args.methods or list(quick_methods if args.quick else default_methods)
+    methods = list(labels) if methods == ["all"] else list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in labels]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(labels)} or 'all'")
+    return methods, seeds

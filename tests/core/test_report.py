@@ -34,3 +34,35 @@ def test_inline_pool_runs_each_job_when_submitted():
         done = pool.submit(lambda a, b: calls.append((a, b)) or a + b, 2, 3)
         assert calls == [(2, 3)]
     assert done.result() == 5
+
+
+def test_demo_methods_and_seeds_defaults_all_duplicates_and_unknown():
+    import argparse
+
+    import pytest
+
+    from deepkd_det.core.report import add_demo_arguments, demo_methods_and_seeds
+
+    labels = {"vanilla": "vanilla", "kd": "KD", "dkd": "DKD"}
+    parser = argparse.ArgumentParser()
+    add_demo_arguments(parser, labels, ("vanilla", "kd"))
+
+    def chosen(*argv):
+        return demo_methods_and_seeds(parser, parser.parse_args(list(argv)), labels, ("vanilla", "kd"), ("vanilla",))
+
+    assert chosen() == (["vanilla", "kd"], [0, 1, 2])
+    assert chosen("--quick") == (["vanilla"], [0, 1])
+    assert chosen("--methods", "all", "--seeds", "4") == (["vanilla", "kd", "dkd"], [4])
+    assert chosen("--methods", "dkd", "kd", "dkd")[0] == ["dkd", "kd"]
+    with pytest.raises(SystemExit):
+        chosen("--methods", "kd", "nope")
+
+
+def test_demo_pool_is_inline_for_one_job_and_spawned_processes_otherwise():
+    from concurrent.futures import ProcessPoolExecutor
+
+    from deepkd_det.core.report import demo_pool
+
+    assert isinstance(demo_pool(1), InlinePool) and isinstance(demo_pool(0), InlinePool)
+    with demo_pool(2) as pool:
+        assert isinstance(pool, ProcessPoolExecutor) and pool._mp_context.get_start_method() == "spawn"
