@@ -28,6 +28,7 @@ __all__ = [
     "model_zoo_config_file",
     "resolve_teacher_cfg",
     "merge_config_file",
+    "student_only_cfg",
     "build_topk_schedule",
     "check_input_files",
     "lr_batch_warning",
@@ -300,6 +301,21 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
 def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
     """The DTM schedule of cfg.DEEPKD over the C - 1 = NUM_CLASSES non-target classes (None: no mask)."""
     return core_topk_schedule(cfg.DEEPKD, num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def student_only_cfg(cfg: CN) -> CN:
+    """The config of the student alone, for evaluation and export: every distillation part off
+    (KD.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no teacher, teacher file or training-only
+    module (ReviewKD head, DiffKD modules) is built, whatever the config says. The student is the
+    same model: DeepKDRCNN without them is a plain GeneralizedRCNN."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.KD.TYPE = "NONE"
+    cfg.DEEPKD.ENABLED = False
+    cfg.KD.REVIEWKD.ENABLED = False
+    cfg.KD.DIFFKD.ENABLED = False
+    cfg.freeze()
+    return cfg
 
 
 # ---------------------------------------------------------------- validation
