@@ -124,6 +124,7 @@ def main(argv=None) -> int:
 def _export(args) -> None:
     # torch 2.14 marks torch.jit as deprecated on every call; TorchScript is still what it writes.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="torch.meshgrid")  # detectron2's anchors, every call
     opts, _ = pull_trailing_flags(args.opts or [], ("--debug",))
     if bool(args.run) == bool(args.config_file):
         raise ValueError("give exactly one of --run DIR or --config-file FILE (with --weights)")

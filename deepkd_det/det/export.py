@@ -33,7 +33,9 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference_single_image
 from torch import nn
+from torch.nn import functional as F
 
 from deepkd_det.core import deploy as ex
 from deepkd_det.core.io import atomic_save, atomic_write, load_weights_only
@@ -44,7 +46,7 @@ from .config import student_only_cfg
 from .data import ALL_SHAPE_CATEGORIES, SHAPES_TRAIN, SHAPES_VAL
 from .modeling import mobilenetv2_fpn
 
-__all__ = ["DetectorForExport", "OUTPUT_NAMES", "export_detector", "preprocess", "stock_config"]
+__all__ = ["DetectorForExport", "OUTPUT_NAMES", "detectron2_outputs", "export_detector", "preprocess", "stock_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +55,56 @@ MOBILENETV2_BACKBONES = ("build_mobilenetv2_backbone", "build_mobilenetv2_fpn_ba
 
 
 class DetectorForExport(nn.Module):
-    """A GeneralizedRCNN as tensors in, tensors out (what tracing and ONNX need).
+    """A GeneralizedRCNN (Faster R-CNN: RPN + standard box head) as tensors in, tensors out, for
+    tracing and ONNX.
 
     Input: one image, ``3 x H x W`` float32 in the model's INPUT.FORMAT channel order, pixel values
     0-255, already resized by the size rule (deploy.json). Normalisation and padding happen inside.
     Output: ``boxes`` (N x 4, x0 y0 x1 y1 in the input image's pixels), ``scores`` (N),
-    ``classes`` (N, int64): detectron2's inference without the rescaling to the original size.
+    ``classes`` (N, int64): what ``model.inference(..., do_postprocess=False)`` gives (the export
+    checks it is equal), without the rescaling to the original size.
+
+    detectron2's ROI heads split their predictions by the number of proposals of each image, a
+    Python int that tracing freezes (another image size, another proposal count: the traced model
+    fails). For one image no split is needed, so the box head's inference is called here on the
+    whole tensors, with detectron2's own functions (box decoding, fast_rcnn_inference_single_image).
     """
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        heads = getattr(model, "roi_heads", None)
+        predictor = getattr(heads, "box_predictor", None)
+        if getattr(model, "proposal_generator", None) is None or not all(
+            hasattr(heads, a) for a in ("box_pooler", "box_head", "box_in_features")
+        ) or predictor is None:
+            raise ValueError("export: the student must be a two-stage GeneralizedRCNN with a standard box head "
+                             f"(MODEL.ROI_HEADS.NAME StandardROIHeads), got {type(heads).__name__}")
+        if getattr(predictor, "use_sigmoid_ce", False) or getattr(predictor, "use_fed_loss", False):
+            raise ValueError("export: MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS box predictors are not supported")
         self.model = model
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        instances = self.model.inference([{"image": image}], do_postprocess=False)[0]
+        model = self.model
+        heads, predictor = model.roi_heads, model.roi_heads.box_predictor
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)
+        boxes = [p.proposal_boxes for p in proposals]
+        x = heads.box_head(heads.box_pooler([features[f] for f in heads.box_in_features], boxes))
+        logits, deltas = predictor(x)
+        decoded = predictor.box2box_transform.apply_deltas(deltas, boxes[0].tensor)
+        instances, _ = fast_rcnn_inference_single_image(
+            decoded, F.softmax(logits, dim=-1), images.image_sizes[0],
+            predictor.test_score_thresh, predictor.test_nms_thresh, predictor.test_topk_per_image,
+        )
         return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
+
+
+def detectron2_outputs(model: nn.Module, image: torch.Tensor) -> List[torch.Tensor]:
+    """detectron2's own inference of ``model`` on one resized image: boxes, scores, classes."""
+    with torch.no_grad():
+        instances = model.inference([{"image": image}], do_postprocess=False)[0]
+    return [instances.pred_boxes.tensor, instances.scores, instances.pred_classes]
 
 
 # ---------------------------------------------------------------- config
@@ -204,14 +241,18 @@ def export_detector(
 
     image_bgr, sample_name = _sample_image(cfg, sample)
     image = preprocess(cfg, image_bgr)
-    # Another size: the right quarter cut off (a traced graph must not have kept the sample's size).
-    other = image[:, :, : max(image.shape[2] * 3 // 4, 8)].contiguous()
+    # Another size: the left 5/8 of the image, so that a traced graph that kept anything of the
+    # sample's size (or its proposal count) fails the check.
+    other = image[:, :, : max(image.shape[2] * 5 // 8, 8)].contiguous()
     wrapper = DetectorForExport(plain).eval()
-    eager = {"sample": _outputs(wrapper, image), "other_size": _outputs(wrapper, other)}
+    # The reference: detectron2's own inference of the plain detector built from config.yaml + model.pth.
+    eager = {"sample": detectron2_outputs(plain, image), "other_size": detectron2_outputs(plain, other)}
     parity: Dict[str, Dict] = {
-        "project_eval_vs_plain": ex.largest_difference(
-            _outputs(DetectorForExport(student), image), eager["sample"], OUTPUT_NAMES),
+        "project_eval_vs_plain": ex.largest_difference(detectron2_outputs(student, image), eager["sample"],
+                                                       OUTPUT_NAMES),
     }
+    for key, x in (("sample", image), ("other_size", other)):
+        parity[f"wrapper_{key}"] = ex.largest_difference(eager[key], _outputs(wrapper, x), OUTPUT_NAMES)
     detections = int(eager["sample"][1].numel())
 
     if "torchscript" in formats:
