@@ -68,8 +68,6 @@ def detect_task(path: str) -> str:
 
 
 def _run_files(run: str, task: str):
-    if not os.path.isdir(run):
-        raise FileNotFoundError(f"--run {run!r} is not a folder")
     if task == "det":
         tag = os.path.join(run, "last_checkpoint")
         name = open(tag).read().strip() if os.path.isfile(tag) else "model_final.pth"
@@ -132,7 +130,11 @@ def _export(args) -> None:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"--formats: unknown {unknown}; choose from {list(FORMATS)}")
+    if args.run and not os.path.isdir(args.run):
+        raise FileNotFoundError(f"--run {args.run!r} is not a folder")
     config_file = os.path.join(args.run, "config.yaml") if args.run else args.config_file
+    if args.run and not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--run {args.run!r} holds no config.yaml (not a training run's output folder?)")
     task = detect_task(config_file)
     weights = args.weights or (_run_files(args.run, task) if args.run else None)
     if not weights:

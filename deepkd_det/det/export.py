@@ -342,7 +342,11 @@ def _versions() -> Dict[str, Optional[str]]:
     import detectron2
     import torchvision
 
-    out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "detectron2": detectron2.__version__}
+    from .engine.trainer import uses_fast_coco_eval
+
+    out = {"torch": torch.__version__, "torchvision": torchvision.__version__, "detectron2": detectron2.__version__,
+           # main and v0.6 both say 0.6: the compiled ops tell a source build from the pure-Python route
+           "detectron2_compiled_ops": uses_fast_coco_eval()}
     for name in ("onnx", "onnxruntime"):
         mod = ex.onnxruntime_or_none() if name == "onnxruntime" else _optional("onnx")
         out[name] = getattr(mod, "__version__", None) if mod is not None else None

@@ -315,3 +315,22 @@ def test_onnx_export_without_onnx_is_refused_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("export_student.py: error: the ONNX export needs onnx"), lines
     assert ".[export]" in lines[0] and "--formats torchscript" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["no_run", "run_and_config", "bad_format", "weights_of_another_model"])
+def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, capsys):
+    out = tmp_path / "export"
+    weights = tmp_path / "w.pth"
+    torch.save({"model": {"backbone.bottom_up.stem.conv1.weight": torch.zeros(3, 3, 3, 3)}}, weights)
+    config = str(DEMO / "student-dkd.yaml")
+    argv, expected = {
+        "no_run": (["--run", str(tmp_path / "nothing")], "is not a folder"),
+        "run_and_config": (["--run", str(tmp_path), "--config-file", config], "exactly one of --run"),
+        "bad_format": (["--config-file", config, "--weights", str(weights), "--formats", "tflite"], "--formats"),
+        "weights_of_another_model": (["--config-file", config, "--weights", str(weights), "--formats", "torchscript"],
+                                     "MODEL.WEIGHTS"),
+    }[case]
+    assert load_tool("export_student").main([*argv, "--output", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export_student.py: error: ") and expected in err[0], err
+    assert not out.exists()
