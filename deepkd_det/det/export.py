@@ -229,12 +229,16 @@ def export_detector(
     plain_cfg, dropped = stock_config(cfg)
     plain = build_model(plain_cfg).eval()
     plain.load_state_dict(state, strict=True)  # every key of the plain detector, nothing else
+    wrapper = DetectorForExport(plain).eval()  # (refuses other heads before anything is written)
 
     os.makedirs(out_dir, exist_ok=True)
     files = {"weights": "model.pth", "config": "config.yaml"}
     atomic_save({"model": state}, os.path.join(out_dir, files["weights"]))
     atomic_write(os.path.join(out_dir, files["config"]), lambda f: f.write(plain_cfg.dump()), mode="w")
-    get_cfg().merge_from_file(os.path.join(out_dir, files["config"]))  # stock detectron2 accepts it
+    check = get_cfg()  # stock detectron2 accepts the file (a non-default MobileNetV2 after add_mobilenetv2_config)
+    if "MOBILENETV2" in plain_cfg.MODEL:
+        mobilenetv2_fpn.add_mobilenetv2_config(check)
+    check.merge_from_file(os.path.join(out_dir, files["config"]))
     if cfg.MODEL.BACKBONE.NAME in MOBILENETV2_BACKBONES:
         files["backbone_module"] = "mobilenetv2_fpn.py"
         shutil.copyfile(inspect.getsourcefile(mobilenetv2_fpn), os.path.join(out_dir, files["backbone_module"]))
@@ -244,7 +248,6 @@ def export_detector(
     # Another size: the left 5/8 of the image, so that a traced graph that kept anything of the
     # sample's size (or its proposal count) fails the check.
     other = image[:, :, : max(image.shape[2] * 5 // 8, 8)].contiguous()
-    wrapper = DetectorForExport(plain).eval()
     # The reference: detectron2's own inference of the plain detector built from config.yaml + model.pth.
     eager = {"sample": detectron2_outputs(plain, image), "other_size": detectron2_outputs(plain, other)}
     parity: Dict[str, Dict] = {
