@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+
+from tests.toolload import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -14,11 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_classifier_errors_are_one_line(tmp_path, capsys):
     """tools/train_cls.py: a text file as the teacher, a damaged latest.pth with --resume (typed
     after the overrides)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import train_cls
-    finally:
-        sys.path.pop(0)
+    train_cls = load_tool("train_cls")
     text = tmp_path / "teacher.txt"
     text.write_text("hello\n")
     rc = train_cls.main(["--cfg", str(REPO / "configs/cls/digits/kd.yaml"), "TEACHER.CKPT", str(text),
