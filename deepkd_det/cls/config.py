@@ -15,6 +15,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from deepkd_det.core.amp import AMP_DTYPES
+from deepkd_det.core.io import read_yaml_mapping
 from deepkd_det.core.settings import OPTIMIZERS, deepkd_node, validate_deepkd_settings
 from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
 
@@ -217,10 +218,10 @@ def _merge_file(cfg: CN, path: str, chain: Sequence[str] = ()) -> None:
         raise ConfigError(f"_BASE_ cycle: {' -> '.join(list(chain) + [path])}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+    try:
+        data = read_yaml_mapping(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     base = data.pop("_BASE_", None)
     if base:
         _merge_file(cfg, os.path.join(os.path.dirname(path), base), list(chain) + [path])
