@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         cfg = load_cfg(args.cfg, opts)
         trainer = ClsTrainer(cfg, resume=args.resume)
         summary = trainer.train()
-    except (ConfigError, FileNotFoundError, NonFiniteLossError, ValueError, KeyError) as exc:
+    except (ConfigError, OSError, NonFiniteLossError, ValueError, KeyError) as exc:
         if args.debug or debug_requested():
             raise
         print(f"train_cls.py: error: {format_error(exc)}", file=sys.stderr)
