@@ -19,8 +19,8 @@ SHADOW_TOOLS = tempfile.mkdtemp(prefix="deepkd-shadow-tools-")
 os.makedirs(os.path.join(SHADOW_TOOLS, "tools"))
 with open(os.path.join(SHADOW_TOOLS, "tools", "__init__.py"), "w") as f:
     f.write('"""A stand-in for the top-level tools package of detectron2\'s wheel (tests/conftest.py)."""\n')
-sys.path.append(SHADOW_TOOLS)
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), SHADOW_TOOLS) if p)
+sys.path.insert(0, SHADOW_TOOLS)  # ahead of everything: it wins over any other `tools` too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SHADOW_TOOLS, os.environ.get("PYTHONPATH")) if p)
 atexit.register(shutil.rmtree, SHADOW_TOOLS, True)
 
 

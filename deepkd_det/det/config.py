@@ -87,8 +87,6 @@ def add_deepkd_config(cfg: CN) -> CN:
     # entries that differ from detectron2's defaults override the base (resolve_teacher_cfg). Its
     # MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
     cfg.TEACHER.CONFIG_FILE = ""
-    # The teacher always runs in eval mode (frozen BN, no dropout); only True is accepted.
-    cfg.TEACHER.EVAL_MODE = True
     # Allow a teacher without weights (random init). Only for tests and smoke runs: a warning
     # is logged. Off by default: a teacher with missing weights stops the build.
     cfg.TEACHER.ALLOW_RANDOM_INIT = False
@@ -386,8 +384,6 @@ def validate_deepkd_config(cfg: CN) -> None:
     _check_choice("TEACHER.AMP_DTYPE", cfg.TEACHER.AMP_DTYPE, ("",) + tuple(AMP_DTYPES))
 
     # teacher
-    if cfg.TEACHER.EVAL_MODE is not True:
-        raise ValueError("TEACHER.EVAL_MODE must be True: the teacher always runs in eval mode")
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
     if distill or reviewkd or diffkd:
         tcfg = resolve_teacher_cfg(cfg)
