@@ -29,7 +29,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from deepkd_det.core.cli import debug_requested, format_error, pull_trailing_flags, run_cli
+from deepkd_det.cli import debug_requested, format_error, pull_trailing_flags, run_cli
 from deepkd_det.core.io import check_output_dir
 from deepkd_det.det.checkpoint import DeepKDCheckpointer
 from deepkd_det.det.config import (

@@ -35,7 +35,12 @@ from typing import Dict
 
 from deepkd_det.cls.config import load_cfg
 from deepkd_det.cls.data import build_datasets
-from deepkd_det.core.report import (
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:  # tools/demo_report.py, also when this file is loaded by path
+    sys.path.insert(0, TOOLS)
+
+from demo_report import (  # noqa: E402
     add_demo_arguments,
     compare,
     demo_methods_and_seeds,

@@ -44,11 +44,13 @@ from typing import Dict, List, Optional
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, REPO)
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+for _folder in (REPO, TOOLS):  # run as a script from anywhere; tools/demo_report.py
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
-from deepkd_det.core.report import (  # noqa: E402
+from demo_report import (  # noqa: E402
     add_demo_arguments,
     compare,
     demo_methods_and_seeds,

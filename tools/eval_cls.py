@@ -22,13 +22,13 @@ import sys
 
 import torch
 
+from deepkd_det.cli import DEBUG_ENV, debug_requested, format_error
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.data import build_datasets, build_loaders
 from deepkd_det.cls.distillers.gpd import plain_student, widen_student
 from deepkd_det.cls.engine import build_teacher, evaluate
 from deepkd_det.cls.models import build_model, load_teacher_weights
 from deepkd_det.cls.models.checkpoint import read_state_dict
-from deepkd_det.core.cli import DEBUG_ENV, debug_requested, format_error
 from deepkd_det.core.dist import init_distributed
 from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
 

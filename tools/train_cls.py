@@ -14,9 +14,9 @@ import sys
 
 import torch.distributed as dist
 
+from deepkd_det.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError
-from deepkd_det.core.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
 
 
 def main(argv=None) -> int:
