@@ -45,9 +45,11 @@ from demo_report import (  # noqa: E402
     compare,
     demo_methods_and_seeds,
     demo_pool,
+    docs_targets,
     fmt_mean_std,
     picture_table,
     plot_report,
+    publish_to_docs,
     verdict,
 )
 
@@ -132,6 +134,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or os.path.join("output", "cls_demo_quick" if args.quick else "cls_demo")
     methods, seeds = demo_methods_and_seeds(parser, args, LABELS, DEFAULT_METHODS, QUICK_METHODS)
+    try:
+        docs_targets(args, "cls_demo")
+    except ValueError as exc:
+        parser.error(str(exc))
     student_opts = (QUICK_STUDENT if args.quick else []) + list(args.opts)
     start = time.time()
 
@@ -225,6 +231,8 @@ def main(argv=None) -> int:
                 table=picture_table(results, comparisons, LABELS, PLAIN_OF, "last_top1", "top-1 last epoch"),
                 val_ylim=(max(0.0, min(finals) - 10.0), min(100.5, max(finals) + 2.0)))
     print(f"\n[cls_demo] table {os.path.join(out, 'results.md')}, picture {png}", flush=True)
+    for path in publish_to_docs(args, "cls_demo", argv, table, png):
+        print(f"[cls_demo] wrote the table into {path}", flush=True)
     return 0
 
 
