@@ -29,7 +29,8 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from deepkd_det.core.cli import debug_requested, format_error, pull_trailing_flags, run_cli
+from deepkd_det.cli import debug_requested, format_error, pull_trailing_flags, run_cli
+from deepkd_det.core.io import check_output_dir
 from deepkd_det.det.checkpoint import EvalCheckpointer
 from deepkd_det.det.config import (
     add_deepkd_config,
@@ -42,6 +43,7 @@ from deepkd_det.det.config import (
 from deepkd_det.det.data import (
     add_data_config,
     check_num_classes,
+    check_training_annotations,
     register_datasets_from_cfg,
     resolve_num_classes,
 )
@@ -99,6 +101,9 @@ def setup(args):
     register_datasets_from_cfg(cfg)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     check_num_classes(cfg, names)
+    if not args.eval_only:
+        check_training_annotations(cfg.DATASETS.TRAIN)
+    check_output_dir(cfg.OUTPUT_DIR)
     cfg.freeze()
     default_setup(cfg, args)
     # detectron2's logger setup covers "detectron2" and "fvcore"; ours log under "deepkd_det".

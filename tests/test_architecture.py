@@ -1,4 +1,4 @@
-"""The package's import rules (README, "Architecture"): ``core`` is pure torch and imports neither
+"""The package's import rules (docs/architecture.md): ``core`` is pure torch and imports neither
 detectron2 nor the task adapters; ``det`` and ``cls`` never import each other."""
 
 from __future__ import annotations

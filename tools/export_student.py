@@ -33,7 +33,7 @@ if REPO not in sys.path:  # run from anywhere: the project's package next to thi
     sys.path.insert(0, REPO)
 
 from deepkd_det.core import deploy as ex  # noqa: E402
-from deepkd_det.core.cli import DEBUG_ENV, debug_requested, pull_trailing_flags, run_cli  # noqa: E402
+from deepkd_det.cli import DEBUG_ENV, debug_requested, pull_trailing_flags, run_cli  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
 USER_ERRORS = (ValueError, KeyError, OSError, ex.ExportExtraMissing)
@@ -82,7 +82,7 @@ def _run_files(run: str, task: str):
 def _det_cfg(config_file: str, opts):
     from detectron2.config import get_cfg
 
-    from deepkd_det.core.cli import format_error
+    from deepkd_det.cli import format_error
     from deepkd_det.det.config import add_deepkd_config, merge_config_file
     from deepkd_det.det.data import add_data_config, register_datasets_from_cfg, resolve_num_classes
 
