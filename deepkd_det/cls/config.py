@@ -160,6 +160,14 @@ _C.GPD.CLIP_GRAD_NORM = 5.0  # norm clip of the summed gradient (released: 5); 0
 # "split" sends the dynamic teacher's TCKD / NCKD to TCG / NCG (its CE and the soft target stay in TOG).
 _C.GPD.DEEPKD_BUFFERS = "task"
 
+# Model EMA (timm's ModelEmaV2, deepkd_det/cls/ema.py): every GPD release command uses --model-ema with
+# decay 0.99996. The EMA model is evaluated after every epoch beside the model; the best epoch is
+# that of the better of the two top-1 values (the release's rule), and student_best.pth holds
+# the weights that scored it.
+_C.EMA = CN()
+_C.EMA.ENABLED = False
+_C.EMA.DECAY = 0.99996  # the release's --model-ema-decay
+
 _C.LOG = CN()
 _C.LOG.TENSORBOARD = True
 _C.LOG.PROGRESS_BAR = True
@@ -342,6 +350,7 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
         need(d.FEATURE_WEIGHT > 0 or d.LOGIT_WEIGHT > 0,
              "DIFFKD.FEATURE_WEIGHT and DIFFKD.LOGIT_WEIGHT are both 0: DiffKD would distil nothing")
     _check_gpd(cfg, need)
+    need(0.0 <= cfg.EMA.DECAY < 1.0, f"EMA.DECAY must lie in [0, 1), got {cfg.EMA.DECAY}")
 
     num = num_classes or NUM_CLASSES.get(ds.TYPE)
     errors.extend(validate_deepkd_settings(deep, solver.MOMENTUM, num - 1 if num else None))
