@@ -26,7 +26,8 @@ CIFAR_NAMES = [
     "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16",
     "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50",
 ]  # fmt: skip
-IMAGENET_NAMES = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2"]
+IMAGENET_NAMES = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2",
+                  "imagenet_mobilenet_v1"]
 
 
 
@@ -116,6 +117,7 @@ PUBLISHED_MILLIONS = {
 IMAGENET_PUBLISHED_MILLIONS = {
     "imagenet_resnet18": 11.69, "imagenet_resnet34": 21.80, "imagenet_resnet50": 25.56,
     "imagenet_mobilenet_v2": 3.50,
+    "imagenet_mobilenet_v1": 4.23,  # the GPD / ReviewKD MobileNet (4,231,976 parameters)
 }  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from .cifar_shufflenet import shufflenet_v1, shufflenet_v2
 from .cifar_vgg import vgg8, vgg11, vgg13, vgg16, vgg19
 from .cifar_wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 from .imagenet import imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
+from .mobilenet_v1 import imagenet_mobilenet_v1
 
 __all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "build_model", "list_models"]
 
@@ -65,6 +66,7 @@ _IMAGENET: Dict[str, Callable[[int], nn.Module]] = {
     "imagenet_resnet34": imagenet_resnet34,
     "imagenet_resnet50": imagenet_resnet50,
     "imagenet_mobilenet_v2": imagenet_mobilenet_v2,
+    "imagenet_mobilenet_v1": imagenet_mobilenet_v1,
 }
 
 CIFAR_MODEL_NAMES = tuple(_CIFAR)

@@ -1,0 +1,76 @@
+"""GPD as released: the MobileNet (V1) student, the fine-tuning start, ReviewKD with GPD and the
+vision transformer (IR exact in float64, export into the plain class)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from deepkd_det.cls.models import build_model, load_teacher_weights
+from deepkd_det.cls.models.mobilenet_v1 import MobileNetV1
+from deepkd_det.core.gpd import DYNAMIC_TEACHER, STUDENT, at_width, export, widen
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.named_buffers():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
+            elif name.endswith("running_mean"):
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.1)
+    return model
+
+
+def _both_widths(shared, x, train):
+    probe = copy.deepcopy(shared).train(train)
+    with torch.no_grad():
+        with at_width(probe, STUDENT):
+            s = probe(x)
+        with at_width(probe, DYNAMIC_TEACHER):
+            t = probe(x)
+    return s, t
+
+
+@pytest.mark.parametrize("cbr", [False, "single", "multi"])
+def test_mobilenet_v1_ir_is_exact_in_float64_and_exports_into_the_plain_class(cbr):
+    torch.manual_seed(0)
+    student = _randomize_bn(MobileNetV1(10, width_mult=0.25)).double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    shared = widen(student, 2, cbr=bool(cbr), cbr_init=cbr or "multi", noise_std=0.0)
+    for train in (False, True):
+        s, t = _both_widths(shared, x, train)
+        assert (t - s).abs().max().item() <= 1e-10 * s.abs().max().item(), (train, (t - s).abs().max())
+    if cbr != "multi":  # the student itself is unchanged by widening (single-branch CBR keeps it)
+        with torch.no_grad():
+            torch.testing.assert_close(shared.eval()(x), student.eval()(x), rtol=1e-10, atol=1e-10)
+    plain = export(shared)
+    fresh = MobileNetV1(10, width_mult=0.25).double()
+    fresh.load_state_dict(plain.state_dict())  # strict: the ordinary class's keys and shapes
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), shared.eval()(x), rtol=1e-10, atol=1e-10)
+
+
+def test_mobilenet_v1_has_the_release_layout_and_loads_its_checkpoint_wrapping(tmp_path):
+    model = build_model("imagenet_mobilenet_v1", 1000)
+    keys = list(model.state_dict())
+    assert keys[:3] == ["model.0.0.weight", "model.0.1.weight", "model.0.1.bias"]
+    assert "model.13.3.weight" in keys and keys[-2:] == ["fc.weight", "fc.bias"]
+    assert model.model[13][3].weight.shape == (1024, 1024, 1, 1) and model.model[1][0].groups == 32
+    # the release's MobileNet checkpoints: {"state_dict": {"module." + key: ...}}
+    torch.manual_seed(1)
+    source = _randomize_bn(build_model("imagenet_mobilenet_v1", 1000)).eval()
+    path = tmp_path / "mobilenet_sgd.pth.tar"
+    torch.save({"state_dict": {"module." + k: v for k, v in source.state_dict().items()}, "epoch": 90}, path)
+    loaded = load_teacher_weights(build_model("imagenet_mobilenet_v1", 1000), path).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), source(x))
+        feats, logits = loaded.forward_stages(x)
+    assert [f.shape[1:] for f in feats] == [(128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7),
+                                            (1024, 1, 1)]
+    torch.testing.assert_close(logits, source(x))
