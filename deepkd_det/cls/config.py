@@ -22,7 +22,7 @@ __all__ = ["ConfigError", "get_cfg", "load_cfg", "validate_cfg", "experiment_nam
            "DATASET_TYPES", "DISTILLER_TYPES", "NUM_CLASSES", "OPTIMIZERS", "STRONG_AUGS"]
 
 DATASET_TYPES = ("digits", "cifar100", "imagenet")
-DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD", "DIFFKD")
+DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD", "DIFFKD", "REVIEWKD")
 STRONG_AUGS = ("autoaugment", "randaugment")
 NUM_CLASSES = {"digits": 10, "cifar100": 100, "imagenet": 1000}
 _DEFAULT_ROOTS = {"digits": "", "cifar100": "datasets/cifar100", "imagenet": "datasets/imagenet"}
@@ -59,7 +59,7 @@ _C.DATASET.DIGITS.TRAIN_PER_CLASS = 0  # keep this many training images per clas
 _C.DATASET.STRONG_AUG = "autoaugment"
 
 _C.DISTILLER = CN()
-_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD, DIFFKD
+_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD, DIFFKD, REVIEWKD
 _C.DISTILLER.TEACHER = ""
 _C.DISTILLER.STUDENT = "resnet8"
 _C.DISTILLER.LOGIT_STAND = False  # logit standardisation of both logits before the KD terms
@@ -131,6 +131,16 @@ _C.DIFFKD.AE_WEIGHT = 1.0  # autoencoder reconstruction (with AE_CHANNELS)
 _C.DIFFKD.AE_CHANNELS = 0  # latent channels of the teacher-map autoencoder; 0: none (paper: 1024 for R-34/R-50)
 _C.DIFFKD.INFERENCE_STEPS = 5  # DDIM steps (paper and release)
 _C.DIFFKD.WARMUP = 0.0  # epochs of linear warm-up of the two KD terms
+
+# ReviewKD (Chen et al., CVPR 2021; core.reviewkd, cls/distillers/reviewkd.py): ABF review path over the
+# stage outputs + pooled feature, HCL against the teacher's pre-ReLU levels. Defaults: mdistiller's
+# CIFAR-100 recipe; the ImageNet configs (the ReviewKD / GPD releases) set WARMUP 0, STUDENT_PREACT True.
+_C.REVIEWKD = CN()
+_C.REVIEWKD.CE_WEIGHT = 1.0
+_C.REVIEWKD.WEIGHT = 1.0  # weight of HCL
+_C.REVIEWKD.WARMUP = 20.0  # epochs of linear warm-up of HCL
+_C.REVIEWKD.STUDENT_PREACT = False  # the student's levels before their last ReLU (the teacher's always are)
+_C.REVIEWKD.MID_CHANNELS = 0  # 0: min(512, the student's last level's channels), mdistiller's rule
 
 # The DeepKD node shared with the detector (deepkd_det/core/settings.py documents every key):
 # ENABLED, DECOUPLE, OPTIMIZER (deepkd | dot), COMPAT (paper | official), DELTA_TOG/TCG/NCG,
@@ -350,6 +360,18 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
         need(d.FEATURE_WEIGHT > 0 or d.LOGIT_WEIGHT > 0,
              "DIFFKD.FEATURE_WEIGHT and DIFFKD.LOGIT_WEIGHT are both 0: DiffKD would distil nothing")
     _check_gpd(cfg, need)
+    r = cfg.REVIEWKD
+    for key in ("CE_WEIGHT", "WEIGHT", "WARMUP"):
+        need(r[key] >= 0, f"REVIEWKD.{key} must be >= 0, got {r[key]}")
+    need(r.MID_CHANNELS >= 0, f"REVIEWKD.MID_CHANNELS must be 0 (automatic) or positive, got {r.MID_CHANNELS}")
+    if dist.TYPE == "REVIEWKD":
+        from .models import MODEL_REGISTRY
+
+        for key in ("STUDENT", "TEACHER"):
+            name = dist[key]
+            if name in MODEL_REGISTRY and not _has_stages(name):
+                errors.append(f"DISTILLER.{key} {name!r} gives no stage features for ReviewKD (supported: the "
+                              "CIFAR and ImageNet ResNets, imagenet_mobilenet_v1, the vision transformers)")
     need(0.0 <= cfg.EMA.DECAY < 1.0, f"EMA.DECAY must lie in [0, 1), got {cfg.EMA.DECAY}")
 
     num = num_classes or NUM_CLASSES.get(ds.TYPE)
@@ -380,7 +402,7 @@ def _check_two_view_methods(cfg: CN, need) -> None:
         need(0.0 <= c[key] <= 1.0, f"CRLD.{key} is a probability threshold and must lie in [0, 1], got {c[key]}")
 
 
-GPD_DISTILLERS = ("NONE", "DKD")
+GPD_DISTILLERS = ("NONE", "DKD", "REVIEWKD")
 GPD_DEEPKD_BUFFERS = ("task", "split")
 # Students whose forward shuffles / concatenates channels: the leading-slice layout of core.gpd
 # cannot hold (the trainer also compares both widths at start-up, for any model).
@@ -392,7 +414,7 @@ def _check_gpd(cfg: CN, need) -> None:
     if not g.ENABLED:
         return
     need(cfg.DISTILLER.TYPE in GPD_DISTILLERS,
-         f"GPD.ENABLED supports DISTILLER.TYPE NONE (from scratch) or DKD, got {cfg.DISTILLER.TYPE!r}")
+         f"GPD.ENABLED supports DISTILLER.TYPE NONE (from scratch), DKD or REVIEWKD, got {cfg.DISTILLER.TYPE!r}")
     need(cfg.DISTILLER.STUDENT not in GPD_UNSLICEABLE,
          f"GPD.ENABLED: DISTILLER.STUDENT {cfg.DISTILLER.STUDENT} shuffles channels and cannot be width-sliced")
     need(isinstance(g.RATIO, int) and not isinstance(g.RATIO, bool) and g.RATIO >= 2,
@@ -404,6 +426,19 @@ def _check_gpd(cfg: CN, need) -> None:
     need(g.CLIP_GRAD_NORM >= 0, f"GPD.CLIP_GRAD_NORM must be >= 0 (0: no clip), got {g.CLIP_GRAD_NORM}")
     need(g.DEEPKD_BUFFERS in GPD_DEEPKD_BUFFERS,
          f"GPD.DEEPKD_BUFFERS must be one of {GPD_DEEPKD_BUFFERS}, got {g.DEEPKD_BUFFERS!r}")
+
+
+def _has_stages(name: str) -> bool:
+    """Whether the model class ``name`` builds has ``forward_stages`` (ReviewKD's levels); no model is built."""
+    import inspect
+
+    from .models import MODEL_REGISTRY
+
+    builder = MODEL_REGISTRY[name]
+    cls = inspect.signature(builder).return_annotation
+    if isinstance(cls, str):  # postponed annotations: resolve in the builder's module
+        cls = builder.__globals__.get(cls)
+    return cls is not None and hasattr(cls, "forward_stages")
 
 
 def _check_model_names(cfg: CN, errors: List[str]) -> None:

@@ -35,7 +35,8 @@ from .cifar_wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 from .imagenet import imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
 from .mobilenet_v1 import imagenet_mobilenet_v1
 
-__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "build_model", "list_models"]
+__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "build_model", "list_models",
+           "stage_features"]
 
 _CIFAR: Dict[str, Callable[[int], nn.Module]] = {
     "resnet8": resnet8,
@@ -90,6 +91,18 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 # The classifier layer's attribute in each family (torchvision: fc / classifier; CIFAR: fc,
 # classifier or linear); forward is always classifier(global-average-pool(feature map)).
 CLASSIFIER_ATTRIBUTES = ("fc", "classifier", "linear")
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, preact: bool):
+    """``(levels, logits)`` of one pass: the stage outputs (finest first) and the pooled feature as
+    an (N, C, 1, 1) map, the levels ReviewKD reads; ``preact``: stage outputs before their last ReLU.
+
+    Models with ``forward_stages``: the CIFAR ResNets, the ImageNet ResNets, MobileNet V1 and the
+    vision transformer; any other raises a TypeError naming the model.
+    """
+    if not hasattr(model, "forward_stages"):
+        raise TypeError(f"{type(model).__name__} gives no stage features (forward_stages) for ReviewKD")
+    return model.forward_stages(x, preact=preact)
 
 
 def feature_map_and_logits(model: nn.Module, x: torch.Tensor):
