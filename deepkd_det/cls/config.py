@@ -69,6 +69,13 @@ _C.TEACHER.CKPT = ""  # explicit file; empty: <TEACHER.ROOT>/<teacher>_vanilla/c
 _C.TEACHER.ROOT = "pretrained/cifar_teachers"
 _C.TEACHER.FOLD_BN = True  # fold the frozen teacher's batch-norm into its convolutions
 
+# Fine-tuning (the GPD release's third scenario, --load_tiny_model_file_path): the student starts from
+# these weights (a student checkpoint, loaded strictly as a teacher is: {"model"} / {"state_dict"} /
+# plain, "module." stripped), before GPD widens it (the dynamic teacher then starts as the same
+# function through IR; CBR must use GPD.CBR_INIT single). Empty: a random student.
+_C.FINETUNE = CN()
+_C.FINETUNE.STUDENT_WEIGHTS = ""
+
 _C.SOLVER = CN()
 _C.SOLVER.EPOCHS = 240
 _C.SOLVER.BATCH_SIZE = 64  # global batch; split evenly over the workers
@@ -424,6 +431,10 @@ def _check_gpd(cfg: CN, need) -> None:
     need(g.KD_RATIO >= 0, f"GPD.KD_RATIO must be >= 0, got {g.KD_RATIO}")
     need(0.0 <= g.SMOOTHING <= 1.0, f"GPD.SMOOTHING must lie in [0, 1], got {g.SMOOTHING}")
     need(g.CLIP_GRAD_NORM >= 0, f"GPD.CLIP_GRAD_NORM must be >= 0 (0: no clip), got {g.CLIP_GRAD_NORM}")
+    if cfg.FINETUNE.STUDENT_WEIGHTS and g.CBR:
+        need(g.CBR_INIT == "single",
+             "FINETUNE.STUDENT_WEIGHTS with GPD.CBR needs GPD.CBR_INIT single (the release's fine-tuning init: the "
+             "extra branches start at scale 0, so the pretrained student keeps its function)")
     need(g.DEEPKD_BUFFERS in GPD_DEEPKD_BUFFERS,
          f"GPD.DEEPKD_BUFFERS must be one of {GPD_DEEPKD_BUFFERS}, got {g.DEEPKD_BUFFERS!r}")
 

@@ -207,6 +207,10 @@ class ClsTrainer:
             cfg, train_set, val_set, self.dist.rank, self.dist.world, pin_memory=self.device.type == "cuda")
 
         student = build_model(cfg.DISTILLER.STUDENT, self.num_classes)
+        if cfg.FINETUNE.STUDENT_WEIGHTS:  # fine-tuning: a pretrained student (before GPD widens it)
+            from .models import load_teacher_weights
+
+            load_teacher_weights(student, cfg.FINETUNE.STUDENT_WEIGHTS)
         self.gpd = bool(cfg.GPD.ENABLED)
         if self.gpd:  # the GPD shared model: student and dynamic teacher in one (distillers/gpd.py)
             student = widen_student(cfg, student)

@@ -74,3 +74,60 @@ def test_mobilenet_v1_has_the_release_layout_and_loads_its_checkpoint_wrapping(t
     assert [f.shape[1:] for f in feats] == [(128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7),
                                             (1024, 1, 1)]
     torch.testing.assert_close(logits, source(x))
+
+
+# ------------------------------------------------------------------ fine-tuning
+
+
+def test_finetuning_starts_from_the_pretrained_students_function(tmp_path, tiny_cfg):
+    """FINETUNE.STUDENT_WEIGHTS + GPD (CBR single, the release's fine-tuning init): at student width
+    the trainer's model is the pretrained student exactly; the dynamic teacher is it up to the IR
+    noise; export gives back the pretrained weights."""
+    from deepkd_det.cls.engine import ClsTrainer
+
+    torch.manual_seed(3)
+    pretrained = _randomize_bn(build_model("resnet8", 10))
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / "pretrained.pth"
+    torch.save({"model": pretrained.state_dict()}, path)
+    cfg = tiny_cfg(tmp_path / "run", FINETUNE__STUDENT_WEIGHTS=str(path), GPD__ENABLED=True,
+                   GPD__CBR_INIT="single", EMA__ENABLED=True)
+    trainer = ClsTrainer(cfg)
+    x = torch.randn(4, 3, 8, 8)
+    for train in (False, True):
+        probe, reference = copy.deepcopy(trainer.student).train(train), copy.deepcopy(pretrained).train(train)
+        with torch.no_grad():
+            assert torch.equal(probe(x), reference(x)), train
+            with at_width(probe, DYNAMIC_TEACHER):
+                gap = (probe(x) - reference(x)).abs().max().item()
+        assert gap <= 1e-3 * reference(x).abs().max().item()
+    exported = export(trainer.student).state_dict()
+    for key, value in pretrained.state_dict().items():
+        assert torch.equal(exported[key], value), key
+    ema = trainer.ema.module.eval()
+    with torch.no_grad():
+        assert torch.equal(ema(x), pretrained.eval()(x))  # the EMA starts from the pretrained student too
+    # the released from-scratch CBR init would change the pretrained function: refused
+    from deepkd_det.cls.config import ConfigError
+
+    with pytest.raises(ConfigError, match="CBR_INIT single"):
+        tiny_cfg(tmp_path / "bad", FINETUNE__STUDENT_WEIGHTS=str(path), GPD__ENABLED=True)
+
+
+def test_finetuning_configs_follow_the_released_schedule():
+    import os
+
+    from deepkd_det.cls.config import load_cfg
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cls", "imagenet", "gpd")
+    for name, student in (("finetune_resnet18", "imagenet_resnet18"), ("finetune_mobilenetv1", "imagenet_mobilenet_v1")):
+        for suffix, gpd in (("", True), ("_baseline", False)):
+            cfg = load_cfg(os.path.join(root, f"{name}{suffix}.yaml"))
+            s = cfg.SOLVER
+            assert (s.EPOCHS, s.LR, s.WARMUP_EPOCHS, list(s.LR_DECAY_STAGES)) == (50, 0.01, 0.0, [30])
+            assert cfg.DISTILLER.STUDENT == student and cfg.DISTILLER.TYPE == "NONE" and cfg.FINETUNE.STUDENT_WEIGHTS
+            assert cfg.GPD.ENABLED == gpd and cfg.EMA.ENABLED
+            if gpd:
+                assert cfg.GPD.CBR_INIT == "single" and cfg.GPD.CBR
