@@ -87,6 +87,9 @@ _C.SOLVER.MIN_LR = 0.0  # cosine floor
 _C.SOLVER.WARMUP_EPOCHS = 0.0  # linear lr warm-up
 _C.SOLVER.WEIGHT_DECAY = 5e-4
 _C.SOLVER.MOMENTUM = 0.9
+# "sgd" (momentum SGD; DeepKD's decoupled optimizers are SGD) or "adamw" (torch AdamW, betas 0.9 / 0.999,
+# eps 1e-8: the DeiT / RVT recipe of the GPD release's transformers; plain training only)
+_C.SOLVER.OPTIMIZER = "sgd"
 
 _C.KD = CN()
 _C.KD.TEMPERATURE = 4.0
@@ -340,6 +343,9 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
     need(solver.LR > 0, f"SOLVER.LR must be positive, got {solver.LR}")
     need(solver.WEIGHT_DECAY >= 0, "SOLVER.WEIGHT_DECAY must be >= 0")
     need(0.0 <= solver.MOMENTUM < 1.0, f"SOLVER.MOMENTUM must lie in [0, 1), got {solver.MOMENTUM}")
+    need(solver.OPTIMIZER in ("sgd", "adamw"), f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {solver.OPTIMIZER!r}")
+    if solver.OPTIMIZER == "adamw" and deep.ENABLED:
+        errors.append("SOLVER.OPTIMIZER adamw with DEEPKD.ENABLED: DeepKD's decoupled momentum is an SGD optimizer")
     need(solver.LR_SCHEDULER in ("step", "cosine"),
          f"SOLVER.LR_SCHEDULER must be 'step' or 'cosine', got {solver.LR_SCHEDULER!r}")
     stages = list(solver.LR_DECAY_STAGES)

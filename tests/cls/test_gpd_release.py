@@ -131,3 +131,75 @@ def test_finetuning_configs_follow_the_released_schedule():
             assert cfg.GPD.ENABLED == gpd and cfg.EMA.ENABLED
             if gpd:
                 assert cfg.GPD.CBR_INIT == "single" and cfg.GPD.CBR
+
+
+# ------------------------------------------------------------------ vision transformer
+
+
+def _random_vit(dtype=torch.float64, seed=0):
+    from deepkd_det.cls.models.vit import vit_tiny_test
+
+    torch.manual_seed(seed)
+    model = vit_tiny_test(10).to(dtype)
+    with torch.no_grad():  # arbitrary values everywhere (LayerNorm affine and tokens included)
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_vit_ir_is_exact_in_float64_and_exports_into_the_plain_class():
+    from deepkd_det.cls.models.vit import vit_tiny_test
+    from deepkd_det.core.gpd import SlicedGELU, SlicedLayerNorm, SlicedLinear, gpd_ratio
+
+    student = _random_vit()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    for ratio in (2, 3):
+        shared = widen(student, ratio, noise_std=0.0)
+        assert gpd_ratio(shared) == ratio
+        assert isinstance(shared.blocks[0].norm1, SlicedLayerNorm) and isinstance(shared.blocks[0].mlp.act, SlicedGELU)
+        assert isinstance(shared.blocks[0].attn.qkv, SlicedLinear) and shared.blocks[0].attn.qkv.out_blocks == 3
+        assert shared.cls_token.shape[-1] == 32 * ratio and shared.pos_embed.shape == (1, 17, 32 * ratio)
+        assert shared.blocks[1].attn.qkv.weight.shape == (3 * 32 * ratio, 32 * ratio)
+        s, t = _both_widths(shared, x, train=False)
+        with torch.no_grad():
+            reference = student(x)
+        torch.testing.assert_close(s, reference, rtol=1e-12, atol=1e-12)  # widening keeps the student
+        assert (t - s).abs().max().item() <= 1e-10 * s.abs().max().item(), (ratio, (t - s).abs().max())
+        with torch.no_grad(), at_width(shared, DYNAMIC_TEACHER):  # the teacher has ratio x the heads
+            q = shared.blocks[0].attn.qkv(shared._tokens(x))
+        assert q.shape[-1] == 3 * 32 * ratio
+    # the released IR noise (1e-6) keeps the teacher close, and the student untouched
+    noisy = widen(student, 2)
+    s, t = _both_widths(noisy, x, train=False)
+    torch.testing.assert_close(s, reference, rtol=1e-12, atol=1e-12)
+    assert 0 < (t - s).abs().max().item() <= 1e-3 * s.abs().max().item()
+    # train the shared model a step so the widths differ, then export
+    opt = torch.optim.SGD(noisy.parameters(), lr=0.1)
+    for width in (DYNAMIC_TEACHER, STUDENT):
+        with at_width(noisy, width):
+            noisy(x).logsumexp(1).mean().backward()
+    opt.step()
+    plain = export(noisy)
+    fresh = vit_tiny_test(10).double()
+    fresh.load_state_dict(plain.state_dict())  # strict: the ordinary class's keys and shapes
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), noisy(x), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(fresh(x), reference)
+
+
+def test_vit_matches_timms_vision_transformer_and_loads_its_weights(tmp_path):
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    ours = _random_vit(torch.float32).eval()
+    theirs = TimmViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                     num_classes=10).eval()
+    assert list(theirs.state_dict()) == list(ours.state_dict())  # timm's names, in timm's order
+    path = tmp_path / "deit.pth"
+    torch.save(ours.state_dict(), path)  # timm's DeiT files are plain state dicts ({"model": ...} also loads)
+    theirs.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    deit = build_model("imagenet_deit_small", 1000)
+    assert list(deit.state_dict()) == list(timm.create_model("deit_small_patch16_224", pretrained=False).state_dict())

@@ -70,7 +70,7 @@ def widen_student(cfg, student: nn.Module, check: bool = True) -> nn.Module:
     g = cfg.GPD
     example = None
     if check:
-        size = probe_size(cfg)
+        size = getattr(student, "img_size", None) or probe_size(cfg)  # fixed-size models: theirs
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(2, 3, size, size, generator=gen)
     try:

@@ -46,6 +46,7 @@ REVIEWKD_MAX_MID_CHANNELS = 512  # mdistiller: mid = min(512, last student chann
 def probe_levels(model: nn.Module, size: int, preact: bool) -> List[Tuple[int, int, int]]:
     """(channels, H, W) of every ReviewKD level of ``model`` on a zero image of ``size`` (eval mode;
     nothing of the model changes and no random number is drawn)."""
+    size = getattr(model, "img_size", None) or size  # fixed-size models (the vision transformers)
     was = [(m, m.training) for m in model.modules()]
     model.eval()
     try:

@@ -34,8 +34,9 @@ from .cifar_vgg import vgg8, vgg11, vgg13, vgg16, vgg19
 from .cifar_wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 from .imagenet import imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
 from .mobilenet_v1 import imagenet_mobilenet_v1
+from .vit import deit_small, deit_tiny, vit_tiny_test
 
-__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "build_model", "list_models",
+__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "SMALL_MODEL_NAMES", "build_model", "list_models",
            "stage_features"]
 
 _CIFAR: Dict[str, Callable[[int], nn.Module]] = {
@@ -68,11 +69,16 @@ _IMAGENET: Dict[str, Callable[[int], nn.Module]] = {
     "imagenet_resnet50": imagenet_resnet50,
     "imagenet_mobilenet_v2": imagenet_mobilenet_v2,
     "imagenet_mobilenet_v1": imagenet_mobilenet_v1,
+    "imagenet_deit_tiny": deit_tiny,
+    "imagenet_deit_small": deit_small,
 }
+# Fixed-size small-input models: the tiny ViT of the tests and the digits demo (16 px images only).
+_SMALL: Dict[str, Callable[[int], nn.Module]] = {"vit_tiny16": vit_tiny_test}
 
 CIFAR_MODEL_NAMES = tuple(_CIFAR)
 IMAGENET_MODEL_NAMES = tuple(_IMAGENET)
-MODEL_REGISTRY: Dict[str, Callable[[int], nn.Module]] = {**_CIFAR, **_IMAGENET}
+SMALL_MODEL_NAMES = tuple(_SMALL)
+MODEL_REGISTRY: Dict[str, Callable[[int], nn.Module]] = {**_CIFAR, **_IMAGENET, **_SMALL}
 
 
 def list_models() -> List[str]:
