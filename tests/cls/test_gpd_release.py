@@ -203,3 +203,15 @@ def test_vit_matches_timms_vision_transformer_and_loads_its_weights(tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     deit = build_model("imagenet_deit_small", 1000)
     assert list(deit.state_dict()) == list(timm.create_model("deit_small_patch16_224", pretrained=False).state_dict())
+
+
+def test_adamw_is_plain_training_only(tmp_path, tiny_cfg):
+    from deepkd_det.cls.config import ConfigError
+    from deepkd_det.cls.engine import ClsTrainer
+
+    with pytest.raises(ConfigError, match="adamw"):
+        tiny_cfg(tmp_path, SOLVER__OPTIMIZER="adamw", DISTILLER__TYPE="DKD", DISTILLER__TEACHER="resnet8",
+                 DEEPKD__ENABLED=True)
+    trainer = ClsTrainer(tiny_cfg(tmp_path, SOLVER__OPTIMIZER="adamw", SOLVER__LR=0.001, SOLVER__WEIGHT_DECAY=0.05))
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.optimizer.defaults["weight_decay"] == 0.05
