@@ -176,7 +176,7 @@ def main(argv=None) -> int:
             summary = future.result()
             results[key]["last_top1"].append(summary[METRIC_OF.get(key, "last_top1")])
             results[key]["best_top1"].append(summary["best_top1"])
-            print(f"[cls_demo] {results[key]['label']:<12} seed {seed}: top-1 {summary['last_top1']:.2f}  "
+            print(f"[cls_demo] {results[key]['label']:<12} seed {seed}: top-1 {results[key]['last_top1'][-1]:.2f}  "
                   f"({time.time() - start:.0f} s)", flush=True)
     elapsed = time.time() - start
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from deepkd_det.core.amp import ComponentGradScaler, amp_dtype, autocast
 from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
 from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
-from deepkd_det.core.rng import capture_rng_state, restore_rng_state
+from deepkd_det.core.rng import capture_rng_state, preserve_rng_state, restore_rng_state
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.core.step import check_finite_losses
 
@@ -456,12 +456,15 @@ class ClsTrainer:
                             metrics["val/dt_top1"] = evaluate(self.student, self.val_loader, self.device)["top1"]
                     score, source = last_eval["top1"], "model"
                     if self.ema is not None:  # evaluated as the release does, both widths with GPD
-                        last_eval["ema_top1"] = evaluate(self.ema.module, self.val_loader, self.device)["top1"]
+                        # (an evaluation pass draws a loader seed: the training streams must not move,
+                        # so turning EMA on leaves the model's training unchanged)
+                        with preserve_rng_state():
+                            last_eval["ema_top1"] = evaluate(self.ema.module, self.val_loader, self.device)["top1"]
+                            if self.gpd:
+                                with at_width(self.ema.module, DYNAMIC_TEACHER):
+                                    metrics["val/ema_dt_top1"] = evaluate(self.ema.module, self.val_loader,
+                                                                          self.device)["top1"]
                         metrics["val/ema_top1"] = last_eval["ema_top1"]
-                        if self.gpd:
-                            with at_width(self.ema.module, DYNAMIC_TEACHER):
-                                metrics["val/ema_dt_top1"] = evaluate(self.ema.module, self.val_loader,
-                                                                      self.device)["top1"]
                         if last_eval["ema_top1"] > score:  # the release's best metric: max(model, EMA)
                             score, source = last_eval["ema_top1"], "ema"
                     if score > self.best_top1:

@@ -66,6 +66,12 @@ def test_ema_equals_an_independent_ema_of_every_step(method, tmp_path, teacher_c
     differ = max((got[k].double() - states[-1][k].double()).abs().max().item() for k in got
                  if got[k].is_floating_point())
     assert differ > 1e-4
+    # the EMA only watches: the model trains exactly as without it
+    plain = {k: v for k, v in opts.items() if not k.startswith("EMA")}
+    without = ClsTrainer(tiny_cfg(tmp_path / "without", **plain))
+    without.train()
+    for key, value in without.student.state_dict().items():
+        assert torch.equal(value, trainer.student.state_dict()[key]), key
     row = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
     assert "val/ema_top1" in row and row["val/ema_top1"] == summary["last_ema_top1"]
     if method == "GPD":
