@@ -25,7 +25,7 @@ __all__ = ["ConfigError", "get_cfg", "load_cfg", "validate_cfg", "experiment_nam
            "DATASET_TYPES", "DISTILLER_TYPES", "NUM_CLASSES", "OPTIMIZERS", "STRONG_AUGS"]
 
 DATASET_TYPES = ("digits", "cifar100", "imagenet")
-DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD", "DIFFKD")
+DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD", "DIFFKD", "REVIEWKD")
 STRONG_AUGS = ("autoaugment", "randaugment")
 NUM_CLASSES = {"digits": 10, "cifar100": 100, "imagenet": 1000}
 _DEFAULT_ROOTS = {"digits": "", "cifar100": "datasets/cifar100", "imagenet": "datasets/imagenet"}
@@ -62,7 +62,7 @@ _C.DATASET.DIGITS.TRAIN_PER_CLASS = 0  # keep this many training images per clas
 _C.DATASET.STRONG_AUG = "autoaugment"
 
 _C.DISTILLER = CN()
-_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD, DIFFKD
+_C.DISTILLER.TYPE = "NONE"  # NONE (cross-entropy only), KD, DKD, MLKD, CRLD, DIFFKD, REVIEWKD
 _C.DISTILLER.TEACHER = ""
 _C.DISTILLER.STUDENT = "resnet8"
 _C.DISTILLER.LOGIT_STAND = False  # logit standardisation of both logits before the KD terms
@@ -71,6 +71,13 @@ _C.TEACHER = CN()
 _C.TEACHER.CKPT = ""  # explicit file; empty: <TEACHER.ROOT>/<teacher>_vanilla/ckpt_epoch_240.pth
 _C.TEACHER.ROOT = "pretrained/cifar_teachers"
 _C.TEACHER.FOLD_BN = True  # fold the frozen teacher's batch-norm into its convolutions
+
+# Fine-tuning (the GPD release's third scenario, --load_tiny_model_file_path): the student starts from
+# these weights (a student checkpoint, loaded strictly as a teacher is: {"model"} / {"state_dict"} /
+# plain, "module." stripped), before GPD widens it (the dynamic teacher then starts as the same
+# function through IR; CBR must use GPD.CBR_INIT single). Empty: a random student.
+_C.FINETUNE = CN()
+_C.FINETUNE.STUDENT_WEIGHTS = ""
 
 _C.SOLVER = CN()
 _C.SOLVER.EPOCHS = 240
@@ -83,6 +90,9 @@ _C.SOLVER.MIN_LR = 0.0  # cosine floor
 _C.SOLVER.WARMUP_EPOCHS = 0.0  # linear lr warm-up
 _C.SOLVER.WEIGHT_DECAY = 5e-4
 _C.SOLVER.MOMENTUM = 0.9
+# "sgd" (momentum SGD; DeepKD's decoupled optimizers are SGD) or "adamw" (torch AdamW, betas 0.9 / 0.999,
+# eps 1e-8: the DeiT / RVT recipe of the GPD release's transformers; plain training only)
+_C.SOLVER.OPTIMIZER = "sgd"
 
 _C.KD = CN()
 _C.KD.TEMPERATURE = 4.0
@@ -135,6 +145,16 @@ _C.DIFFKD.AE_CHANNELS = 0  # latent channels of the teacher-map autoencoder; 0: 
 _C.DIFFKD.INFERENCE_STEPS = 5  # DDIM steps (paper and release)
 _C.DIFFKD.WARMUP = 0.0  # epochs of linear warm-up of the two KD terms
 
+# ReviewKD (Chen et al., CVPR 2021; core.reviewkd, cls/distillers/reviewkd.py): ABF review path over the
+# stage outputs + pooled feature, HCL against the teacher's pre-ReLU levels. Defaults: mdistiller's
+# CIFAR-100 recipe; the ImageNet configs (the ReviewKD / GPD releases) set WARMUP 0, STUDENT_PREACT True.
+_C.REVIEWKD = CN()
+_C.REVIEWKD.CE_WEIGHT = 1.0
+_C.REVIEWKD.WEIGHT = 1.0  # weight of HCL
+_C.REVIEWKD.WARMUP = 20.0  # epochs of linear warm-up of HCL
+_C.REVIEWKD.STUDENT_PREACT = False  # the student's levels before their last ReLU (the teacher's always are)
+_C.REVIEWKD.MID_CHANNELS = 0  # 0: min(512, the student's last level's channels), mdistiller's rule
+
 # The DeepKD node shared with the detector (deepkd_det/core/settings.py documents every key):
 # ENABLED, DECOUPLE, OPTIMIZER (deepkd | dot), COMPAT (paper | official), DELTA_TOG/TCG/NCG,
 # DOT_DELTA, DAMPENING, GRAD_STRATEGY, TOPK.*, GSNR.*.
@@ -162,6 +182,14 @@ _C.GPD.CLIP_GRAD_NORM = 5.0  # norm clip of the summed gradient (released: 5); 0
 # With DeepKD: "task" puts the dynamic teacher's whole loss and the soft-target loss in TOG (default);
 # "split" sends the dynamic teacher's TCKD / NCKD to TCG / NCG (its CE and the soft target stay in TOG).
 _C.GPD.DEEPKD_BUFFERS = "task"
+
+# Model EMA (timm's ModelEmaV2, deepkd_det/cls/ema.py): every GPD release command uses --model-ema with
+# decay 0.99996. The EMA model is evaluated after every epoch beside the model; the best epoch is
+# that of the better of the two top-1 values (the release's rule), and student_best.pth holds
+# the weights that scored it.
+_C.EMA = CN()
+_C.EMA.ENABLED = False
+_C.EMA.DECAY = 0.99996  # the release's --model-ema-decay
 
 _C.LOG = CN()
 _C.LOG.TENSORBOARD = True
@@ -318,6 +346,9 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
     need(solver.LR > 0, f"SOLVER.LR must be positive, got {solver.LR}")
     need(solver.WEIGHT_DECAY >= 0, "SOLVER.WEIGHT_DECAY must be >= 0")
     need(0.0 <= solver.MOMENTUM < 1.0, f"SOLVER.MOMENTUM must lie in [0, 1), got {solver.MOMENTUM}")
+    need(solver.OPTIMIZER in ("sgd", "adamw"), f"SOLVER.OPTIMIZER must be 'sgd' or 'adamw', got {solver.OPTIMIZER!r}")
+    if solver.OPTIMIZER == "adamw" and deep.ENABLED:
+        errors.append("SOLVER.OPTIMIZER adamw with DEEPKD.ENABLED: DeepKD's decoupled momentum is an SGD optimizer")
     need(solver.LR_SCHEDULER in ("step", "cosine"),
          f"SOLVER.LR_SCHEDULER must be 'step' or 'cosine', got {solver.LR_SCHEDULER!r}")
     stages = list(solver.LR_DECAY_STAGES)
@@ -345,6 +376,19 @@ def validate_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
         need(d.FEATURE_WEIGHT > 0 or d.LOGIT_WEIGHT > 0,
              "DIFFKD.FEATURE_WEIGHT and DIFFKD.LOGIT_WEIGHT are both 0: DiffKD would distil nothing")
     _check_gpd(cfg, need)
+    r = cfg.REVIEWKD
+    for key in ("CE_WEIGHT", "WEIGHT", "WARMUP"):
+        need(r[key] >= 0, f"REVIEWKD.{key} must be >= 0, got {r[key]}")
+    need(r.MID_CHANNELS >= 0, f"REVIEWKD.MID_CHANNELS must be 0 (automatic) or positive, got {r.MID_CHANNELS}")
+    if dist.TYPE == "REVIEWKD":
+        from .models import MODEL_REGISTRY
+
+        for key in ("STUDENT", "TEACHER"):
+            name = dist[key]
+            if name in MODEL_REGISTRY and not _has_stages(name):
+                errors.append(f"DISTILLER.{key} {name!r} gives no stage features for ReviewKD (supported: the "
+                              "CIFAR and ImageNet ResNets, imagenet_mobilenet_v1, the vision transformers)")
+    need(0.0 <= cfg.EMA.DECAY < 1.0, f"EMA.DECAY must lie in [0, 1), got {cfg.EMA.DECAY}")
 
     num = num_classes or NUM_CLASSES.get(ds.TYPE)
     errors.extend(validate_deepkd_settings(deep, solver.MOMENTUM, num - 1 if num else None))
@@ -374,7 +418,7 @@ def _check_two_view_methods(cfg: CN, need) -> None:
         need(0.0 <= c[key] <= 1.0, f"CRLD.{key} is a probability threshold and must lie in [0, 1], got {c[key]}")
 
 
-GPD_DISTILLERS = ("NONE", "DKD")
+GPD_DISTILLERS = ("NONE", "DKD", "REVIEWKD")
 GPD_DEEPKD_BUFFERS = ("task", "split")
 # Students whose forward shuffles / concatenates channels: the leading-slice layout of core.gpd
 # cannot hold (the trainer also compares both widths at start-up, for any model).
@@ -386,7 +430,7 @@ def _check_gpd(cfg: CN, need) -> None:
     if not g.ENABLED:
         return
     need(cfg.DISTILLER.TYPE in GPD_DISTILLERS,
-         f"GPD.ENABLED supports DISTILLER.TYPE NONE (from scratch) or DKD, got {cfg.DISTILLER.TYPE!r}")
+         f"GPD.ENABLED supports DISTILLER.TYPE NONE (from scratch), DKD or REVIEWKD, got {cfg.DISTILLER.TYPE!r}")
     need(cfg.DISTILLER.STUDENT not in GPD_UNSLICEABLE,
          f"GPD.ENABLED: DISTILLER.STUDENT {cfg.DISTILLER.STUDENT} shuffles channels and cannot be width-sliced")
     need(isinstance(g.RATIO, int) and not isinstance(g.RATIO, bool) and g.RATIO >= 2,
@@ -396,8 +440,25 @@ def _check_gpd(cfg: CN, need) -> None:
     need(g.KD_RATIO >= 0, f"GPD.KD_RATIO must be >= 0, got {g.KD_RATIO}")
     need(0.0 <= g.SMOOTHING <= 1.0, f"GPD.SMOOTHING must lie in [0, 1], got {g.SMOOTHING}")
     need(g.CLIP_GRAD_NORM >= 0, f"GPD.CLIP_GRAD_NORM must be >= 0 (0: no clip), got {g.CLIP_GRAD_NORM}")
+    if cfg.FINETUNE.STUDENT_WEIGHTS and g.CBR:
+        need(g.CBR_INIT == "single",
+             "FINETUNE.STUDENT_WEIGHTS with GPD.CBR needs GPD.CBR_INIT single (the release's fine-tuning init: the "
+             "extra branches start at scale 0, so the pretrained student keeps its function)")
     need(g.DEEPKD_BUFFERS in GPD_DEEPKD_BUFFERS,
          f"GPD.DEEPKD_BUFFERS must be one of {GPD_DEEPKD_BUFFERS}, got {g.DEEPKD_BUFFERS!r}")
+
+
+def _has_stages(name: str) -> bool:
+    """Whether the model class ``name`` builds has ``forward_stages`` (ReviewKD's levels); no model is built."""
+    import inspect
+
+    from .models import MODEL_REGISTRY
+
+    builder = MODEL_REGISTRY[name]
+    cls = inspect.signature(builder).return_annotation
+    if isinstance(cls, str):  # postponed annotations: resolve in the builder's module
+        cls = builder.__globals__.get(cls)
+    return cls is not None and hasattr(cls, "forward_stages")
 
 
 def _check_model_names(cfg: CN, errors: List[str]) -> None:

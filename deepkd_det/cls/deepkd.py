@@ -33,6 +33,8 @@ def build_optimizer(cfg, params, decoupled: bool) -> torch.optim.Optimizer:
     """torch SGD for plain training; for DeepKD, the core's decoupled optimizer of ``cfg.DEEPKD``
     (DeepKDOptimizer with three momentum buffers or, with ``DEEPKD.OPTIMIZER dot``, DOTOptimizer)."""
     s = cfg.SOLVER
+    if not decoupled and s.OPTIMIZER == "adamw":
+        return torch.optim.AdamW(params, lr=s.LR, weight_decay=s.WEIGHT_DECAY, betas=(0.9, 0.999), eps=1e-8)
     if not decoupled:
         return torch.optim.SGD(params, lr=s.LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
     return build_decoupled_optimizer(cfg.DEEPKD, params, lr=s.LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)

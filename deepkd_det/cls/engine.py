@@ -13,6 +13,10 @@ workers (torchrun). Rank 0 writes everything under the output directory:
     student_best.pth  student weights only, {"model": state_dict} (mdistiller layout)
     ckpt_epoch_<N>.pth  student weights only, every LOG.SAVE_EVERY epochs and after the last one
 
+With ``EMA.ENABLED`` (timm's ModelEmaV2, cls/ema.py) the EMA model is updated after every step,
+held in latest.pth / best.pth ("ema"), evaluated after every epoch (``val/ema_top1``) and, when
+it scores the best epoch, written to student_best.pth (``"source": "ema"``).
+
 With ``GPD.ENABLED`` the trained model is the GPD shared model (student and dynamic teacher in
 one, distillers/gpd.py): latest.pth / best.pth hold it, student_best.pth and ckpt_epoch_<N>.pth
 the exported plain student (loadable into the ordinary student class).
@@ -34,7 +38,7 @@ from deepkd_det.core.amp import ComponentGradScaler, amp_dtype, autocast
 from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
 from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
 from deepkd_det.core.io import check_output_dir, remove_leftover_temp_files
-from deepkd_det.core.rng import capture_rng_state, restore_rng_state
+from deepkd_det.core.rng import capture_rng_state, preserve_rng_state, restore_rng_state
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.core.step import check_finite_losses
 
@@ -44,6 +48,7 @@ from .config import build_topk_schedule, experiment_name, output_dir, validate_c
 from .data import build_datasets, build_loaders
 from .distillers import StepContext, build_distiller, distiller_class
 from .distillers.gpd import plain_student, widen_student
+from .ema import build_ema, ema_state, load_ema_state
 
 __all__ = ["ClsTrainer", "NonFiniteLossError", "accuracy", "evaluate", "build_teacher", "lr_at"]
 
@@ -207,6 +212,10 @@ class ClsTrainer:
             cfg, train_set, val_set, self.dist.rank, self.dist.world, pin_memory=self.device.type == "cuda")
 
         student = build_model(cfg.DISTILLER.STUDENT, self.num_classes)
+        if cfg.FINETUNE.STUDENT_WEIGHTS:  # fine-tuning: a pretrained student (before GPD widens it)
+            from .models import load_teacher_weights
+
+            load_teacher_weights(student, cfg.FINETUNE.STUDENT_WEIGHTS)
         self.gpd = bool(cfg.GPD.ENABLED)
         if self.gpd:  # the GPD shared model: student and dynamic teacher in one (distillers/gpd.py)
             student = widen_student(cfg, student)
@@ -220,6 +229,7 @@ class ClsTrainer:
         self.params = list(self.student.parameters()) + self.distiller.extra_parameters()
         if self.dist.distributed:
             deepkd_api.broadcast_parameters(self.student)
+        self.ema = build_ema(cfg, self.student)  # after the broadcast: the same start on every worker
         self.topk_schedule = build_topk_schedule(cfg, self.num_classes)
         self.decoupled = decoupled(cfg.DEEPKD)
         self.optimizer = deepkd_api.build_optimizer(cfg, self.params, self.decoupled)
@@ -256,6 +266,7 @@ class ClsTrainer:
             "best_epoch": self.best_epoch,
             "rng": rng,
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": ema_state(self.ema),
             "world_size": self.dist.world,
             "config": self.cfg.dump(),
         }
@@ -278,6 +289,11 @@ class ClsTrainer:
         if own:
             self.distiller.load_state_dict(extra, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ValueError(f"--resume: {path} holds no EMA model but EMA.ENABLED is on; resume with "
+                                 "EMA.ENABLED False, or start a new run")
+            load_ema_state(self.ema, state["ema"])
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         if self.topk_schedule is not None and state.get("topk_schedule"):
@@ -310,7 +326,11 @@ class ClsTrainer:
         student_only = {"model": weights, "epoch": epoch, "top1": metrics.get("top1")}
         if metrics.get("is_best"):
             atomic_save(state, os.path.join(self.out_dir, "best.pth"))
-            atomic_save(student_only, os.path.join(self.out_dir, "student_best.pth"))
+            best = student_only
+            if metrics.get("best_source") == "ema":  # the EMA model scored the best epoch
+                best = {"model": plain_student(self.ema.module).state_dict(), "epoch": epoch,
+                        "top1": metrics.get("ema_top1"), "source": "ema"}
+            atomic_save(best, os.path.join(self.out_dir, "student_best.pth"))
         if periodic:
             atomic_save(student_only, os.path.join(self.out_dir, f"ckpt_epoch_{epoch}.pth"))
 
@@ -356,6 +376,8 @@ class ClsTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if not skip:  # (the decoupled step folds nothing on an fp16 overflow: step() has nothing to apply)
             self.optimizer.step()
+        if self.ema is not None:  # after every step, as the release (timm's ModelEmaV2.update)
+            self.ema.update(self.student)
         if measuring:
             if self.decoupled:
                 self.gsnr.observe_buffers(self.optimizer)
@@ -437,11 +459,27 @@ class ClsTrainer:
                     if self.gpd:  # the dynamic teacher: how far ahead of the student it is
                         with at_width(self.student, DYNAMIC_TEACHER):
                             metrics["val/dt_top1"] = evaluate(self.student, self.val_loader, self.device)["top1"]
-                    if last_eval["top1"] > self.best_top1:
-                        self.best_top1, self.best_epoch = last_eval["top1"], finished
+                    score, source = last_eval["top1"], "model"
+                    if self.ema is not None:  # evaluated as the release does, both widths with GPD
+                        # (an evaluation pass draws a loader seed: the training streams must not move,
+                        # so turning EMA on leaves the model's training unchanged)
+                        with preserve_rng_state():
+                            last_eval["ema_top1"] = evaluate(self.ema.module, self.val_loader, self.device)["top1"]
+                            if self.gpd:
+                                with at_width(self.ema.module, DYNAMIC_TEACHER):
+                                    metrics["val/ema_dt_top1"] = evaluate(self.ema.module, self.val_loader,
+                                                                          self.device)["top1"]
+                        metrics["val/ema_top1"] = last_eval["ema_top1"]
+                        if last_eval["ema_top1"] > score:  # the release's best metric: max(model, EMA)
+                            score, source = last_eval["ema_top1"], "ema"
+                    if score > self.best_top1:
+                        self.best_top1, self.best_epoch = score, finished
                         metrics["is_best"] = True
+                        metrics["best_source"] = source
                 metrics["time"] = time.time() - t0
-                self._save(finished, {"top1": last_eval.get("top1"), "is_best": metrics.pop("is_best", False)})
+                self._save(finished, {"top1": last_eval.get("top1"), "ema_top1": last_eval.get("ema_top1"),
+                                      "is_best": metrics.pop("is_best", False),
+                                      "best_source": metrics.pop("best_source", None)})
                 self.writers.record({"type": "epoch", "epoch": finished, **metrics}, finished)
                 self.writers.log(
                     f"epoch {finished}/{cfg.SOLVER.EPOCHS} "
@@ -453,6 +491,8 @@ class ClsTrainer:
         summary = {"best_top1": self.best_top1, "best_epoch": self.best_epoch,
                    "last_top1": last_eval.get("top1", float("nan")),
                    "last_top5": last_eval.get("top5", float("nan"))}
+        if self.ema is not None:
+            summary["last_ema_top1"] = last_eval.get("ema_top1", float("nan"))
         self.writers.log(f"done: best top-1 {self.best_top1:.2f} at epoch {self.best_epoch}, "
                          f"last top-1 {summary['last_top1']:.2f}")
         return summary

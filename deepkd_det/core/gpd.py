@@ -59,8 +59,11 @@ __all__ = [
     "STUDENT",
     "SlicedBatchNorm2d",
     "SlicedConv2d",
+    "SlicedGELU",
     "SlicedHardtanh",
+    "SlicedLayerNorm",
     "SlicedLinear",
+    "channel_parameter",
     "WIDTHS",
     "WidthSliced",
     "at_width",
@@ -100,7 +103,6 @@ _NON_HOMOGENEOUS = (
     nn.SiLU,
     nn.Hardswish,
     nn.Hardsigmoid,
-    nn.GELU,
     nn.Sigmoid,
     nn.Tanh,
     nn.ELU,
@@ -285,7 +287,13 @@ def _plain_conv(
 
 
 class SlicedLinear(WidthSliced):
-    """Linear at two widths: student = ``ratio_out * W[:out, :in]``, ``ratio_out * b[:out]``."""
+    """Linear at two widths: student = ``ratio_out * W[:out, :in]``, ``ratio_out * b[:out]``.
+
+    ``out_blocks`` > 1: the output is ``out_blocks`` stacked maps of ``out / out_blocks`` features
+    each (a transformer's fused q / k / v projection); each block widens on its own, so at teacher
+    width the output is ``[q (r c), k (r c), v (r c)]`` and the student reads the leading part of
+    every block. A plain ``nn.Linear`` asks for it with an attribute ``gpd_out_blocks``.
+    """
 
     def __init__(
         self,
@@ -294,13 +302,47 @@ class SlicedLinear(WidthSliced):
         ratio_out: int,
         noise_std: float = GPD_IR_NOISE_STD,
         generator: Optional[torch.Generator] = None,
+        out_blocks: int = 1,
     ):
         super().__init__(ratio_in, ratio_out)
+        if out_blocks < 1 or linear.out_features % out_blocks:
+            raise ValueError(f"out_blocks {out_blocks} does not divide out_features {linear.out_features}")
+        self.out_blocks = int(out_blocks)
         self.student_in_features, self.student_out_features = linear.in_features, linear.out_features
         self._register("weight", linear.weight, _DENSE_WEIGHT, parameter=True)
         self._register("bias", linear.bias, _DENSE_BIAS, parameter=True)
         for name in ("weight", "bias"):
-            self._inverse_reparameterize(name, getattr(linear, name), noise_std, generator)
+            value = getattr(linear, name)
+            if value is not None and self.out_blocks > 1:  # fill block by block, then interleave
+                self._inverse_reparameterize_blocks(name, value, noise_std, generator)
+            else:
+                self._inverse_reparameterize(name, value, noise_std, generator)
+
+    def _split(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(blocks * n, ...) -> (blocks, n, ...)."""
+        return tensor.reshape(self.out_blocks, tensor.shape[0] // self.out_blocks, *tensor.shape[1:])
+
+    @torch.no_grad()
+    def _inverse_reparameterize_blocks(self, name, value, noise_std, generator) -> None:
+        target = getattr(self, name)
+        blocks = self._split(value.detach().to(target.dtype))
+        reps = [1, self.ratio_out] + ([self.ratio_in] if value.dim() == 2 else [])
+        full = blocks.repeat(*reps) / self.ratio_out
+        if noise_std > 0:
+            noise = torch.randn(full.shape, generator=generator, dtype=full.dtype).to(full.device) * noise_std
+            lead = [slice(None), slice(0, blocks.shape[1])] + ([slice(0, value.shape[1])] if value.dim() == 2 else [])
+            noise[tuple(lead)] = 0
+            full = full + noise
+        target.copy_(full.reshape(target.shape))
+
+    def student_tensor(self, name: str) -> Optional[torch.Tensor]:
+        tensor = getattr(self, name)
+        if tensor is None or self.out_blocks == 1:
+            return super().student_tensor(name)
+        blocks = self._split(tensor)
+        n = blocks.shape[1] // self.ratio_out
+        view = blocks[:, :n, : self.student_in_features] if tensor.dim() == 2 else blocks[:, :n]
+        return view.reshape(self.out_blocks * n, *view.shape[2:]) * self.ratio_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.tensor_at("weight", self.width), self.tensor_at("bias", self.width))
@@ -393,6 +435,64 @@ class SlicedBatchNorm2d(WidthSliced):
             bn.running_var.copy_(var)
             bn.num_batches_tracked.copy_(tracked)
         return bn.train(self.training)
+
+
+class SlicedLayerNorm(WidthSliced):
+    """LayerNorm over the channel (last) dim at two widths.
+
+    At teacher width the input is the student's replicated and divided by ``r``: its mean and
+    variance are the student's divided by ``r`` and ``r**2``, so normalising with ``eps / r**2``
+    gives the student's normalised values exactly; the affine tensors hold ``w / r``, ``b / r``
+    tiled (dense-like), which puts the output back at the teacher's ``1 / r`` scale.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, ratio: int, noise_std: float = GPD_IR_NOISE_STD, generator=None):
+        super().__init__(ratio, ratio)
+        if len(norm.normalized_shape) != 1:
+            raise ValueError(f"LayerNorm over {tuple(norm.normalized_shape)}: only a 1-D (channel) shape widens")
+        self.num_features, self.eps = norm.normalized_shape[0], norm.eps
+        self._register("weight", norm.weight, _DENSE_BIAS, parameter=True)
+        self._register("bias", norm.bias, _DENSE_BIAS, parameter=True)
+        for name in ("weight", "bias"):
+            self._inverse_reparameterize(name, getattr(norm, name), noise_std, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.tensor_at("weight", self.width), self.tensor_at("bias", self.width)
+        if self.width == STUDENT:
+            return F.layer_norm(x, (self.num_features,), weight, bias, self.eps)
+        r = self.ratio_out
+        return F.layer_norm(x, (self.num_features * r,), weight, bias, self.eps / r**2)
+
+    @torch.no_grad()
+    def to_plain(self) -> nn.LayerNorm:
+        weight, bias = self.student_tensor("weight"), self.student_tensor("bias")
+        reference = weight if weight is not None else bias
+        norm = nn.LayerNorm(self.num_features, eps=self.eps, elementwise_affine=weight is not None,
+                            bias=bias is not None, device=None if reference is None else reference.device,
+                            dtype=None if reference is None else reference.dtype)
+        if weight is not None:
+            norm.weight.copy_(weight)
+        if bias is not None:
+            norm.bias.copy_(bias)
+        return norm.train(self.training)
+
+
+class SlicedGELU(WidthSliced):
+    """GELU at two widths: at teacher width it runs at the student's scale, ``f(r x) / r`` (the
+    release's rule for its non-linear layers), so IR stays exact although GELU is not homogeneous."""
+
+    def __init__(self, act: nn.GELU, ratio: int):
+        super().__init__(ratio, ratio)
+        self.approximate = act.approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.width == STUDENT:
+            return F.gelu(x, approximate=self.approximate)
+        r = self.ratio_out
+        return F.gelu(x * r, approximate=self.approximate) / r
+
+    def to_plain(self) -> nn.GELU:
+        return nn.GELU(approximate=self.approximate)
 
 
 class SlicedHardtanh(WidthSliced):
@@ -676,9 +776,14 @@ def widen(
             else:
                 new = SlicedConv2d(module, ratio_in, ratio_out, noise_std, generator)
         elif kind is nn.Linear:
-            new = SlicedLinear(module, ratio_in, ratio_out, noise_std, generator)
+            new = SlicedLinear(module, ratio_in, ratio_out, noise_std, generator,
+                               out_blocks=getattr(module, "gpd_out_blocks", 1))
         elif kind is nn.BatchNorm2d:
             new = SlicedBatchNorm2d(module, ratio, noise_std, generator)
+        elif kind is nn.LayerNorm:
+            new = SlicedLayerNorm(module, ratio, noise_std, generator)
+        elif kind is nn.GELU:
+            new = SlicedGELU(module, ratio)
         elif kind in (nn.Hardtanh, nn.ReLU6):
             new = SlicedHardtanh(module, ratio)
         elif isinstance(module, _NON_HOMOGENEOUS):
@@ -686,11 +791,12 @@ def widen(
                 f"cannot widen {name!r} ({kind.__name__}): f(x / r) != f(x) / r, so the dynamic teacher "
                 "could not start equal to the student"
             )
-        elif any(True for _ in module.parameters(recurse=False)) or any(
+        elif any(n not in _channel_parameter_names(module) for n, _ in module.named_parameters(recurse=False)) or any(
             True for _ in module.buffers(recurse=False)
         ):
             raise ValueError(f"cannot widen {name!r}: no width-sliced version of {kind.__name__}")
         else:
+            _widen_channel_parameters(module, ratio, noise_std, generator)
             continue
         new.train(module.training)
         _set_submodule(model, name, new)
@@ -704,6 +810,46 @@ def widen(
                 "non-homogeneous function, which width slicing does not support"
             )
     return model
+
+
+def _channel_parameter_names(module: nn.Module) -> Tuple[str, ...]:
+    return tuple(getattr(module, "gpd_channel_parameters", ()))
+
+
+@torch.no_grad()
+def _widen_channel_parameters(module: nn.Module, ratio: int, noise_std: float, generator) -> None:
+    """Parameters added to hidden activations along their last dim (a transformer's class token and
+    position embedding), named by the module's ``gpd_channel_parameters``: tiled ``ratio`` times
+    and divided by it (the teacher's activation scale); the module reads them through
+    :func:`channel_parameter`, which gives the student its leading slice times ``ratio``."""
+    for name in _channel_parameter_names(module):
+        value = getattr(module, name)
+        full = value.detach().repeat(*([1] * (value.dim() - 1)), ratio) / ratio
+        if noise_std > 0:
+            noise = torch.randn(full.shape, generator=generator, dtype=full.dtype).to(full.device) * noise_std
+            noise[..., : value.shape[-1]] = 0
+            full = full + noise
+        setattr(module, name, nn.Parameter(full, requires_grad=value.requires_grad))
+
+
+def channel_parameter(tensor: torch.Tensor, channels: int) -> torch.Tensor:
+    """The view of a channel parameter (see ``gpd_channel_parameters``) for activations of ``channels``
+    channels: the whole tensor at its own width, else its leading ``channels`` times the ratio. On a
+    plain model this is the tensor itself, so a model can always read its parameters through it."""
+    full = tensor.shape[-1]
+    if full == channels:
+        return tensor
+    if full % channels:
+        raise ValueError(f"a {full}-channel parameter cannot serve {channels}-channel activations")
+    return tensor[..., :channels] * (full // channels)
+
+
+def _export_channel_parameters(plain: nn.Module, ratio: int) -> None:
+    for module in plain.modules():
+        for name in _channel_parameter_names(module):
+            value = getattr(module, name)
+            student = value.detach()[..., : value.shape[-1] // ratio] * ratio
+            setattr(module, name, nn.Parameter(student.clone(), requires_grad=value.requires_grad))
 
 
 def _sliced(model: nn.Module) -> Iterator[WidthSliced]:
@@ -775,10 +921,13 @@ def export(model: nn.Module) -> nn.Module:
     exports while training must draw the same numbers afterwards, resumed or not).
     """
     with preserve_rng_state():
+        ratio = gpd_ratio(model)
         plain = copy.deepcopy(model)
         for name, module in list(plain.named_modules()):
             if isinstance(module, WidthSliced):
                 _set_submodule(plain, name, module.to_plain())
+        if ratio > 1:
+            _export_channel_parameters(plain, ratio)
     return plain
 
 

@@ -1,4 +1,4 @@
-"""ReviewKD features for detection (Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021).
+"""ReviewKD (Chen et al., "Distilling Knowledge via Knowledge Review", CVPR 2021): ABF + HCL, for detection and classification.
 
 The student's FPN levels go through a review path of attention-based fusion modules (ABF) from
 the coarsest level to the finest: each level is projected to ``mid_channels`` and fused with the
@@ -14,6 +14,14 @@ to the detector's losses without warm-up.
 
 Feature lists are ordered **finest first** (``p2, p3, ..., p6``, the order of detectron2's FPN
 output dict); :class:`ReviewKDHead` returns its outputs in the same order.
+
+Classification (the ReviewKD paper's CIFAR-100 / ImageNet method, as in its release and in
+mdistiller; deepkd_det/cls/distillers/reviewkd.py) uses the same two pieces: the levels are the
+network's stage outputs (finest first) followed by the globally pooled feature as a 1 x 1 map,
+``mid_channels`` is one width for all levels, and where a student level's size differs from the
+teacher's (``out_sizes``), the fused map is resized (nearest) to the teacher's size before the
+output conv, and that resized map is what the next finer level fuses with (mdistiller's
+``out_shape``). HCL is the same function for both tasks.
 """
 
 from __future__ import annotations
@@ -76,7 +84,9 @@ class ABF(nn.Module):
         nn.init.kaiming_uniform_(self.lateral[0].weight, a=1)
         nn.init.kaiming_uniform_(self.output[0].weight, a=1)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, out_size: Optional[Tuple[int, int]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         fused = self.lateral(x)
         if self.attention is not None:
             if residual is None:
@@ -91,6 +101,8 @@ class ABF(nn.Module):
             fused = fused * att[:, 0:1] + residual * att[:, 1:2]
         elif residual is not None:
             raise ValueError("this ABF is the coarsest level and takes no residual")
+        if out_size is not None and tuple(fused.shape[-2:]) != tuple(out_size):
+            fused = F.interpolate(fused, size=tuple(out_size), mode="nearest")
         return self.output(fused), fused
 
 
@@ -127,14 +139,21 @@ class ReviewKDHead(nn.Module):
             for i, (c_in, c_out) in enumerate(zip(in_channels_list, out_list))
         )
 
-    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(
+        self, features: Sequence[torch.Tensor], out_sizes: Optional[Sequence[Tuple[int, int]]] = None
+    ) -> List[torch.Tensor]:
+        """``out_sizes``: per level (finest first), the (H, W) to give the output (the teacher's);
+        None keeps each level's own size."""
         features = list(features)
         if len(features) != len(self.abfs):
             raise ValueError(f"expected {len(self.abfs)} feature levels (finest first), got {len(features)}")
+        if out_sizes is not None and len(out_sizes) != len(features):
+            raise ValueError(f"out_sizes has {len(out_sizes)} entries for {len(features)} levels")
         outputs: List[Optional[torch.Tensor]] = [None] * len(features)
         residual = None
         for i in reversed(range(len(features))):  # coarsest first
-            outputs[i], residual = self.abfs[i](features[i], residual)
+            size = None if out_sizes is None else out_sizes[i]
+            outputs[i], residual = self.abfs[i](features[i], residual, size)
         return outputs  # type: ignore[return-value]
 
 

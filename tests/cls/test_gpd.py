@@ -158,7 +158,8 @@ def test_imagenet_gpd_configs_carry_the_released_recipe():
 
     root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "cls", "imagenet", "gpd")
     for pair, student, beta in (("resnet34_resnet18", "imagenet_resnet18", 0.5),
-                                ("resnet50_mobilenetv2", "imagenet_mobilenet_v2", 2.0)):
+                                ("resnet50_mobilenetv2", "imagenet_mobilenet_v2", 2.0),
+                                ("resnet50_mobilenetv1", "imagenet_mobilenet_v1", 2.0)):
         for prefix, deepkd in (("", False), ("deepkd_", True)):
             cfg = load_cfg(os.path.join(root, f"{prefix}{pair}.yaml"))
             s, d, g = cfg.SOLVER, cfg.DKD, cfg.GPD
@@ -168,6 +169,7 @@ def test_imagenet_gpd_configs_carry_the_released_recipe():
             assert (d.ALPHA, d.BETA, d.T, d.WARMUP, d.CE_WEIGHT) == (1.0, beta, 1.0, 0.0, 1.0)
             assert (g.ENABLED, g.RATIO, g.CBR, g.BRANCHES, g.KD_RATIO, g.CLIP_GRAD_NORM) == (True, 2, True, 6, 3.0, 5.0)
             assert cfg.DISTILLER.STUDENT == student and cfg.DEEPKD.ENABLED == deepkd
-    for name in ("scratch_resnet18", "scratch_mobilenetv2"):
+            assert (cfg.EMA.ENABLED, cfg.EMA.DECAY) == (True, 0.99996)  # --model-ema in every command
+    for name in ("scratch_resnet18", "scratch_mobilenetv2", "scratch_mobilenetv1"):
         cfg = load_cfg(os.path.join(root, f"{name}.yaml"))
         assert cfg.DISTILLER.TYPE == "NONE" and cfg.GPD.ENABLED and not cfg.DEEPKD.ENABLED

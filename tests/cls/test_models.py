@@ -26,7 +26,9 @@ CIFAR_NAMES = [
     "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16",
     "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50",
 ]  # fmt: skip
-IMAGENET_NAMES = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2"]
+IMAGENET_NAMES = ["imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v2",
+                  "imagenet_mobilenet_v1", "imagenet_deit_tiny", "imagenet_deit_small"]
+SMALL_NAMES = ["vit_tiny16"]
 
 
 
@@ -65,7 +67,7 @@ def _save_teacher(root, name: str, payload) -> str:
 
 
 def test_registry_holds_exactly_the_contract_names():
-    assert list_models() == CIFAR_NAMES + IMAGENET_NAMES
+    assert list_models() == CIFAR_NAMES + IMAGENET_NAMES + SMALL_NAMES
     assert list(MODEL_REGISTRY) == list_models()
     assert list(CIFAR_MODEL_NAMES) == CIFAR_NAMES and list(IMAGENET_MODEL_NAMES) == IMAGENET_NAMES
 
@@ -98,7 +100,7 @@ def test_cifar_models_give_logits_and_features(name):
 @pytest.mark.parametrize("name", IMAGENET_NAMES)
 def test_imagenet_models_give_logits_and_features(name):
     model = build_model(name, 10).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, getattr(model, "img_size", 64), getattr(model, "img_size", 64))
     with torch.no_grad():
         logits = model(x)
         features = model.forward_features(x)
@@ -116,6 +118,8 @@ PUBLISHED_MILLIONS = {
 IMAGENET_PUBLISHED_MILLIONS = {
     "imagenet_resnet18": 11.69, "imagenet_resnet34": 21.80, "imagenet_resnet50": 25.56,
     "imagenet_mobilenet_v2": 3.50,
+    "imagenet_mobilenet_v1": 4.23,  # the GPD / ReviewKD MobileNet (4,231,976 parameters)
+    "imagenet_deit_tiny": 5.72, "imagenet_deit_small": 22.05,  # DeiT paper / timm
 }  # fmt: skip
 
 

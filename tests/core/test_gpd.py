@@ -252,8 +252,10 @@ def test_widen_rejects_what_it_cannot_slice():
     widen(resnet8(num_classes=10), 2, example_input=x)  # a sliceable model passes the same check
     with pytest.raises(ValueError, match="SiLU"):
         widen(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Flatten(), nn.Linear(4 * 36, 2)))
-    with pytest.raises(ValueError, match="LayerNorm"):
-        widen(nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
+    with pytest.raises(ValueError, match="LayerNorm"):  # only a channel (1-D) LayerNorm widens
+        widen(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(4 * 36, 2)))
+    with pytest.raises(ValueError, match="PReLU"):
+        widen(nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match="ratio"):
         widen(resnet8(), 0)
     with pytest.raises(ValueError, match="stem"):

@@ -13,12 +13,14 @@ from .dkd import DKD
 from .gpd import GPD
 from .kd import KD
 from .mlkd import MLKD
+from .reviewkd import ReviewKD
 from .vanilla import Vanilla
 
-__all__ = ["CRLD", "DISTILLERS", "DKD", "DiffKD", "GPD", "KD", "MLKD", "Distiller", "StepContext", "TwoViewDistiller", "Vanilla",
+__all__ = ["CRLD", "DISTILLERS", "DKD", "DiffKD", "GPD", "KD", "MLKD", "ReviewKD", "Distiller", "StepContext", "TwoViewDistiller", "Vanilla",
            "build_distiller", "distiller_class"]
 
-DISTILLERS = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "MLKD": MLKD, "CRLD": CRLD, "DIFFKD": DiffKD}
+DISTILLERS = {"NONE": Vanilla, "KD": KD, "DKD": DKD, "MLKD": MLKD, "CRLD": CRLD, "DIFFKD": DiffKD,
+              "REVIEWKD": ReviewKD}
 
 
 def distiller_class(cfg) -> Type[Distiller]:
@@ -88,4 +90,10 @@ def _build_method(cfg, student, teacher=None, num_classes=None) -> Distiller:
                       ce_weight=d.CE_WEIGHT, feature_weight=d.FEATURE_WEIGHT, logit_weight=d.LOGIT_WEIGHT,
                       diff_weight=d.DIFF_WEIGHT, ae_weight=d.AE_WEIGHT, ae_channels=d.AE_CHANNELS,
                       inference_steps=d.INFERENCE_STEPS, warmup=d.WARMUP)
+    if kind == "REVIEWKD":
+        from .gpd import probe_size
+
+        r = cfg.REVIEWKD
+        return ReviewKD(student, teacher, probe_size(cfg), ce_weight=r.CE_WEIGHT, weight=r.WEIGHT, warmup=r.WARMUP,
+                        student_preact=r.STUDENT_PREACT, mid_channels=r.MID_CHANNELS)
     raise ValueError(f"unknown DISTILLER.TYPE {kind!r}; choose from {sorted(DISTILLERS)}")

@@ -46,13 +46,13 @@ __all__ = ["GPD", "plain_student", "widen_student"]
 
 GPD_BUFFER_MAPS = {
     "task": {"tog": "tog", "tcg": "tcg", "ncg": "ncg", "dt_tog": "tog", "dt_tcg": "tog", "dt_ncg": "tog",
-             "gpd_kd": "tog"},
+             "gpd_kd": "tog", "reviewkd": "tog", "dt_reviewkd": "tog"},
     "split": {"tog": "tog", "tcg": "tcg", "ncg": "ncg", "dt_tog": "tog", "dt_tcg": "tcg", "dt_ncg": "ncg",
-              "gpd_kd": "tog"},
+              "gpd_kd": "tog", "reviewkd": "tog", "dt_reviewkd": "tog"},
 }
 
 
-def _probe_size(cfg) -> int:
+def probe_size(cfg) -> int:
     """A small input resolution for the slicing check (global pooling makes any size work)."""
     if cfg.DATASET.TYPE == "digits":
         return cfg.DATASET.DIGITS.SIZE
@@ -70,7 +70,7 @@ def widen_student(cfg, student: nn.Module, check: bool = True) -> nn.Module:
     g = cfg.GPD
     example = None
     if check:
-        size = _probe_size(cfg)
+        size = getattr(student, "img_size", None) or probe_size(cfg)  # fixed-size models: theirs
         gen = torch.Generator().manual_seed(0)
         example = torch.randn(2, 3, size, size, generator=gen)
     try:
@@ -90,7 +90,12 @@ def plain_student(model: nn.Module) -> nn.Module:
 
 
 class GPD(Distiller):
-    """Wraps the distiller of the student (Vanilla or DKD) with the dynamic-teacher terms."""
+    """Wraps the distiller of the student (Vanilla, DKD or ReviewKD) with the dynamic-teacher terms.
+
+    A feature distiller (ReviewKD: ``widths_losses``) computes both widths' losses itself (each
+    width with its own head, as the release's ``train_reviewkd.py``); its training-only modules
+    are registered here too, so they are trained, checkpointed and resumed.
+    """
 
     needs_teacher = False  # GPD from scratch has none; with DKD the inner distiller checked it
 
@@ -102,6 +107,9 @@ class GPD(Distiller):
         if buffers not in GPD_BUFFER_MAPS:
             raise ValueError(f"GPD buffers must be one of {tuple(GPD_BUFFER_MAPS)}, got {buffers!r}")
         self.__dict__["inner"] = inner  # not a submodule: the student is registered once, here
+        for name, child in inner.named_children():  # the method's own modules (ReviewKD's heads)
+            if name != "student":
+                self.add_module(name, child)
         self.kd_ratio = kd_ratio
         self.smoothing = smoothing
         self.dynamic_teacher_static_kd = dynamic_teacher_static_kd
@@ -115,6 +123,11 @@ class GPD(Distiller):
         return {"dt_" + name: value for name, value in losses.items()}
 
     def forward_train(self, image, target, ctx: StepContext):
+        if hasattr(self.inner, "widths_losses"):
+            logits_student, logits_dynamic, student, dynamic = self.inner.widths_losses(image, target, ctx)
+            losses = {**student, **{"dt_" + name: value for name, value in dynamic.items()}}
+            losses["gpd_kd"] = self.kd_ratio * gpd_soft_target_loss(logits_student, logits_dynamic, self.smoothing)
+            return logits_student, losses
         logits_teacher = self.teacher_logits(image) if self.teacher is not None else None
         with at_width(self.student, DYNAMIC_TEACHER):
             logits_dynamic = self.student(image)

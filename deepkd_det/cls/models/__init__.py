@@ -14,6 +14,7 @@ from .registry import (
     build_model,
     feature_map_and_logits,
     list_models,
+    stage_features,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "load_teacher_weights",
     "read_state_dict",
     "resolve_teacher_checkpoint",
+    "stage_features",
 ]

@@ -50,11 +50,14 @@ class BasicBlock(nn.Module):
                 nn.BatchNorm2d(out_channels),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_preact(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual sum before the final ReLU (``forward(x) == relu(forward_preact(x))``)."""
         shortcut = x if self.downsample is None else self.downsample(x)
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + shortcut)
+        return self.bn2(self.conv2(out)) + shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.forward_preact(x))
 
 
 class CifarResNet(nn.Module):
@@ -98,6 +101,22 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
+
+    def forward_stages(self, x: torch.Tensor, preact: bool = False):
+        """``([stage 1..3 outputs, finest first, then the pooled feature as (N, C, 1, 1)], logits)``.
+
+        Stage outputs before the last block's ReLU with ``preact`` (mdistiller's ``preact_feats``),
+        after it otherwise (``feats``); the logits equal ``forward(x)``.
+        """
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3):
+            pre = layer[-1].forward_preact(layer[:-1](x))
+            x = F.relu(pre)
+            feats.append(pre if preact else x)
+        pooled = F.adaptive_avg_pool2d(x, 1)
+        feats.append(pooled)
+        return feats, self.fc(torch.flatten(pooled, 1))
 
 
 def resnet8(num_classes: int = 100) -> CifarResNet:

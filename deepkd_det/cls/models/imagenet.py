@@ -36,6 +36,34 @@ class ImageNetResNet(ResNet):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.forward_feature_map(x)), 1)
 
+    def forward_stages(self, x: torch.Tensor, preact: bool = True):
+        """``([layer1..layer4 outputs, finest first, then the pooled feature as (N, C, 1, 1)], logits)``.
+
+        With ``preact`` each stage output is taken before its last block's final ReLU (what the
+        ReviewKD / GPD releases read, ``is_feat=True``); the logits equal ``forward(x)``.
+        """
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            pre = _block_preact(layer[-1], layer[:-1](x))
+            x = torch.relu(pre)
+            feats.append(pre if preact else x)
+        pooled = self.avgpool(x)
+        feats.append(pooled)
+        return feats, self.fc(torch.flatten(pooled, 1))
+
+
+def _block_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's BasicBlock / Bottleneck forward without the final ReLU."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    return out + identity
+
 
 class ImageNetMobileNetV2(MobileNetV2):
     def __init__(self, num_classes: int = 1000):

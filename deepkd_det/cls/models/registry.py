@@ -33,8 +33,11 @@ from .cifar_shufflenet import shufflenet_v1, shufflenet_v2
 from .cifar_vgg import vgg8, vgg11, vgg13, vgg16, vgg19
 from .cifar_wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 from .imagenet import imagenet_mobilenet_v2, imagenet_resnet18, imagenet_resnet34, imagenet_resnet50
+from .mobilenet_v1 import imagenet_mobilenet_v1
+from .vit import deit_small, deit_tiny, vit_tiny_test
 
-__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "build_model", "list_models"]
+__all__ = ["CIFAR_MODEL_NAMES", "IMAGENET_MODEL_NAMES", "MODEL_REGISTRY", "SMALL_MODEL_NAMES", "build_model", "list_models",
+           "stage_features"]
 
 _CIFAR: Dict[str, Callable[[int], nn.Module]] = {
     "resnet8": resnet8,
@@ -65,11 +68,17 @@ _IMAGENET: Dict[str, Callable[[int], nn.Module]] = {
     "imagenet_resnet34": imagenet_resnet34,
     "imagenet_resnet50": imagenet_resnet50,
     "imagenet_mobilenet_v2": imagenet_mobilenet_v2,
+    "imagenet_mobilenet_v1": imagenet_mobilenet_v1,
+    "imagenet_deit_tiny": deit_tiny,
+    "imagenet_deit_small": deit_small,
 }
+# Fixed-size small-input models: the tiny ViT of the tests and the digits demo (16 px images only).
+_SMALL: Dict[str, Callable[[int], nn.Module]] = {"vit_tiny16": vit_tiny_test}
 
 CIFAR_MODEL_NAMES = tuple(_CIFAR)
 IMAGENET_MODEL_NAMES = tuple(_IMAGENET)
-MODEL_REGISTRY: Dict[str, Callable[[int], nn.Module]] = {**_CIFAR, **_IMAGENET}
+SMALL_MODEL_NAMES = tuple(_SMALL)
+MODEL_REGISTRY: Dict[str, Callable[[int], nn.Module]] = {**_CIFAR, **_IMAGENET, **_SMALL}
 
 
 def list_models() -> List[str]:
@@ -88,6 +97,18 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 # The classifier layer's attribute in each family (torchvision: fc / classifier; CIFAR: fc,
 # classifier or linear); forward is always classifier(global-average-pool(feature map)).
 CLASSIFIER_ATTRIBUTES = ("fc", "classifier", "linear")
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, preact: bool):
+    """``(levels, logits)`` of one pass: the stage outputs (finest first) and the pooled feature as
+    an (N, C, 1, 1) map, the levels ReviewKD reads; ``preact``: stage outputs before their last ReLU.
+
+    Models with ``forward_stages``: the CIFAR ResNets, the ImageNet ResNets, MobileNet V1 and the
+    vision transformer; any other raises a TypeError naming the model.
+    """
+    if not hasattr(model, "forward_stages"):
+        raise TypeError(f"{type(model).__name__} gives no stage features (forward_stages) for ReviewKD")
+    return model.forward_stages(x, preact=preact)
 
 
 def feature_map_and_logits(model: nn.Module, x: torch.Tensor):
