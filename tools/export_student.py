@@ -32,8 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run from anywhere: the project's package next to this folder
     sys.path.insert(0, REPO)
 
-from deepkd_det.core import deploy as ex  # noqa: E402
 from deepkd_det.cli import DEBUG_ENV, debug_requested, pull_trailing_flags, run_cli  # noqa: E402
+from deepkd_det.core import deploy as ex  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
 USER_ERRORS = (ValueError, KeyError, OSError, ex.ExportExtraMissing)
