@@ -111,10 +111,13 @@ class _TinyBackbone(nn.Module):
 
 
 def _load_exact(module: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"MODEL.PRETRAINED does not fit the backbone: missing {sorted(missing)[:4]}, "
-                         f"unexpected {sorted(unexpected)[:4]} (expected a torchvision ImageNet state dict)")
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(f"MODEL.PRETRAINED does not fit the backbone: missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}, wrong shape {wrong[:4]} (expected a torchvision ImageNet state dict)")
+    module.load_state_dict(state)
 
 
 class ASPPHead(nn.Module):
