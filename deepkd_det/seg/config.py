@@ -40,6 +40,7 @@ _C.DATASET.SYNTHETIC.SIZE = 64
 _C.DATASET.SYNTHETIC.NUM_SHAPES = 3  # classes: background + this many shapes
 _C.DATASET.SYNTHETIC.MAX_OBJECTS = 4
 _C.DATASET.SYNTHETIC.SEED = 0
+_C.DATASET.SYNTHETIC.COLOUR_JITTER = 70.0  # a shape's colour: its class colour +- this per channel; -1: any colour
 
 _C.INPUT = CN()
 _C.INPUT.MEAN = [123.675, 116.28, 103.53]  # RGB, 0-255 (ImageNet)

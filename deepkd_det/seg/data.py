@@ -11,8 +11,10 @@ Every dataset gives ``(image uint8 H x W x 3, label uint8/int64 H x W)`` pairs w
 - ``folder`` (your own data): ``<root>/<split>/images/<name>.{png,jpg,jpeg}`` and
   ``<root>/<split>/labels/<name>.png`` (pixel value = class index, 255 = ignore), the class names
   in ``DATASET.CLASSES`` or ``<root>/classes.txt`` (one name a line).
-- ``synthetic`` (the default, for the demo and the tests): generated scenes of coloured circles,
-  squares and triangles on textured backgrounds; classes background + shapes, a 1-pixel ignore
+- ``synthetic`` (the default, for the demo and the tests): generated scenes of circles, squares
+  and triangles on textured backgrounds, each class's colours scattered around its own base
+  colour (``COLOUR_JITTER``; overlapping, so colour is a cue and shape settles the rest; -1: any
+  colour); classes background + shapes, a 1-pixel ignore
   band (255) along every object's outline, as in PASCAL VOC's labels. Deterministic from
   ``(DATASET.SYNTHETIC.SEED, split, index)``; a student's ``TRAIN_IMAGES`` smaller than the
   teacher's is the first images of the same stream.
@@ -167,10 +169,11 @@ class SyntheticScenes:
     """Generated scenes with per-pixel labels (module docstring); images are made on first use."""
 
     def __init__(self, num_images: int, size: int = 64, num_shapes: int = 3, seed: int = 0, split: str = "train",
-                 max_objects: int = 4):
+                 max_objects: int = 4, colour_jitter: float = 70):
         if not 1 <= num_shapes <= len(SHAPE_NAMES):
             raise DatasetError(f"DATASET.SYNTHETIC.NUM_SHAPES must lie in 1..{len(SHAPE_NAMES)}, got {num_shapes}")
         self.n, self.size, self.seed, self.max_objects = int(num_images), int(size), int(seed), int(max_objects)
+        self.colour_jitter = float(colour_jitter)
         self.split_id = {"train": 1, "val": 2}[split]
         self.classes = ("background",) + SHAPE_NAMES[:num_shapes]
         self.num_classes = len(self.classes)
@@ -182,7 +185,7 @@ class SyntheticScenes:
     def __getitem__(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
         if i not in self._cache:
             self._cache[i] = render_scene(np.random.default_rng([self.seed, self.split_id, int(i)]), self.size,
-                                          self.num_classes - 1, self.max_objects)
+                                          self.num_classes - 1, self.max_objects, self.colour_jitter)
         return self._cache[i]
 
 
@@ -195,9 +198,16 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> List[Tu
             for i in range(n)]
 
 
-def render_scene(rng: np.random.Generator, size: int, num_shapes: int, max_objects: int):
-    """One scene: textured background (two gratings + noise), 1..max_objects shapes of random
-    colour (later ones on top), the label map with a 1-pixel ignore band on every outline."""
+# Each shape class's base colour (``colour_jitter`` >= 0): the shapes' colours overlap between
+# classes, so colour is a cue a small network picks up quickly and shape settles the rest.
+_CLASS_COLOURS = np.array([(220, 60, 50), (60, 110, 220), (230, 200, 50), (150, 70, 200), (60, 190, 110),
+                           (240, 130, 190)], dtype=np.float64)
+
+
+def render_scene(rng: np.random.Generator, size: int, num_shapes: int, max_objects: int, colour_jitter: float = 70):
+    """One scene: textured background (two gratings + noise), 1..max_objects shapes (later ones on
+    top), the label map with a 1-pixel ignore band on every outline. A shape's colour is its
+    class's base colour +- ``colour_jitter`` per channel, or any colour for ``colour_jitter < 0``."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     img = np.broadcast_to(rng.uniform(40, 215, size=3), (size, size, 3)).copy()
     for _ in range(2):
@@ -213,7 +223,11 @@ def render_scene(rng: np.random.Generator, size: int, num_shapes: int, max_objec
         r = rng.uniform(0.1, 0.25) * size
         cx, cy = rng.uniform(0.1 * size, 0.9 * size, size=2)
         poly = _polygon(SHAPE_NAMES[cls - 1], cx, cy, r, rng.uniform(0, 2 * math.pi))
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        if colour_jitter < 0:
+            colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        else:
+            jitter = rng.uniform(-colour_jitter, colour_jitter, size=3)
+            colour = tuple(int(c) for c in np.clip(_CLASS_COLOURS[cls - 1] + jitter, 0, 255))
         draw.polygon(poly, fill=colour)
         ldraw.polygon(poly, fill=cls, outline=IGNORE_LABEL)
     return np.asarray(canvas), np.asarray(label)
@@ -224,8 +238,8 @@ def build_seg_datasets(cfg) -> Tuple[object, object, Tuple[str, ...]]:
     d = cfg.DATASET
     if d.TYPE == "synthetic":
         s = d.SYNTHETIC
-        train = SyntheticScenes(s.TRAIN_IMAGES, s.SIZE, s.NUM_SHAPES, s.SEED, "train", s.MAX_OBJECTS)
-        val = SyntheticScenes(s.VAL_IMAGES, s.SIZE, s.NUM_SHAPES, s.SEED, "val", s.MAX_OBJECTS)
+        train = SyntheticScenes(s.TRAIN_IMAGES, s.SIZE, s.NUM_SHAPES, s.SEED, "train", s.MAX_OBJECTS, s.COLOUR_JITTER)
+        val = SyntheticScenes(s.VAL_IMAGES, s.SIZE, s.NUM_SHAPES, s.SEED, "val", s.MAX_OBJECTS, s.COLOUR_JITTER)
         return train, val, train.classes
     if not d.ROOT:
         raise DatasetError(f"DATASET.ROOT must name the {d.TYPE} folder")

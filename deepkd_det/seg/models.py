@@ -90,15 +90,16 @@ class _MobileNetV2Backbone(nn.Module):
 
 
 class _TinyBackbone(nn.Module):
-    """Three conv stages (stride 2 each: output stride 8), ``width`` channels in the first."""
+    """Three stages of two 3x3 convs (stride 2 after each: output stride 8) and a dilated 3x3,
+    ``width`` channels in the first stage."""
 
     def __init__(self, width: int = 16):
         super().__init__()
         w = int(width)
         self.body = nn.Sequential(
-            _conv_bn_relu(3, w), nn.MaxPool2d(2),
-            _conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
-            _conv_bn_relu(2 * w, 4 * w), nn.MaxPool2d(2),
+            _conv_bn_relu(3, w), _conv_bn_relu(w, w), nn.MaxPool2d(2),
+            _conv_bn_relu(w, 2 * w), _conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
+            _conv_bn_relu(2 * w, 4 * w), _conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2),
             _conv_bn_relu(4 * w, 4 * w, dilation=2),
         )
         self.out_channels = 4 * w
