@@ -101,6 +101,9 @@ _C.SOLVER.CHECKPOINT_PERIOD = 4000  # iterations between latest.pth writes (and 
 
 _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 4000  # iterations between mIoU evaluations (and after the last)
+# Which classes mIoU averages over (seg/evaluation.py): "union" (detectron2 v0.6, mmsegmentation:
+# classes in the ground truth or the predictions) or "gt" (detectron2 main: classes in the ground truth).
+_C.TEST.MIOU_CLASSES = "union"
 
 _C.LOG = CN()
 _C.LOG.PERIOD = 20  # iterations between training-loss rows in metrics.jsonl
@@ -165,6 +168,7 @@ def validate_seg_cfg(cfg: CN, num_classes: Optional[int] = None) -> None:
             need(cfg[name][key] >= 0, f"{name}.{key} must be >= 0, got {cfg[name][key]}")
     need(cfg.KD.TEMPERATURE > 0 and cfg.DKD.T > 0, "KD.TEMPERATURE and DKD.T must be positive")
     need(1 <= cfg.DIFFKD.INFERENCE_STEPS <= 500, "DIFFKD.INFERENCE_STEPS must lie in 1..500")
+    need(cfg.TEST.MIOU_CLASSES in ("union", "gt"), f"TEST.MIOU_CLASSES must be 'union' or 'gt', got {cfg.TEST.MIOU_CLASSES!r}")
     need(s.MAX_ITER >= 1 and s.IMS_PER_BATCH >= 1, "SOLVER.MAX_ITER and SOLVER.IMS_PER_BATCH must be >= 1")
     need(s.BASE_LR > 0, f"SOLVER.BASE_LR must be positive, got {s.BASE_LR}")
     need(s.POLY_POWER >= 0, "SOLVER.POLY_POWER must be >= 0")

@@ -64,7 +64,7 @@ def _device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_miou(model: nn.Module, dataset, classes, mean, std, device) -> Dict[str, float]:
+def evaluate_miou(model: nn.Module, dataset, classes, mean, std, device, miou_classes: str = "union") -> Dict[str, float]:
     """mIoU (detectron2's SemSegEvaluator definition, ``evaluation``) of ``model`` on ``dataset``, full size."""
     was = model.training
     model.eval()
@@ -73,7 +73,7 @@ def evaluate_miou(model: nn.Module, dataset, classes, mean, std, device) -> Dict
         x, y = eval_tensors(*dataset[i], mean, std)
         conf.update(model(x[None].to(device)).argmax(dim=1)[0].cpu(), y)
     model.train(was)
-    return conf.compute(classes)
+    return conf.compute(classes, miou_classes)
 
 
 def build_teacher(cfg, num_classes: int) -> nn.Module:
@@ -204,7 +204,8 @@ class SegTrainer:
 
     def evaluate(self) -> Dict[str, float]:
         i = self.cfg.INPUT
-        return evaluate_miou(self.student, self.val_set, self.classes, i.MEAN, i.STD, self.device)
+        return evaluate_miou(self.student, self.val_set, self.classes, i.MEAN, i.STD, self.device,
+                             self.cfg.TEST.MIOU_CLASSES)
 
     def train(self, stop_after: Optional[int] = None) -> Dict[str, float]:
         cfg, s = self.cfg, self.cfg.SOLVER

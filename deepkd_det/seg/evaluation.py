@@ -1,10 +1,16 @@
-"""mIoU: the definition of detectron2's ``SemSegEvaluator``, on a confusion matrix over valid pixels.
+"""mIoU as detectron2's ``SemSegEvaluator`` defines it, on a confusion matrix over valid pixels.
 
 ``conf[g, p]`` counts the pixels of ground-truth class g predicted as p (pixels labelled 255 are
-left out). Per class: ``IoU = tp / (tp + fp + fn)``; mIoU averages the IoU of the classes that
-occur in the ground truth over the number of classes that occur in the ground truth *or* the
-predictions (a class that is only predicted counts as 0), pixel accuracy is ``tp.sum() / total``
-(both as detectron2 computes them, in percent).
+left out). Per class: ``IoU = tp / (tp + fp + fn)``. detectron2 changed which classes the mean
+runs over after v0.6, so both are offered (``TEST.MIOU_CLASSES``):
+
+- ``"union"`` (detectron2 v0.6, and mmsegmentation's nan-mean): the IoU of the classes in the
+  ground truth, summed, over the number of classes in the ground truth *or* the predictions (a
+  class that is only predicted counts as 0);
+- ``"gt"`` (detectron2 main): the mean IoU of the classes that occur in the ground truth.
+
+They agree whenever no class is predicted that the ground truth lacks (on Cityscapes val every
+class occurs). mACC (mean over ground-truth classes) and pACC are the same in both; percent.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Dict, Sequence
 import numpy as np
 import torch
 
-__all__ = ["ConfusionMatrix", "miou_from_confusion"]
+__all__ = ["MIOU_CLASSES", "ConfusionMatrix", "miou_from_confusion"]
 
 
 class ConfusionMatrix:
@@ -30,11 +36,16 @@ class ConfusionMatrix:
         idx = label[valid].long().cpu() * self.num_classes + pred[valid].long().cpu()
         self.matrix += torch.bincount(idx, minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
 
-    def compute(self, class_names: Sequence[str] = ()) -> Dict[str, float]:
-        return miou_from_confusion(self.matrix.numpy(), class_names)
+    def compute(self, class_names: Sequence[str] = (), classes: str = "union") -> Dict[str, float]:
+        return miou_from_confusion(self.matrix.numpy(), class_names, classes)
 
 
-def miou_from_confusion(conf: np.ndarray, class_names: Sequence[str] = ()) -> Dict[str, float]:
+MIOU_CLASSES = ("union", "gt")
+
+
+def miou_from_confusion(conf: np.ndarray, class_names: Sequence[str] = (), classes: str = "union") -> Dict[str, float]:
+    if classes not in MIOU_CLASSES:
+        raise ValueError(f"TEST.MIOU_CLASSES must be one of {MIOU_CLASSES}, got {classes!r}")
     conf = conf.astype(np.float64)
     tp = np.diag(conf)
     pos_gt, pos_pred = conf.sum(axis=1), conf.sum(axis=0)
@@ -46,7 +57,7 @@ def miou_from_confusion(conf: np.ndarray, class_names: Sequence[str] = ()) -> Di
     acc[in_gt] = tp[in_gt] / pos_gt[in_gt]
     total = conf.sum()
     out = {
-        "mIoU": 100.0 * float(np.sum(iou[in_gt]) / max(np.sum(in_either), 1)),
+        "mIoU": 100.0 * float(np.sum(iou[in_gt]) / max(np.sum(in_either if classes == "union" else in_gt), 1)),
         "mACC": 100.0 * float(np.sum(acc[in_gt]) / max(np.sum(in_gt), 1)),
         "pACC": 100.0 * float(tp.sum() / total) if total else 0.0,
     }
