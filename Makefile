@@ -18,7 +18,7 @@ help:
 	@echo "make test         run the test suite"
 	@echo "make demo         detection demo on the embedded shapes: 10 labelled images, teacher saw 300 (vanilla, KD, DKD, DeepKD; 3 seeds)"
 	@echo "make demo-cls     classification demo on the digits: 5 labels per class, teacher saw all (vanilla, KD, DKD, DeepKD, DOT; 3 seeds)"
-	@echo "make demo-seg     segmentation demo on generated scenes: students see 12, teacher saw 300 (vanilla, KD, DKD, DiffKD, each +DeepKD; 3 seeds)"
+	@echo "make demo-seg     segmentation demo on generated scenes: students see 6, teacher saw 300 (vanilla, KD, DKD, DiffKD, each +DeepKD; 3 seeds)"
 	@echo "make bench        benchmarks (one JSON object per line)"
 	@echo "make gpu-check    on a machine with one CUDA GPU: CUDA tests, CUDA training, GPU benchmarks"
 	@echo "make lint         ruff"

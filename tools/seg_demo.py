@@ -3,9 +3,9 @@
 
 The teacher (configs/seg/synthetic/teacher.yaml: a wider tiny DeepLabV3) trains on 300 generated
 scenes (background + circle, square, triangle, 64 x 64, a 1-pixel ignore band on every outline);
-each student (a narrow tiny DeepLabV3, configs/seg/synthetic/<method>.yaml) trains on the first 12
-of them only. The teacher's per-pixel predictions on the augmented crops of those 12 scenes carry
-what it learnt from the rest.
+each student (a narrow tiny DeepLabV3, configs/seg/synthetic/<method>.yaml) trains on the first 6
+of them only, for 300 iterations (long enough to overfit them alone). The teacher's per-pixel
+predictions on the augmented crops of those 6 scenes carry what it learnt from the rest.
 
     python tools/seg_demo.py [--out output/seg_demo] [--seeds 0 1 2] [--methods ...] [--jobs 2] [--quick] [KEY VALUE ...]
 
