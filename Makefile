@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: setup test lint demo demo-quick demo-cls demo-cls-quick demo-seg demo-seg-quick bench bench-quick gpu-check env clean-venv help
 
 help:
-	@echo "make setup        create $(VENV): torch, detectron2 (see README 'How the install works'), deepkd_det"
+	@echo "make setup        create $(VENV): torch, detectron2 (see docs/install.md), deepkd_det"
 	@echo "make test         run the test suite"
 	@echo "make demo         detection demo on the embedded shapes: 10 labelled images, teacher saw 300 (vanilla, KD, DKD, DeepKD; 3 seeds)"
 	@echo "make demo-cls     classification demo on the digits: 5 labels per class, teacher saw all (vanilla, KD, DKD, DeepKD, DOT; 3 seeds)"

@@ -29,18 +29,21 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from deepkd_det.core.cli import debug_requested, format_error, pull_trailing_flags, run_cli
-from deepkd_det.det.checkpoint import DeepKDCheckpointer
+from deepkd_det.cli import debug_requested, format_error, pull_trailing_flags, run_cli
+from deepkd_det.core.io import check_output_dir
+from deepkd_det.det.checkpoint import EvalCheckpointer
 from deepkd_det.det.config import (
     add_deepkd_config,
     check_input_files,
     lr_batch_warning,
     merge_config_file,
+    student_only_cfg,
     validate_deepkd_config,
 )
 from deepkd_det.det.data import (
     add_data_config,
     check_num_classes,
+    check_training_annotations,
     register_datasets_from_cfg,
     resolve_num_classes,
 )
@@ -98,6 +101,9 @@ def setup(args):
     register_datasets_from_cfg(cfg)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     check_num_classes(cfg, names)
+    if not args.eval_only:
+        check_training_annotations(cfg.DATASETS.TRAIN)
+    check_output_dir(cfg.OUTPUT_DIR)
     cfg.freeze()
     default_setup(cfg, args)
     # detectron2's logger setup covers "detectron2" and "fvcore"; ours log under "deepkd_det".
@@ -107,40 +113,6 @@ def setup(args):
     if batch_note:
         logger.warning(batch_note)
     return cfg
-
-
-def student_only_cfg(cfg):
-    """The config with distillation off: evaluation needs the student alone (no teacher weights)."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.KD.TYPE = "NONE"
-    cfg.DEEPKD.ENABLED = False
-    cfg.freeze()
-    return cfg
-
-
-class EvalCheckpointer(DeepKDCheckpointer):
-    """For evaluation, a checkpoint must fill the whole model: a skipped tensor (another class
-    count, another architecture) would be evaluated at its random initialisation."""
-
-    def _log_incompatible_keys(self, incompatible) -> None:
-        problems = [
-            f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
-            for key, shape_file, shape_model in incompatible.incorrect_shapes
-        ]
-        # (BN step counters play no part in inference; the ReviewKD head is training-only.)
-        missing = [k for k in incompatible.missing_keys
-                   if not k.startswith("reviewkd_head.") and not k.endswith("num_batches_tracked")]
-        if missing:
-            problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
-        if problems:
-            hint = ""
-            for key, shape_file, _ in incompatible.incorrect_shapes:
-                if key.endswith("box_predictor.cls_score.weight"):
-                    hint = (f" The checkpoint was trained for {shape_file[0] - 1} classes: set "
-                            "MODEL.ROI_HEADS.NUM_CLASSES to that (and use a dataset with those classes).")
-            raise ValueError("MODEL.WEIGHTS does not fit the model to evaluate: " + "; ".join(problems) + "." + hint)
-        super()._log_incompatible_keys(incompatible)
 
 
 def format_bbox_ap(results) -> str:

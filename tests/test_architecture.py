@@ -1,4 +1,4 @@
-"""The package's import rules (README, "Architecture"): ``core`` is pure torch and imports neither
+"""The package's import rules (docs/architecture.md): ``core`` is pure torch and imports neither
 detectron2 nor the task adapters; ``det``, ``cls`` and ``seg`` never import each other; ``cls`` and
 ``seg`` never import detectron2."""
 

@@ -35,14 +35,21 @@ from typing import Dict
 
 from deepkd_det.cls.config import load_cfg
 from deepkd_det.cls.data import build_datasets
-from deepkd_det.core.report import (
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:  # tools/demo_report.py, also when this file is loaded by path
+    sys.path.insert(0, TOOLS)
+
+from demo_report import (  # noqa: E402
     add_demo_arguments,
     compare,
     demo_methods_and_seeds,
     demo_pool,
+    docs_targets,
     fmt_mean_std,
     picture_table,
     plot_report,
+    publish_to_docs,
     verdict,
 )
 
@@ -127,6 +134,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or os.path.join("output", "cls_demo_quick" if args.quick else "cls_demo")
     methods, seeds = demo_methods_and_seeds(parser, args, LABELS, DEFAULT_METHODS, QUICK_METHODS)
+    try:
+        docs_targets(args, "cls_demo")
+    except ValueError as exc:
+        parser.error(str(exc))
     student_opts = (QUICK_STUDENT if args.quick else []) + list(args.opts)
     start = time.time()
 
@@ -220,6 +231,8 @@ def main(argv=None) -> int:
                 table=picture_table(results, comparisons, LABELS, PLAIN_OF, "last_top1", "top-1 last epoch"),
                 val_ylim=(max(0.0, min(finals) - 10.0), min(100.5, max(finals) + 2.0)))
     print(f"\n[cls_demo] table {os.path.join(out, 'results.md')}, picture {png}", flush=True)
+    for path in publish_to_docs(args, "cls_demo", argv, table, png):
+        print(f"[cls_demo] wrote the table into {path}", flush=True)
     return 0
 
 

@@ -44,19 +44,23 @@ from typing import Dict, List, Optional
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=UserWarning)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, REPO)
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TOOLS)
+for _folder in (REPO, TOOLS):  # run as a script from anywhere; tools/demo_report.py
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
 
-from deepkd_det.core.report import (  # noqa: E402
+from demo_report import (  # noqa: E402
     add_demo_arguments,
     compare,
     demo_methods_and_seeds,
     demo_pool,
+    docs_targets,
     fmt_mean_std,
     mean_std,
     picture_table,
     plot_report,
+    publish_to_docs,
     verdict,
 )
 
@@ -350,6 +354,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     profile = _parse_set(args.set, PROFILES["quick" if args.quick else "default"], parser)
     out = os.path.abspath(args.output or os.path.join("output", "det_demo_quick" if args.quick else "det_demo"))
     methods, seeds = demo_methods_and_seeds(parser, args, LABELS, DEFAULT_METHODS, QUICK_METHODS)
+    try:
+        docs_targets(args, "det_demo")
+    except ValueError as exc:
+        parser.error(str(exc))
     if not 1 <= profile["student_images"] <= profile["num_train"]:
         parser.error(f"student_images must lie in 1..num_train ({profile['num_train']}), got {profile['student_images']}")
     start = time.time()
@@ -480,6 +488,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 unit="COCO bbox AP", x_label="iteration", note=note, table=table_lines,
                 k_keys=[k for k in methods if "deepkd" in k])
     print(f"\n[det_demo] table {os.path.join(out, 'results.md')}, picture {png}", flush=True)
+    for path in publish_to_docs(args, "det_demo", argv, table, png):
+        print(f"[det_demo] wrote the table into {path}", flush=True)
     return 0
 
 

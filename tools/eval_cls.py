@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from deepkd_det.cli import DEBUG_ENV, debug_requested, format_error
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.data import build_datasets, build_loaders
 from deepkd_det.cls.distillers.gpd import plain_student, widen_student
@@ -74,8 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cfg", required=True)
     parser.add_argument("--ckpt", help="student checkpoint to evaluate")
     parser.add_argument("--teacher", action="store_true", help="evaluate the config's teacher instead")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true", help=f"full tracebacks (also {DEBUG_ENV}=1)")
+    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides (before or after the options)")
+    args = parser.parse_intermixed_args(argv)  # `--cfg CFG KEY VALUE --ckpt X` as well
     if bool(args.ckpt) == bool(args.teacher):
         parser.error("give exactly one of --ckpt PATH or --teacher")
     try:
@@ -94,8 +96,10 @@ def main(argv=None) -> int:
             if not args.teacher:
                 model = load_teacher_weights(build_model(name, num_classes), args.ckpt)  # strict load
             result = evaluate(model.to(info.device), val_loader, info.device)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"eval_cls.py: error: {exc}", file=sys.stderr)
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        if args.debug or debug_requested():
+            raise
+        print(f"eval_cls.py: error: {format_error(exc)}", file=sys.stderr)
         return 1
     if info.is_main:
         print(json.dumps({"model": name, "ckpt": args.ckpt or "teacher", **result}))

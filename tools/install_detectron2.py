@@ -160,7 +160,7 @@ def __getattr__(name):
         "rotated boxes, deformable convolution and the fast COCO evaluator do (use "
         "COCOEvaluator(..., use_fast_impl=False)). For the full build run "
         "'.venv/bin/python tools/install_detectron2.py --route git --force' on a machine that can "
-        "reach GitHub (see README, 'How the install works')."
+        "reach GitHub (see docs/install.md)."
     )
 '''
 

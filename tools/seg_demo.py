@@ -30,7 +30,13 @@ import sys
 import time
 from typing import Dict, List
 
-from deepkd_det.core.report import (
+from deepkd_det.seg.config import load_seg_cfg
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+if TOOLS not in sys.path:  # tools/demo_report.py, also when this file is loaded by path
+    sys.path.insert(0, TOOLS)
+
+from demo_report import (  # noqa: E402
     add_demo_arguments,
     compare,
     demo_methods_and_seeds,
@@ -39,7 +45,6 @@ from deepkd_det.core.report import (
     seed_band,
     verdict,
 )
-from deepkd_det.seg.config import load_seg_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "seg", "synthetic")

@@ -14,9 +14,9 @@ import sys
 
 import torch.distributed as dist
 
+from deepkd_det.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError
-from deepkd_det.core.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
 
 
 def main(argv=None) -> int:
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         cfg = load_cfg(args.cfg, opts)
         trainer = ClsTrainer(cfg, resume=args.resume)
         summary = trainer.train()
-    except (ConfigError, FileNotFoundError, NonFiniteLossError, ValueError, KeyError) as exc:
+    except (ConfigError, OSError, NonFiniteLossError, ValueError, KeyError) as exc:
         if args.debug or debug_requested():
             raise
         print(f"train_cls.py: error: {format_error(exc)}", file=sys.stderr)

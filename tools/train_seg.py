@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepkd_det.core.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
+from deepkd_det.cli import DEBUG_ENV, debug_requested, format_error, pull_trailing_flags
 from deepkd_det.seg.config import ConfigError, load_seg_cfg
 from deepkd_det.seg.engine import NonFiniteLossError, SegTrainer
 
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         args.debug = args.debug or "--debug" in late
         cfg = load_seg_cfg(args.cfg, opts)
         summary = SegTrainer(cfg, resume=args.resume).train()
-    except (ConfigError, FileNotFoundError, NonFiniteLossError, ValueError, KeyError) as exc:
+    except (ConfigError, OSError, NonFiniteLossError, ValueError, KeyError) as exc:
         if args.debug or debug_requested():
             raise
         print(f"train_seg.py: error: {format_error(exc)}", file=sys.stderr)

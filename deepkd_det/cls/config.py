@@ -16,6 +16,8 @@ from yacs.config import CfgNode as CN
 from deepkd_det.core.amp import AMP_DTYPES
 from deepkd_det.core.cfgfile import ConfigError, merge_opts
 from deepkd_det.core.cfgfile import merge_file as _merge_file
+from deepkd_det.core.crld import CRLD_DEFAULTS, CRLD_TAU_STRONG, CRLD_TAU_WEAK
+from deepkd_det.core.mlkd import MLKD_DEFAULTS, MLKD_TEMPERATURES
 from deepkd_det.core.settings import OPTIMIZERS, deepkd_node, validate_deepkd_settings
 from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
 
@@ -93,26 +95,26 @@ _C.DKD.WARMUP = 20.0  # epochs
 
 # MLKD (Jin et al., CVPR 2023; core.mlkd): weak and strong views, instance/batch/class alignment.
 _C.MLKD = CN()
-_C.MLKD.CE_WEIGHT = 0.1  # MLKD release (mdistiller KD defaults); the DeepKD release uses 0.5 / 0.5
-_C.MLKD.KD_WEIGHT = 0.9
-_C.MLKD.TEMPERATURES = [2.0, 3.0, 4.0, 5.0, 6.0]  # prediction augmentation: every term summed over these
-_C.MLKD.SPLIT = "kd"  # kd: exact TCKD/NCKD split (plain MLKD is the sum); dkd: alpha TCKD, beta NCKD
-_C.MLKD.ALPHA = 1.0  # SPLIT dkd only
-_C.MLKD.BETA = 2.0
+_C.MLKD.CE_WEIGHT = MLKD_DEFAULTS["ce_weight"]  # (core.mlkd.MLKD_DEFAULTS: the MLKD release's)
+_C.MLKD.KD_WEIGHT = MLKD_DEFAULTS["kd_weight"]
+_C.MLKD.TEMPERATURES = list(MLKD_TEMPERATURES)  # prediction augmentation: every term summed over these
+_C.MLKD.SPLIT = MLKD_DEFAULTS["split"]  # kd: exact TCKD/NCKD split (plain MLKD is the sum); dkd: alpha TCKD, beta NCKD
+_C.MLKD.ALPHA = MLKD_DEFAULTS["alpha"]  # SPLIT dkd only
+_C.MLKD.BETA = MLKD_DEFAULTS["beta"]
 _C.MLKD.WARMUP = 0.0  # epochs of linear warm-up of the TCKD/NCKD terms
 _C.MLKD.CONFIDENCE_MASK = "release"  # release, row or none (core.views)
 
 # CRLD (ACM MM 2024; core.crld): within-view and cross-view KD gated by teacher confidence.
 _C.CRLD = CN()
-_C.CRLD.CE_WEIGHT = 1.0
-_C.CRLD.WITHIN_WEIGHT = 2.0
-_C.CRLD.CROSS_WEIGHT = 0.5
-_C.CRLD.T = 4.0
-_C.CRLD.TAU_WEAK = 0.9  # teacher confidence threshold of the within-view terms (weak view)
-_C.CRLD.TAU_STRONG = 0.2  # ... of the cross-view terms (strong view)
-_C.CRLD.SPLIT = "kd"  # kd: exact split (plain CRLD is the sum); dkd: alpha TCKD, beta NCKD
-_C.CRLD.ALPHA = 1.0
-_C.CRLD.BETA = 2.0
+_C.CRLD.CE_WEIGHT = CRLD_DEFAULTS["ce_weight"]  # (core.crld.CRLD_DEFAULTS)
+_C.CRLD.WITHIN_WEIGHT = CRLD_DEFAULTS["within_weight"]
+_C.CRLD.CROSS_WEIGHT = CRLD_DEFAULTS["cross_weight"]
+_C.CRLD.T = CRLD_DEFAULTS["temperature"]
+_C.CRLD.TAU_WEAK = CRLD_TAU_WEAK  # teacher confidence threshold of the within-view terms (weak view)
+_C.CRLD.TAU_STRONG = CRLD_TAU_STRONG  # ... of the cross-view terms (strong view)
+_C.CRLD.SPLIT = CRLD_DEFAULTS["split"]  # kd: exact split (plain CRLD is the sum); dkd: alpha TCKD, beta NCKD
+_C.CRLD.ALPHA = CRLD_DEFAULTS["alpha"]
+_C.CRLD.BETA = CRLD_DEFAULTS["beta"]
 _C.CRLD.WARMUP = 0.0  # epochs
 _C.CRLD.CONFIDENCE_MASK = "row"  # row (per sample, the paper); release (kept fraction); none
 

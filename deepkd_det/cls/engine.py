@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from deepkd_det.core.amp import ComponentGradScaler, amp_dtype, autocast
 from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
 from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
+from deepkd_det.core.io import check_output_dir, remove_leftover_temp_files
 from deepkd_det.core.rng import capture_rng_state, restore_rng_state
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.core.step import check_finite_losses
@@ -190,7 +191,11 @@ class ClsTrainer:
         self.dist = dist_info or init_distributed(cfg.DEVICE)
         self.device = self.dist.device
         self.out_dir = output_dir(cfg)
+        check_output_dir(self.out_dir)
         self.writers = _Writers(self.out_dir, self.dist.is_main, cfg.LOG.TENSORBOARD)
+        if self.dist.is_main:  # a kill during a save leaves its temporary file behind
+            for name in remove_leftover_temp_files(self.out_dir):
+                self.writers.log(f"removed {name}, left in {self.out_dir} by an interrupted checkpoint save")
         if cfg.DETERMINISTIC:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.SEED)  # identical initialisation on every worker

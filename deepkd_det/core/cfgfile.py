@@ -15,6 +15,8 @@ from typing import Iterable, Sequence
 import yaml
 from yacs.config import CfgNode as CN
 
+from .io import read_yaml_mapping
+
 __all__ = ["ConfigError", "merge_dict", "merge_file", "merge_opts"]
 
 
@@ -69,10 +71,10 @@ def merge_file(cfg: CN, path: str, chain: Sequence[str] = ()) -> None:
         raise ConfigError(f"_BASE_ cycle: {' -> '.join(list(chain) + [path])}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+    try:
+        data = read_yaml_mapping(path)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     base = data.pop("_BASE_", None)
     if base:
         merge_file(cfg, os.path.join(os.path.dirname(path), base), list(chain) + [path])

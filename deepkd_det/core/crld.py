@@ -39,10 +39,15 @@ import torch.nn.functional as F
 from .losses import TopK, kd_loss, kd_parts
 from .views import check_mask_mode, check_two_views, masked_reduce, two_view_cross_entropy
 
-__all__ = ["CRLD_TAU_STRONG", "CRLD_TAU_WEAK", "crld_components", "crld_confidence_masks", "crld_loss"]
+__all__ = ["CRLD_DEFAULTS", "CRLD_TAU_STRONG", "CRLD_TAU_WEAK", "crld_components", "crld_confidence_masks", "crld_loss"]
 
 CRLD_TAU_WEAK = 0.9
 CRLD_TAU_STRONG = 0.2
+# The one statement of CRLD's defaults (the functions below and the classification config's CRLD
+# node): the release's weights, and the exact TCKD/NCKD split, so that DeepKD's components sum to
+# plain CRLD (the DeepKD release's configs choose split dkd, alpha 1, beta 2, in their own files).
+CRLD_DEFAULTS = {"temperature": 4.0, "ce_weight": 1.0, "within_weight": 2.0, "cross_weight": 0.5, "split": "kd",
+                 "alpha": 1.0, "beta": 2.0}
 
 
 def _check_tau(name: str, tau: float) -> None:
@@ -79,10 +84,10 @@ def crld_loss(
     logits_student_strong: torch.Tensor,
     logits_teacher_strong: torch.Tensor,
     target: torch.Tensor,
-    temperature: float = 4.0,
-    ce_weight: float = 1.0,
-    within_weight: float = 2.0,
-    cross_weight: float = 0.5,
+    temperature: float = CRLD_DEFAULTS["temperature"],
+    ce_weight: float = CRLD_DEFAULTS["ce_weight"],
+    within_weight: float = CRLD_DEFAULTS["within_weight"],
+    cross_weight: float = CRLD_DEFAULTS["cross_weight"],
     tau_weak: float = CRLD_TAU_WEAK,
     tau_strong: float = CRLD_TAU_STRONG,
     logit_stand: bool = False,
@@ -109,15 +114,15 @@ def crld_components(
     logits_student_strong: torch.Tensor,
     logits_teacher_strong: torch.Tensor,
     target: torch.Tensor,
-    temperature: float = 4.0,
-    ce_weight: float = 1.0,
-    within_weight: float = 2.0,
-    cross_weight: float = 0.5,
+    temperature: float = CRLD_DEFAULTS["temperature"],
+    ce_weight: float = CRLD_DEFAULTS["ce_weight"],
+    within_weight: float = CRLD_DEFAULTS["within_weight"],
+    cross_weight: float = CRLD_DEFAULTS["cross_weight"],
     tau_weak: float = CRLD_TAU_WEAK,
     tau_strong: float = CRLD_TAU_STRONG,
-    split: str = "dkd",
-    alpha: float = 1.0,
-    beta: float = 2.0,
+    split: str = CRLD_DEFAULTS["split"],
+    alpha: float = CRLD_DEFAULTS["alpha"],
+    beta: float = CRLD_DEFAULTS["beta"],
     warmup: float = 1.0,
     topk: TopK = None,
     confidence_mask: str = "row",
@@ -126,7 +131,7 @@ def crld_components(
 ) -> Dict[str, torch.Tensor]:
     """CRLD as DeepKD's three losses ``{"tog", "tcg", "ncg"}`` (formulas in the module docstring).
 
-    Defaults are the DeepKD release's CIFAR-100 CRLD configs. ``warmup`` is the already-computed
+    Defaults: ``CRLD_DEFAULTS``. ``warmup`` is the already-computed
     warm-up factor; ``topk`` (None, int or per-row LongTensor) masks every NCKD term, its
     classes ranked as ``topk_rank`` says (core.losses.topk_nontarget_mask).
     """

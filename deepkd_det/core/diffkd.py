@@ -10,8 +10,8 @@ feature, projected to the teacher's channels (``z_s``), is mixed with Gaussian n
 predicted per-sample weight ``gamma`` (the noise adapter), ``x = gamma * z_s + (1 - gamma) * eps``,
 and denoised by deterministic DDIM (eta = 0) with ``Phi``. As released, the sampler is set to
 ``2 * steps`` inference steps and only the second half is run (5 steps: t = 400, 300, 200, 100, 0;
-the last one lands on abar = 1). A final 1x1 projection gives the denoised student, compared with
-the teacher by ``L_kd`` (MSE for feature maps, KL at temperature 1 for logits).
+the last one lands on abar = 1). A final projection, a 1x1 convolution followed by batch norm (as
+released), gives the denoised student, compared with the teacher by ``L_kd`` (MSE for feature maps, KL at temperature 1 for logits).
 
 With an autoencoder (for wide teacher features) a linear 1x1 encoder + BN and 1x1 decoder are
 trained by ``L_ae = mean((dec(enc(F_t)) - F_t)^2)``; diffusion and KD then work on the detached
@@ -346,7 +346,8 @@ class DiffKD(nn.Module):
     when the channel counts agree), MLP denoiser and adapter, no autoencoder, KL (T = 1) KD loss
     by default. Student and teacher must agree in everything but channels.
 
-    Submodules: ``student_proj``, ``noise_adapter``, ``denoiser``, ``out_proj``, ``autoencoder``
+    Submodules: ``student_proj``, ``noise_adapter``, ``denoiser``, ``out_proj`` (1x1 conv or linear,
+    then batch norm), ``autoencoder``
     (None without one); ``scheduler`` is a diffusers DDIMScheduler (not a module: no state).
     """
 
@@ -402,7 +403,8 @@ class DiffKD(nn.Module):
             self.student_proj = nn.Conv2d(student_channels, channels, 1)
             self.noise_adapter = FeatureNoiseAdapter(channels)
             self.denoiser = FeatureDenoiser(channels, self.num_train_timesteps)
-            self.out_proj = nn.Conv2d(channels, channels, 1)
+            # As released: a 1x1 convolution, then batch norm.
+            self.out_proj = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels))
         else:
             if project_student:
                 self.student_proj = nn.Linear(student_channels, channels)
@@ -415,7 +417,8 @@ class DiffKD(nn.Module):
                 )
             self.noise_adapter = LogitNoiseAdapter(channels)
             self.denoiser = LogitDenoiser(channels, self.num_train_timesteps)
-            self.out_proj = nn.Linear(channels, channels)
+            # The release's 1x1 convolution + BatchNorm2d on (N, C, 1, 1), written for (N, C).
+            self.out_proj = nn.Sequential(nn.Linear(channels, channels), nn.BatchNorm1d(channels))
 
     def _check(self, student: torch.Tensor, teacher: torch.Tensor) -> None:
         dims = 4 if self.kind == "feature" else 2

@@ -1,5 +1,6 @@
-"""Checkpoint files, shared by both tasks: atomic writes and weights-only reads (pure Python +
-torch, no detectron2).
+"""Files, shared by both tasks: atomic writes and weights-only reads of checkpoints, config
+yamls read with one-line errors, the output folder checked at start-up (pure Python + torch,
+no detectron2).
 
 A file goes to a temporary file in the target directory, is flushed to disk and renamed over
 the target with ``os.replace`` (atomic on POSIX and Windows), so a killed run leaves the old
@@ -12,11 +13,12 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_weights_only", "remove_leftover_temp_files"]
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "check_output_dir", "load_weights_only", "read_yaml_mapping",
+           "remove_leftover_temp_files"]
 
 # atomic_write's temporary files: "." + target name + "." + mkstemp's 8 random characters + ".tmp".
 _TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
@@ -116,3 +118,43 @@ def remove_leftover_temp_files(directory: str) -> list:
                 continue
             removed.append(name)
     return removed
+
+
+def check_output_dir(path: str, key: str = "OUTPUT_DIR") -> None:
+    """``path`` is a folder, or can be made one: a ValueError names ``key`` where it, or a folder
+    above it, is an existing file (a check at start-up, before anything is written)."""
+    probe = os.path.abspath(path)
+    while True:
+        if os.path.exists(probe):
+            if not os.path.isdir(probe):
+                where = "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe!r}"
+                raise ValueError(f"{key} {path!r} {where}, not a folder: choose another {key}")
+            return
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+
+
+def read_yaml_mapping(path: str, python_tags_ok: bool = False) -> Optional[dict]:
+    """The mapping a config yaml holds (``{}`` for an empty file). A file that is not valid YAML
+    (its line and column named) or whose top level is not a mapping is a ValueError naming it.
+    ``python_tags_ok``: a file with ``!!python`` tags gives None (left to a loader that reads them)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError:
+        if python_tags_ok:
+            return None
+        raise ValueError(f"{path}: holds a YAML tag a config cannot use (e.g. !!python)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+        raise ValueError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of KEY: value, its top level is a "
+                         f"{type(data).__name__}")
+    return data

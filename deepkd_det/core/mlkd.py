@@ -61,6 +61,7 @@ from .views import (
 )
 
 __all__ = [
+    "MLKD_DEFAULTS",
     "MLKD_TEMPERATURES",
     "batch_correlation_rows",
     "class_correlation_rows",
@@ -71,6 +72,11 @@ __all__ = [
 
 # {KD.TEMPERATURE, 3, 5, 2, 6} of the release with its default KD.TEMPERATURE = 4.
 MLKD_TEMPERATURES: Tuple[float, ...] = (2.0, 3.0, 4.0, 5.0, 6.0)
+# The one statement of MLKD's defaults (the functions below and the classification config's MLKD
+# node): the MLKD release's weights (its configs keep mdistiller's KD defaults, CE 0.1, KD 0.9;
+# the DeepKD release's MLKD configs set 0.5 / 0.5 with split dkd, beta 2, in their own files) and
+# the exact TCKD/NCKD split, so that DeepKD's components sum to plain MLKD.
+MLKD_DEFAULTS = {"ce_weight": 0.1, "kd_weight": 0.9, "split": "kd", "alpha": 1.0, "beta": 2.0}
 
 
 def _probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -131,14 +137,14 @@ def mlkd_loss(
     logits_teacher_strong: torch.Tensor,
     target: torch.Tensor,
     temperatures: Sequence[float] = MLKD_TEMPERATURES,
-    ce_weight: float = 0.1,
-    kd_weight: float = 0.9,
+    ce_weight: float = MLKD_DEFAULTS["ce_weight"],
+    kd_weight: float = MLKD_DEFAULTS["kd_weight"],
     confidence_mask: str = "release",
     logit_stand: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Plain MLKD as four terms (sum them): ``loss_ce``, ``loss_kd``, ``loss_bc``, ``loss_cc``.
 
-    Defaults are the MLKD release's (CE 0.1, KD 0.9: its configs keep mdistiller's KD defaults).
+    Defaults: ``MLKD_DEFAULTS``.
     ``logit_stand`` standardises the logits of the instance-level KD terms only, as released.
     """
     check_two_views(logits_student_weak, logits_teacher_weak, logits_student_strong, logits_teacher_strong, target)
@@ -174,11 +180,11 @@ def mlkd_components(
     logits_teacher_strong: torch.Tensor,
     target: torch.Tensor,
     temperatures: Sequence[float] = MLKD_TEMPERATURES,
-    ce_weight: float = 0.5,
-    kd_weight: float = 0.5,
-    split: str = "dkd",
-    alpha: float = 1.0,
-    beta: float = 2.0,
+    ce_weight: float = MLKD_DEFAULTS["ce_weight"],
+    kd_weight: float = MLKD_DEFAULTS["kd_weight"],
+    split: str = MLKD_DEFAULTS["split"],
+    alpha: float = MLKD_DEFAULTS["alpha"],
+    beta: float = MLKD_DEFAULTS["beta"],
     warmup: float = 1.0,
     topk: TopK = None,
     confidence_mask: str = "release",
@@ -187,8 +193,8 @@ def mlkd_components(
 ) -> Dict[str, torch.Tensor]:
     """MLKD as DeepKD's three losses ``{"tog", "tcg", "ncg"}`` (formulas in the module docstring).
 
-    Defaults are the DeepKD release's CIFAR-100 MLKD configs (CE 0.5, KD 0.5, DKD split with
-    alpha 1, beta 2). ``warmup`` is the already-computed warm-up factor; ``topk`` (None, int or
+    Defaults: ``MLKD_DEFAULTS``, those of ``mlkd_loss`` (the DeepKD release's CIFAR-100 MLKD
+    configs, CE 0.5, KD 0.5, DKD split, are configs/cls files). ``warmup`` is the already-computed warm-up factor; ``topk`` (None, int or
     per-row LongTensor) masks the NCKD terms of both views, ranked by each view's teacher as
     ``topk_rank`` says (core.losses.topk_nontarget_mask).
     """

@@ -29,6 +29,7 @@ import copy
 from typing import Any, Dict, List, Optional
 
 from .losses import TOPK_RANKS
+from .optim import COMPAT_MODES  # stated once, by the optimizers that implement them
 from .step import STRATEGIES
 from .topk import SCHEDULE_MODES, TopKSchedule
 
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("deepkd", "dot")
-COMPAT_MODES = ("paper", "official")
 TOPK_RANK_CHOICES = ("auto",) + TOPK_RANKS
 
 # One definition of every key; each task wraps it in its own CfgNode class (deepkd_node).

@@ -62,7 +62,7 @@ from .modeling.weights import (
     imagenet_flavour,
 )
 
-__all__ = ["DeepKDCheckpointer", "TRAINING_ONLY_PARTS", "check_student_state"]
+__all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "TRAINING_ONLY_PARTS", "check_student_state"]
 
 # Training-only parts of DeepKDRCNN: (attribute, state-dict prefix, name in messages).
 TRAINING_ONLY_PARTS = (("reviewkd_head", REVIEWKD_HEAD_PREFIX, "ReviewKD head"),
@@ -186,6 +186,30 @@ class DeepKDCheckpointer(DetectionCheckpointer):
                 logger.info("%s not in the checkpoint: its %d tensors keep their initialisation", what, len(missing))
                 incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(prefix)]
         return incompatible
+
+
+class EvalCheckpointer(DeepKDCheckpointer):
+    """For evaluation and export, a checkpoint must fill the whole model: a skipped tensor (another
+    class count, another architecture) would be evaluated at its random initialisation."""
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        problems = [
+            f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
+            for key, shape_file, shape_model in incompatible.incorrect_shapes
+        ]
+        # (BN step counters play no part in inference; the ReviewKD head is training-only.)
+        missing = [k for k in incompatible.missing_keys
+                   if not k.startswith(REVIEWKD_HEAD_PREFIX) and not k.endswith("num_batches_tracked")]
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+        if problems:
+            hint = ""
+            for key, shape_file, _ in incompatible.incorrect_shapes:
+                if key.endswith("box_predictor.cls_score.weight"):
+                    hint = (f" The checkpoint was trained for {shape_file[0] - 1} classes: set "
+                            "MODEL.ROI_HEADS.NUM_CLASSES to that (and use a dataset with those classes).")
+            raise ValueError("MODEL.WEIGHTS does not fit the model to evaluate: " + "; ".join(problems) + "." + hint)
+        super()._log_incompatible_keys(incompatible)
 
 
 @contextlib.contextmanager

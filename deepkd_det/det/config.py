@@ -17,6 +17,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from deepkd_det.core.amp import AMP_DTYPES
+from deepkd_det.core.io import read_yaml_mapping
 from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
 from deepkd_det.core.settings import decoupled, deepkd_node, validate_deepkd_settings
 from deepkd_det.core.topk import TopKSchedule
@@ -28,6 +29,7 @@ __all__ = [
     "model_zoo_config_file",
     "resolve_teacher_cfg",
     "merge_config_file",
+    "student_only_cfg",
     "build_topk_schedule",
     "check_input_files",
     "lr_batch_warning",
@@ -86,8 +88,6 @@ def add_deepkd_config(cfg: CN) -> CN:
     # entries that differ from detectron2's defaults override the base (resolve_teacher_cfg). Its
     # MODEL.WEIGHTS is ignored (see TEACHER.MODEL.WEIGHTS).
     cfg.TEACHER.CONFIG_FILE = ""
-    # The teacher always runs in eval mode (frozen BN, no dropout); only True is accepted.
-    cfg.TEACHER.EVAL_MODE = True
     # Allow a teacher without weights (random init). Only for tests and smoke runs: a warning
     # is logged. Off by default: a teacher with missing weights stops the build.
     cfg.TEACHER.ALLOW_RANDOM_INIT = False
@@ -211,29 +211,38 @@ def _config_file_path(name: str) -> str:
     return name
 
 
-def _setting_file(path: str, section: str, key: str) -> Optional[str]:
-    """The yaml of ``path``'s _BASE_ chain whose ``section.key`` the merged config holds (the
-    first one from ``path`` down that states it; later files override their bases), else None."""
-    import yaml
-
+def _yaml_chain(path: str):
+    """``(file, mapping)`` for ``path`` and each _BASE_ below it. A file that is not valid YAML, or
+    whose top level is not a mapping of keys, is a ValueError naming the file (and the line)."""
     while path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if isinstance(data.get(section), dict) and data[section].get(key):
-            return path
+        data = read_yaml_mapping(path, python_tags_ok=True)
+        if data is None:
+            return  # a python tag: detectron2's own loader (unsafe_load) decides
+        yield path, data
         base = data.get("_BASE_")
         if not base:
-            return None
+            return
         base = os.path.expanduser(base)
         # detectron2's rule for _BASE_: relative to the file that names it.
         path = base if base.startswith(("/", "https://", "http://")) else os.path.join(os.path.dirname(path), base)
+
+
+def _setting_file(path: str, section: str, key: str) -> Optional[str]:
+    """The yaml of ``path``'s _BASE_ chain whose ``section.key`` the merged config holds (the
+    first one from ``path`` down that states it; later files override their bases), else None."""
+    for file, data in _yaml_chain(path):
+        if isinstance(data.get(section), dict) and data[section].get(key):
+            return file
     return None
 
 
 def merge_config_file(cfg: CN, path: str) -> CN:
     """``cfg.merge_from_file(path)``, with a relative TEACHER.CONFIG_FILE taken relative to the
     yaml that states it (as detectron2 takes _BASE_), so a config finds its teacher's config from
-    any working directory. A TEACHER.CONFIG_FILE given on the command line stays as typed."""
+    any working directory. A TEACHER.CONFIG_FILE given on the command line stays as typed.
+    A file of the chain that is not YAML, or not a mapping, is a ValueError naming it."""
+    for _ in _yaml_chain(path):
+        pass
     cfg.merge_from_file(path)
     name = cfg.TEACHER.CONFIG_FILE
     if name and not name.startswith("model_zoo:") and not os.path.isabs(name):
@@ -273,6 +282,11 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
         if not os.path.isfile(path):
             raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
         teacher_cfg.set_new_allowed(True)
+        try:
+            for _ in _yaml_chain(path):
+                pass
+        except ValueError as exc:
+            raise ValueError(f"TEACHER.CONFIG_FILE: {exc}") from None
         teacher_cfg.merge_from_file(path)
     else:
         teacher_cfg.MODEL = _fresh_copy(cfg.MODEL)
@@ -300,6 +314,21 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
 def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
     """The DTM schedule of cfg.DEEPKD over the C - 1 = NUM_CLASSES non-target classes (None: no mask)."""
     return core_topk_schedule(cfg.DEEPKD, num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+
+
+def student_only_cfg(cfg: CN) -> CN:
+    """The config of the student alone, for evaluation and export: every distillation part off
+    (KD.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no teacher, teacher file or training-only
+    module (ReviewKD head, DiffKD modules) is built, whatever the config says. The student is the
+    same model: DeepKDRCNN without them is a plain GeneralizedRCNN."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.KD.TYPE = "NONE"
+    cfg.DEEPKD.ENABLED = False
+    cfg.KD.REVIEWKD.ENABLED = False
+    cfg.KD.DIFFKD.ENABLED = False
+    cfg.freeze()
+    return cfg
 
 
 # ---------------------------------------------------------------- validation
@@ -371,8 +400,6 @@ def validate_deepkd_config(cfg: CN) -> None:
     _check_choice("TEACHER.AMP_DTYPE", cfg.TEACHER.AMP_DTYPE, ("",) + tuple(AMP_DTYPES))
 
     # teacher
-    if cfg.TEACHER.EVAL_MODE is not True:
-        raise ValueError("TEACHER.EVAL_MODE must be True: the teacher always runs in eval mode")
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
     if distill or reviewkd or diffkd:
         tcfg = resolve_teacher_cfg(cfg)
@@ -431,6 +458,8 @@ def _local(path: str) -> bool:
 
 def _check_weights_file(key: str, path: str, why: str = "") -> None:
     """``path`` (a config value) exists and starts like a torch/pickle file; errors name ``key``."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{key} {path!r} is a directory: name the checkpoint file in it{why}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{key} {path!r} does not exist{why}")
     with open(path, "rb") as f:

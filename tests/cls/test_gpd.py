@@ -16,6 +16,7 @@ from deepkd_det.cls.engine import ClsTrainer, evaluate
 from deepkd_det.cls.models import build_model, load_teacher_weights
 from deepkd_det.core.gpd import DYNAMIC_TEACHER, STUDENT, WidthSliced, at_width, gpd_soft_target_loss
 from deepkd_det.core.losses import dkd_components
+from tests.toolload import load_tool
 
 
 def _gpd_opts(teacher_ckpt, **extra):
@@ -120,7 +121,7 @@ def test_gpd_deepkd_resumes_exactly(tmp_path, teacher_ckpt, tiny_cfg):
 def test_gpd_dkd_learns_and_exports_the_plain_student(tmp_path, teacher_ckpt, tiny_cfg, capsys):
     """GPD + DKD (CBR off, plain SGD with the clip): top-1 moves; the student files load strictly into
     the ordinary resnet8 and give the shared model's student-width logits; eval_cls agrees."""
-    import tools.eval_cls as eval_cls
+    eval_cls = load_tool("eval_cls")
 
     cfg = tiny_cfg(tmp_path, **_gpd_opts(teacher_ckpt, GPD__CBR=False, SOLVER__EPOCHS=2, SOLVER__LR_DECAY_STAGES=[1]))
     trainer = ClsTrainer(cfg)

@@ -13,6 +13,7 @@ import torch
 from deepkd_det.cls.config import ConfigError, load_cfg
 from deepkd_det.cls.engine import ClsTrainer, NonFiniteLossError, evaluate, lr_at
 from deepkd_det.cls.models import build_model
+from tests.toolload import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -293,7 +294,7 @@ def test_mismatched_teacher_checkpoints_are_refused(tmp_path, tiny_cfg):
 
 # ----------------------------------------------------------------------------- tools
 def test_train_tool_reports_config_errors(capsys):
-    from tools import train_cls
+    train_cls = load_tool("train_cls")
 
     assert train_cls.main(["--cfg", os.path.join(ROOT, "configs/cls/digits/dkd.yaml"), "DKD.BETTA", "2"]) == 1
     assert "unknown config key DKD.BETTA (did you mean DKD.BETA?)" in capsys.readouterr().err
@@ -301,7 +302,7 @@ def test_train_tool_reports_config_errors(capsys):
 
 @pytest.mark.slow
 def test_outputs_eval_tool_and_gsnr_plot(tmp_path, teacher_ckpt, capsys, tiny_cfg):
-    from tools import eval_cls, plot_gsnr
+    eval_cls, plot_gsnr = load_tool("eval_cls"), load_tool("plot_gsnr")
 
     opts = dict(DISTILLER__TYPE="DKD", DISTILLER__TEACHER="resnet8", TEACHER__CKPT=teacher_ckpt,
                 DEEPKD__ENABLED=True, SOLVER__EPOCHS=2, DEEPKD__GSNR__ENABLED=True, DEEPKD__GSNR__WINDOW=3, DEEPKD__GSNR__PERIOD=4,

@@ -119,8 +119,8 @@ def test_kd_split_sums_to_plain_kd_terms():
 def test_dkd_split_against_formula(mode):
     zs_w, zt_w, zs_s, zt_s, y = _views(seed=6)
     T, n, alpha, beta, w = 4.0, len(WEAK_KINDS), 1.0, 2.0, 0.5
-    parts = crld_components(zs_w, zt_w, zs_s, zt_s, y, temperature=T, alpha=alpha, beta=beta, warmup=w,
-                            confidence_mask=mode)
+    parts = crld_components(zs_w, zt_w, zs_s, zt_s, y, temperature=T, split="dkd", alpha=alpha, beta=beta,
+                            warmup=w, confidence_mask=mode)
     tcg = ncg = 0.0
     for pairs, keep, weight in ((((zs_w, zt_w), (zs_s, zt_s)), KEEP_W, 2.0),
                                 (((zs_s, zt_w), (zs_w, zt_s)), KEEP_S, 0.5)):

@@ -144,6 +144,53 @@ def test_gamma_mixing():
     assert torch.allclose(out.denoised, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["feature", "logits"])
+def test_output_projection_is_a_1x1_conv_then_batch_norm_as_released(kind):
+    """With a zero noise prediction the DDIM chain only rescales its start, so the denoised student
+    is out_proj(start / sqrt(abar_400)); out_proj is computed here by hand: a 1x1 convolution (a
+    linear map for logits), then batch norm with the batch's statistics in training, and with the
+    running statistics it updated (momentum 0.1, unbiased variance) in eval mode."""
+    torch.manual_seed(11)
+    module = DiffKD(6, 5, kind=kind).double()
+    module.denoiser = ZeroNoise()
+    shape = (4, 6, 3, 3) if kind == "feature" else (4, 6)
+    student, teacher = torch.randn(shape, dtype=torch.float64), torch.randn((4, 5, *shape[2:]), dtype=torch.float64)
+    with torch.no_grad():
+        module.out_proj[1].weight.uniform_(0.5, 1.5)
+        module.out_proj[1].bias.uniform_(-0.5, 0.5)
+    out = module(student, teacher, generator=torch.Generator().manual_seed(5))
+    z_s = module.student_proj(student)
+    g = module.noise_adapter(z_s).view(-1, *([1] * (len(shape) - 1)))
+    eps = torch.randn(z_s.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = (g * z_s + (1 - g) * eps) / math.sqrt(float(abar_direct()[400]))
+    lin, bn = module.out_proj[0], module.out_proj[1]
+    weight = lin.weight.reshape(5, 5)
+    y = torch.einsum("oc,nc...->no...", weight, x) + lin.bias.view(1, -1, *([1] * (len(shape) - 2)))
+    dims = (0, 2, 3) if kind == "feature" else (0,)
+    view = (1, -1, 1, 1) if kind == "feature" else (1, -1)
+    mean, var = y.mean(dim=dims, keepdim=True), y.var(dim=dims, unbiased=False, keepdim=True)
+    expected = (y - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(view) + bn.bias.view(view)
+    assert torch.allclose(out.denoised, expected, rtol=1e-9, atol=1e-9)
+    if kind == "feature":
+        kd = ((expected - teacher) ** 2).mean()
+    else:  # KL(p_t || p_s) at T = 1, mean over rows
+        kd = (teacher.softmax(1) * (teacher.log_softmax(1) - expected.log_softmax(1))).sum(1).mean()
+    assert torch.allclose(out.losses["kd"], kd, rtol=1e-9)
+    count = y.numel() // y.shape[1]
+    running_mean, running_var = 0.1 * mean.flatten(), 0.9 + 0.1 * var.flatten() * count / (count - 1)
+    assert torch.allclose(bn.running_mean, running_mean, rtol=1e-9) and torch.allclose(bn.running_var, running_var)
+    module.eval()
+    denoised, _ = module.denoise(student, generator=torch.Generator().manual_seed(5))
+    z_s = module.student_proj(student)
+    g = module.noise_adapter(z_s).view(-1, *([1] * (len(shape) - 1)))
+    x = (g * z_s + (1 - g) * eps) / math.sqrt(float(abar_direct()[400]))
+    y = torch.einsum("oc,nc...->no...", weight, x) + lin.bias.view(1, -1, *([1] * (len(shape) - 2)))
+    expected = (y - running_mean.view(view)) / torch.sqrt(running_var.view(view) + bn.eps) * bn.weight.view(view) \
+        + bn.bias.view(view)
+    # (the scheduler's abar is float32: a relative 1e-7 in the scale, which training-mode BN removes)
+    assert torch.allclose(denoised, expected, rtol=1e-6, atol=1e-6), (denoised - expected).abs().max()
+
+
 def test_autoencoder_loss_and_latent_target():
     torch.manual_seed(4)
     module = DiffKD(6, 16, ae_channels=4)
@@ -183,7 +230,7 @@ def test_gradient_reaches_student_and_backbone_not_teacher():
     assert module.denoiser.time_embedding.weight.grad.abs().sum() > 0
     assert backbone.weight.grad is None and module.student_proj.weight.grad is None
     out.losses["kd"].backward()
-    for p in (backbone.weight, module.student_proj.weight, module.out_proj.weight,
+    for p in (backbone.weight, module.student_proj.weight, module.out_proj[0].weight, module.out_proj[1].weight,
               module.noise_adapter.pred.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert teacher.grad is None

@@ -194,11 +194,12 @@ def test_dkd_split_against_formula():
 def test_topk_mask_on_nckd():
     zs_w, zt_w, zs_s, zt_s, y = _views(n=6, c=6, seed=30)
     args = (zs_w, zt_w, zs_s, zt_s, y)
-    free = mlkd_components(*args, temperatures=(4.0,))
-    full = mlkd_components(*args, temperatures=(4.0,), topk=5)  # K = C - 1: nothing removed
+    args = (*args, (4.0,), 0.5, 0.5, "dkd", 1.0, 2.0)  # temperatures, CE and KD weights, split, alpha, beta
+    free = mlkd_components(*args)
+    full = mlkd_components(*args, topk=5)  # K = C - 1: nothing removed
     assert torch.equal(free["tcg"], full["tcg"]) and torch.allclose(free["ncg"], full["ncg"], atol=1e-12)
-    free = mlkd_components(*args, temperatures=(4.0,), confidence_mask="none")
-    k2 = mlkd_components(*args, temperatures=(4.0,), topk=2, confidence_mask="none")
+    free = mlkd_components(*args, confidence_mask="none")
+    k2 = mlkd_components(*args, topk=2, confidence_mask="none")
     assert torch.equal(k2["tcg"], free["tcg"])  # TCKD is never masked
     assert not torch.allclose(k2["ncg"], free["ncg"])
 

@@ -1,7 +1,7 @@
 """The released code's semantics as options: the top-k ranking over all classes and mdistiller's DOT.
 
 Every expected number is computed by hand (closed forms in the comments) or by a plain replica
-of the released update written here from its description (README, "Release compatibility").
+of the released update written here from its description (docs/methods.md, "Release compatibility").
 """
 
 from __future__ import annotations

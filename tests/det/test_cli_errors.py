@@ -43,12 +43,17 @@ def out(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}, "iteration": 1}, out / "model_0000001.pth")
     (out / "last_checkpoint").write_text("model_0000001.pth")
     (out / "metrics.json").write_text(json.dumps({"iteration": 1, "total_loss": 1.5}) + "\n")
+    (out / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 1\n")
+    (out / "log.txt").write_text("an earlier run\n")
     return out
 
 
-def _digest(out: Path):
+RUN_FILES = ("model_0000001.pth", "last_checkpoint", "metrics.json")
+
+
+def _digest(out: Path, names=RUN_FILES + ("config.yaml", "log.txt")):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()
-            and p.name in ("model_0000001.pth", "last_checkpoint", "metrics.json")}
+            and p.name in names}
 
 
 def _argv(config, out, train_json, train_dir, val_json=None, val_dir=None, *opts):
@@ -94,12 +99,12 @@ def _fails(capsys, argv, *expected):
     return lines[-1]
 
 
-def _edited_json(tmp_path, train_json, edit):
+def _edited_json(tmp_path, train_json, edit, name="edited.json"):
     with open(train_json) as f:
         data = json.load(f)
     data = copy.deepcopy(data)
     edit(data)
-    path = tmp_path / "edited.json"
+    path = tmp_path / name
     path.write_text(json.dumps(data))
     return path
 
@@ -164,6 +169,46 @@ def test_dataset_errors_name_the_json(tmp_path, coco, out, capsys):
     assert _digest(out) == before
 
 
+def test_inputs_a_new_user_met_are_refused_at_start_up(tmp_path, coco, out, capsys):
+    """A yaml that does not parse or is a list; a training json without annotations; a truncated
+    image or one of another size than its json entry; MODEL.WEIGHTS a folder; OUTPUT_DIR under a
+    file. Each: one line naming the file or key, before OUTPUT_DIR is touched."""
+    before = _digest(out)
+    t = DEMO / "teacher.yaml"
+    train_json, train_dir, val_json, val_dir = coco
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text(f"_BASE_: {t}\nSOLVER:\n  BASE_LR: [0.01\n")
+    _fails(capsys, _argv(syntax, out, *coco[:2]), "syntax.yaml:4:", "not valid YAML")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- SOLVER.BASE_LR\n- 0.01\n")
+    _fails(capsys, _argv(listed, out, *coco[:2]), "listed.yaml", "top level is a list")
+
+    def no_annotations(d):
+        d["annotations"] = []
+
+    _fails(capsys, _argv(t, out, _edited_json(tmp_path, train_json, no_annotations, "empty.json"), train_dir),
+           "'own_train'", "empty.json", "no image has an annotation")
+
+    def other_size(d):
+        d["images"][1]["width"] = 80
+
+    _fails(capsys, _argv(t, out, _edited_json(tmp_path, train_json, other_size, "sized.json"), train_dir),
+           "sized.json", "64x64 pixels, the json says 80x64")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in os.listdir(train_dir):
+        (images / name).write_bytes((Path(train_dir) / name).read_bytes())
+    first = sorted(os.listdir(images))[0]
+    whole = (images / first).read_bytes()
+    (images / first).write_bytes(whole[: len(whole) * 2 // 3])
+    _fails(capsys, _argv(t, out, train_json, images), first, "truncated")
+    _fails(capsys, _argv(t, out, *coco[:2], None, None, "MODEL.WEIGHTS", tmp_path), "MODEL.WEIGHTS", "is a directory")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _fails(capsys, _argv(t, a_file / "run", *coco[:2]), "OUTPUT_DIR", "a_file", "not a folder")
+    assert _digest(out) == before
+
+
 def test_eval_only_refuses_a_checkpoint_of_another_class_count(tmp_path, coco, out, capsys):
     # A whole detector of the demo teacher's architecture, trained for 5 classes: with its backbone
     # (a file of the heads alone is refused earlier, by the student backbone check).
@@ -175,10 +220,11 @@ def test_eval_only_refuses_a_checkpoint_of_another_class_count(tmp_path, coco, o
     cfg.MODEL.DEVICE = "cpu"
     weights = tmp_path / "five_classes.pth"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
-    before = _digest(out)
+    # (a check after the model is built: the evaluation's config.yaml and log.txt are written by then)
+    before = _digest(out, RUN_FILES)
     _fails(capsys, _argv(DEMO / "teacher.yaml", out, *coco, "MODEL.WEIGHTS", weights, "--eval-only"),
            "MODEL.WEIGHTS does not fit", "trained for 5 classes", "cls_score.weight")
-    assert _digest(out) == before
+    assert _digest(out, RUN_FILES) == before
 
 
 def test_options_after_the_overrides_still_count(tmp_path, coco):
@@ -203,7 +249,7 @@ def test_command_line_process_prints_one_line(tmp_path, coco):
         f.truncate(80)  # a file cut short (copied while written, disk full)
     (out / "last_checkpoint").write_text("model_0000001.pth")
     (out / "metrics.json").write_text(json.dumps({"iteration": 1, "total_loss": 1.5}) + "\n")
-    before = _digest(out)
+    before = _digest(out, RUN_FILES)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("DEEPKD_DEBUG", None)
     argv = [sys.executable, str(REPO / "train_net.py"), *_argv(DEMO / "teacher.yaml", out, *coco[:2], None, None,
@@ -214,7 +260,7 @@ def test_command_line_process_prints_one_line(tmp_path, coco):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("train_net.py: error: --resume"), proc.stderr
     assert "last_checkpoint" in last and "model_0000001.pth" in last and "damaged" in last
-    assert _digest(out) == before
+    assert _digest(out, RUN_FILES) == before
 
 
 def test_a_shrunk_batch_at_the_files_learning_rate_is_warned_about():

@@ -315,7 +315,6 @@ BAD_SETTINGS = [
     ({"DEEPKD.OPTIMIZER": "dot", "DEEPKD.DOT_DELTA": 0.2}, r"DOT distillation momentum SOLVER.MOMENTUM -/\+ DEEPKD.DOT_DELTA"),
     ({"DEEPKD.GSNR.PERIOD": -1}, "DEEPKD.GSNR.PERIOD must be >= 0"),
     ({"DEEPKD.GSNR.WINDOW": 1}, "DEEPKD.GSNR.WINDOW must be >= 2"),
-    ({"TEACHER.EVAL_MODE": False}, "TEACHER.EVAL_MODE must be True"),
     ({"TEACHER.INPUT_FORMAT": "YUV"}, "TEACHER.INPUT_FORMAT must be one of"),
     ({"TEACHER.MODEL.ROI_HEADS.NUM_CLASSES": 5}, "teacher and student class counts differ"),
     ({"TEACHER.CONFIG_FILE": "/nonexistent/teacher.yaml"}, "TEACHER.CONFIG_FILE .* does not exist"),

@@ -1,4 +1,4 @@
-"""The README's "Your own data" recipe, run as written (plus tiny sizes) on a generated COCO set:
+"""The own-data recipe of docs/own_data.md, run as written (plus tiny sizes) on a generated COCO set:
 teacher, its evaluation, a student distilled from it, the student's evaluation."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from deepkd_det.det.data import generate_shapes_dataset, shapes_split_paths  # n
 REPO = Path(__file__).resolve().parents[2]
 
 
-def readme_recipe():
-    """The ``python train_net.py --config-file configs/DEEPKD/custom/...`` lines of the README."""
-    text = (REPO / "README.md").read_text()
+def own_data_recipe():
+    """The ``python train_net.py --config-file configs/DEEPKD/custom/...`` lines of docs/own_data.md."""
+    text = (REPO / "docs" / "own_data.md").read_text()
     return re.findall(r"^python train_net\.py --config-file configs/DEEPKD/custom/.*$", text, flags=re.M)
 
 
@@ -43,10 +43,10 @@ def _tiny():
     return opts
 
 
-def test_readme_recipe_teacher_eval_student_eval(tmp_path, monkeypatch, capsys):
-    commands = readme_recipe()
+def test_own_data_recipe_teacher_eval_student_eval(tmp_path, monkeypatch, capsys):
+    commands = own_data_recipe()
     assert len(commands) == 4, commands
-    # The data layout the README names: data/{train,val}.json and data/{train,val}/.
+    # The data layout the page names: data/{train,val}.json and data/{train,val}/.
     generated = tmp_path / "generated"
     generate_shapes_dataset(str(generated), num_train=6, num_val=2, image_size=64, seed=0)
     for split in ("train", "val"):

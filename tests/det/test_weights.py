@@ -305,6 +305,12 @@ TONYLINS_FROM_TV = {
 
 
 def _tonylins_key(tv_key):
+    """The d-li14 (tonylins) name of a torchvision MobileNetV2 key: its last 1x1 conv + BN
+    (torchvision's features.18) is the top-level ``conv``, its linear layer ``classifier``."""
+    if tv_key.startswith("features.18."):
+        return "conv." + tv_key[len("features.18."):]
+    if tv_key.startswith("classifier.1."):
+        return "classifier." + tv_key[len("classifier.1."):]
     parts = tv_key.split(".")
     idx = int(parts[1])
     if idx == 0 or parts[2] != "conv":
@@ -332,6 +338,7 @@ def test_mobilenetv2_weights_conversion(tmp_path):
     assert set(converted) == set(expected)
     tonylins = {_tonylins_key(k): v for k, v in tv_state.items()}
     assert "features.1.conv.3.weight" in tonylins and "features.2.conv.7.running_var" in tonylins
+    assert "conv.1.running_var" in tonylins and "classifier.weight" in tonylins
     from_tonylins = mobilenetv2_to_backbone(tonylins)
     assert set(from_tonylins) == set(expected)
     for k, v in expected.items():
@@ -363,6 +370,8 @@ def test_mobilenetv2_weights_conversion(tmp_path):
     ckpt = DeepKDCheckpointer(model)
     incompatible = ckpt._load_model(ckpt._load_file(str(tmp_path / "mv2-release.pth")))
     assert not [k for k in incompatible.missing_keys if k.startswith(("teacher.", "backbone.bottom_up."))]
+    # its head (conv.*, classifier.*) is dropped as make_kd_weights drops it, not left unexpected
+    assert not incompatible.unexpected_keys, incompatible.unexpected_keys
     loaded = model.backbone.bottom_up.state_dict()
     for k, v in expected.items():
         assert torch.equal(loaded[k], v), k

@@ -1,27 +1,54 @@
 """The demos' --quick forms end to end: the table, the summary and the picture are written."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.toolload import load_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool(name)
+
+
+def _docs_with_blocks(tmp_path, name):
+    """A README and a docs page holding the demo's block (with stale numbers), text around it."""
+    begin, end = load_tool("demo_report").docs_block_markers(name)
+    files = []
+    for rel in ("README.md", "docs/demos.md"):
+        path = tmp_path / "repo" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {path.name}\n\nbefore\n{begin}\n| stale | 1.00 |\n{end}\nafter\n")
+        files.append(path)
+    return files
+
+
+def _check_docs(files, name, table):
+    """Each file: the block holds the printed table (after its command line), the rest is as it was."""
+    begin, end = load_tool("demo_report").docs_block_markers(name)
+    for path in files:
+        text = path.read_text()
+        assert text.startswith(f"# {path.name}\n\nbefore\n{begin}\n")
+        assert text.endswith(f"\n{end}\nafter\n") and "stale" not in text
+        block = text.split(begin + "\n")[1].split("\n" + end)[0]
+        assert block.startswith(f"Written by `python tools/{name}.py --quick")
+        assert block.split("\n", 2)[2] == table.rstrip("\n")
 
 
 def test_cls_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
     demo = _load("cls_demo")
     out = tmp_path / "demo"
-    assert demo.main(["--quick", "--jobs", "1", "--out", str(out)]) == 0
+    docs = _docs_with_blocks(tmp_path, "cls_demo")
+    with pytest.raises(SystemExit):  # smoke-run numbers never go to the project's docs by default
+        demo.main(["--quick", "--write-docs"])
+    assert demo.main(["--quick", "--jobs", "1", "--out", str(out), "--write-docs", "--docs", *map(str, docs)]) == 0
     table = (out / "results.md").read_text()
+    _check_docs(docs, "cls_demo", table)
+    assert (docs[1].parent / "cls_demo.png").read_bytes() == (out / "cls_demo.png").read_bytes()
     for key in demo.QUICK_METHODS:
         assert f"| {demo.LABELS[key]} |" in table
     assert "vs vanilla" in table and "total time" in table
@@ -41,8 +68,10 @@ def test_det_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
     pytest.importorskip("detectron2")
     demo = _load("det_demo")
     out = tmp_path / "det"
-    assert demo.main(["--quick", "--jobs", "1", "--output", str(out)]) == 0
+    docs = _docs_with_blocks(tmp_path, "det_demo")
+    assert demo.main(["--quick", "--jobs", "1", "--output", str(out), "--write-docs", "--docs", *map(str, docs)]) == 0
     table = (out / "results.md").read_text()
+    _check_docs(docs, "det_demo", table)
     for key in demo.QUICK_METHODS:
         assert f"| {demo.LABELS[key]} |" in table
     assert "| teacher (all " in table

@@ -7,17 +7,18 @@ top-k mask acts on NCKD only; the warm-up scales TCKD and NCKD (core.crld).
 
 from __future__ import annotations
 
-from deepkd_det.core.crld import CRLD_TAU_STRONG, CRLD_TAU_WEAK, crld_components
+from deepkd_det.core.crld import CRLD_DEFAULTS, CRLD_TAU_STRONG, CRLD_TAU_WEAK, crld_components
 from deepkd_det.core.losses import warmup_factor
 
 from .base import TwoViewDistiller
 
 
 class CRLD(TwoViewDistiller):
-    def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 1.0,
-                 within_weight: float = 2.0, cross_weight: float = 0.5, tau_weak: float = CRLD_TAU_WEAK,
-                 tau_strong: float = CRLD_TAU_STRONG, split: str = "kd", alpha: float = 1.0,
-                 beta: float = 2.0, warmup: float = 0.0, confidence_mask: str = "row",
+    def __init__(self, student, teacher, temperature: float = CRLD_DEFAULTS["temperature"],
+                 ce_weight: float = CRLD_DEFAULTS["ce_weight"], within_weight: float = CRLD_DEFAULTS["within_weight"],
+                 cross_weight: float = CRLD_DEFAULTS["cross_weight"], tau_weak: float = CRLD_TAU_WEAK,
+                 tau_strong: float = CRLD_TAU_STRONG, split: str = CRLD_DEFAULTS["split"],
+                 alpha: float = CRLD_DEFAULTS["alpha"], beta: float = CRLD_DEFAULTS["beta"], warmup: float = 0.0, confidence_mask: str = "row",
                  logit_stand: bool = False, apply_topk: bool = True, topk_rank: str = "nontarget"):
         super().__init__(student, teacher)
         self.temperature = temperature

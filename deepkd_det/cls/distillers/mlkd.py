@@ -9,14 +9,16 @@ NCKD only; the warm-up scales TCKD and NCKD.
 from __future__ import annotations
 
 from deepkd_det.core.losses import warmup_factor
-from deepkd_det.core.mlkd import MLKD_TEMPERATURES, mlkd_components
+from deepkd_det.core.mlkd import MLKD_DEFAULTS, MLKD_TEMPERATURES, mlkd_components
 
 from .base import TwoViewDistiller
 
 
 class MLKD(TwoViewDistiller):
-    def __init__(self, student, teacher, temperatures=MLKD_TEMPERATURES, ce_weight: float = 0.1,
-                 kd_weight: float = 0.9, split: str = "kd", alpha: float = 1.0, beta: float = 2.0,
+    def __init__(self, student, teacher, temperatures=MLKD_TEMPERATURES,
+                 ce_weight: float = MLKD_DEFAULTS["ce_weight"], kd_weight: float = MLKD_DEFAULTS["kd_weight"],
+                 split: str = MLKD_DEFAULTS["split"], alpha: float = MLKD_DEFAULTS["alpha"],
+                 beta: float = MLKD_DEFAULTS["beta"],
                  warmup: float = 0.0, confidence_mask: str = "release", logit_stand: bool = False,
                  apply_topk: bool = True, topk_rank: str = "nontarget"):
         super().__init__(student, teacher)

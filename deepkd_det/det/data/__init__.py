@@ -5,6 +5,8 @@ from .register import (
     BOX_TOLERANCE,
     check_dataset_paths,
     check_num_classes,
+    check_training_annotations,
+    image_problem,
     inspect_coco_json,
     prepare_shapes_dataset,
     register_coco_dataset,
@@ -24,6 +26,8 @@ from .synthetic import (
 __all__ = [
     "BOX_TOLERANCE",
     "check_num_classes",
+    "check_training_annotations",
+    "image_problem",
     "inspect_coco_json",
     "resolve_num_classes",
     "ALL_SHAPE_CATEGORIES",

@@ -8,11 +8,13 @@ in ``DATASETS.TRAIN`` / ``TEST`` is registered and that its json and image folde
 A COCO json registered here is read once at registration (``inspect_coco_json``) and refused,
 with its path and the first offending entries named, when it is not valid JSON, lacks
 ``images`` / ``annotations`` / ``categories``, lists an image file that is not in the image
-folder, or holds a box of non-positive width or height, or reaching more than ``BOX_TOLERANCE``
-pixels outside its image (detectron2 would train on another box, silently: e.g. a box written
+folder, lists an image file that does not open as a complete image of the json's width and height
+(``image_problem``: header and end only, no decoding), or holds a box of non-positive width or
+height, or reaching more than ``BOX_TOLERANCE`` pixels outside its image (detectron2 would train on another box, silently: e.g. a box written
 as ``[x0, y0, x1, y1]`` instead of ``[x, y, w, h]``). Bad boxes are refused, not dropped: the
 fix belongs in the json. ``check_num_classes`` compares MODEL.ROI_HEADS.NUM_CLASSES with the
-categories of the datasets (``resolve_num_classes``: 0 takes the count from the json).
+categories of the datasets (``resolve_num_classes``: 0 takes the count from the json);
+``check_training_annotations``: a training json must annotate at least one image.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import json
 import logging
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from PIL import Image
 
 from .config import add_data_config
 from .synthetic import SHAPES_TRAIN, SHAPES_VAL, generate_shapes_dataset, shapes_split_paths
@@ -33,6 +36,8 @@ __all__ = [
     "BOX_TOLERANCE",
     "check_dataset_paths",
     "check_num_classes",
+    "check_training_annotations",
+    "image_problem",
     "inspect_coco_json",
     "prepare_shapes_dataset",
     "register_coco_dataset",
@@ -71,9 +76,46 @@ def _first(items: List[str], total: int) -> str:
     return "; ".join(items) + more
 
 
-def inspect_coco_json(name: str, json_file: str, image_root: str) -> List[str]:
+# How far from a file's end its end-of-image marker may lie (bytes some writers append after it).
+_TAIL = 1024
+# The EXIF orientations that swap width and height (detectron2 applies them when it reads an image).
+_TRANSPOSED = (5, 6, 7, 8)
+
+
+def image_problem(path: str, width: float, height: float) -> Optional[str]:
+    """None if ``path`` opens as an image of ``width`` x ``height`` (after its EXIF orientation,
+    as detectron2 reads it) and is complete; else what is wrong, in a few words.
+
+    Cheap: PIL reads the header only; completeness is the end-of-image marker within the file's
+    last ``_TAIL`` bytes for JPEG (``FF D9``, which entropy-coded data cannot contain) and PNG
+    (the ``IEND`` chunk), so a file cut short by a copy or a download is caught without decoding
+    it. Other formats are decoded in full.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            fmt = im.format
+            if fmt in ("JPEG", "MPO", "TIFF", "WEBP", "PNG") and im.getexif().get(0x0112, 1) in _TRANSPOSED:
+                w, h = h, w
+            if fmt not in ("JPEG", "MPO", "PNG"):
+                im.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+        return f"not a readable image ({exc})"
+    if (w, h) != (int(width), int(height)):
+        return f"{w}x{h} pixels, the json says {int(width)}x{int(height)}"
+    if fmt in ("JPEG", "MPO", "PNG"):
+        marker = b"IEND" if fmt == "PNG" else b"\xff\xd9"
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - _TAIL))
+            if marker not in f.read():
+                return f"truncated (no {fmt} end-of-image marker at its end)"
+    return None
+
+
+def inspect_coco_json(name: str, json_file: str, image_root: str) -> Tuple[List[str], int]:
     """Read a COCO instances json and check it (see the module docstring); returns the category
-    names in detectron2's order (sorted by id). Errors name the dataset and the file."""
+    names in detectron2's order (sorted by id) and how many images have an annotation. Errors name
+    the dataset and the file."""
     where = f"dataset {name!r} ({json_file})"
     try:
         with open(json_file, encoding="utf-8") as f:
@@ -93,7 +135,7 @@ def inspect_coco_json(name: str, json_file: str, image_root: str) -> List[str]:
     if not cat_ids:
         raise ValueError(f"{where}: no categories")
     images: Dict[int, dict] = {}
-    absent, malformed = [], []
+    absent, malformed, unreadable = [], [], []
     for img in data["images"]:
         try:
             images[int(img["id"])] = img
@@ -104,8 +146,13 @@ def inspect_coco_json(name: str, json_file: str, image_root: str) -> List[str]:
             continue
         if not (size[0] > 0 and size[1] > 0):
             malformed.append(f"{file_name}: width/height {size}")
-        if not os.path.isfile(os.path.join(image_root, file_name)):
+        path = os.path.join(image_root, file_name)
+        if not os.path.isfile(path):
             absent.append(file_name)
+        elif size[0] > 0 and size[1] > 0:
+            problem = image_problem(path, *size)
+            if problem:
+                unreadable.append(f"{file_name}: {problem}")
     if malformed:
         raise ValueError(f"{where}: {len(malformed)} image entries without a valid id, file_name, width and "
                          f"height: {_first(malformed[:_SHOWN], len(malformed))}")
@@ -114,6 +161,9 @@ def inspect_coco_json(name: str, json_file: str, image_root: str) -> List[str]:
             f"{where}: {len(absent)} of {len(images)} images are not in the image folder {image_root!r}: "
             f"{_first(absent[:_SHOWN], len(absent))}"
         )
+    if unreadable:
+        raise ValueError(f"{where}: {len(unreadable)} of {len(images)} images do not open as complete images of "
+                         f"the json's size: {_first(unreadable[:_SHOWN], len(unreadable))}")
     bad: List[str] = []
     tol = BOX_TOLERANCE
     for ann in data["annotations"]:
@@ -146,7 +196,8 @@ def inspect_coco_json(name: str, json_file: str, image_root: str) -> List[str]:
     if bad:
         raise ValueError(f"{where}: {len(bad)} bad annotations (fix or remove them in the json): "
                          f"{_first(bad[:_SHOWN], len(bad))}")
-    return [cat_ids[i] for i in sorted(cat_ids)]
+    annotated = {int(a["image_id"]) for a in data["annotations"]}
+    return [cat_ids[i] for i in sorted(cat_ids)], len(annotated)
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str, *, check: bool = True) -> None:
@@ -172,11 +223,11 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, *, check: 
             return
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    classes = inspect_coco_json(name, json_file, image_root) if check else None
+    classes, annotated = inspect_coco_json(name, json_file, image_root) if check else (None, None)
     register_coco_instances(name, {}, json_file, image_root)
     if classes is not None:
         # The same list detectron2's loader sets when it reads the json (sorted by category id).
-        MetadataCatalog.get(name).set(thing_classes=classes)
+        MetadataCatalog.get(name).set(thing_classes=classes, annotated_images=annotated)
     _OWN_NAMES.add(name)
 
 
@@ -239,6 +290,16 @@ def register_datasets_from_cfg(cfg) -> None:
     if any(n in (SHAPES_TRAIN, SHAPES_VAL) for n in _names_in(cfg)):
         prepare_shapes_dataset(cfg)
     check_dataset_paths(_names_in(cfg))
+
+
+def check_training_annotations(names: Iterable[str]) -> None:
+    """Each dataset of ``names`` (DATASETS.TRAIN) whose json was inspected annotates at least one
+    image (detectron2 drops images without annotations from training and would stop with "No valid
+    data found" once the run has started)."""
+    for name in names:
+        if getattr(MetadataCatalog.get(name), "annotated_images", None) == 0:
+            raise ValueError(f"dataset {_describe(name)} (DATASETS.TRAIN): no image has an annotation, "
+                             "so there is nothing to train on")
 
 
 def _dataset_classes(name: str) -> Optional[List[str]]:

@@ -5,6 +5,13 @@ The layers are torchvision's own, so torchvision's ImageNet state dict loads int
 ``features.18`` and the classifier are not built). Stage outputs, as in the ReviewKD/mdistiller
 detection student: ``m2`` (stride 4, 24 channels), ``m3`` (8, 32), ``m4`` (16, 96),
 ``m5`` (32, 320); FPN adds P6 by max-pooling P5.
+
+Deployment: this file depends on torch, torchvision and detectron2 only (never on the rest of
+deepkd_det), so ``tools/export_student.py`` ships a copy of it next to an exported MobileNetV2
+student: a plain detectron2 program imports that copy to register the backbones, then builds the
+student from the exported ``config.yaml`` (docs/deploy.md). Without ``MODEL.MOBILENETV2`` in the
+config (stock detectron2 has no such node) the builders use ``MOBILENETV2_DEFAULTS``;
+``add_mobilenetv2_config`` adds the node for configs that set other values.
 """
 
 from __future__ import annotations
@@ -19,11 +26,16 @@ from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2 as TVMobileNetV2
 
 __all__ = [
+    "MOBILENETV2_DEFAULTS",
     "MobileNetV2Backbone",
+    "add_mobilenetv2_config",
     "build_mobilenetv2_backbone",
     "build_mobilenetv2_fpn_backbone",
     "STAGE_ENDS",
 ]
+
+# MODEL.MOBILENETV2 (deepkd_det/det/config.py documents each key; a test checks they agree).
+MOBILENETV2_DEFAULTS = {"OUT_FEATURES": ["m2", "m3", "m4", "m5"], "NORM": "FrozenBN", "WIDTH_MULT": 1.0}
 
 # Index in torchvision's ``features`` of the last block of each output stage.
 STAGE_ENDS = {"m2": 3, "m3": 6, "m4": 13, "m5": 17}
@@ -102,22 +114,36 @@ def _block_stride(block: nn.Module) -> int:
     return 1
 
 
-@BACKBONE_REGISTRY.register()
+def add_mobilenetv2_config(cfg) -> None:
+    """Add ``MODEL.MOBILENETV2`` (the defaults) to a detectron2 config, unless it is there."""
+    if "MOBILENETV2" not in cfg.MODEL:
+        cfg.MODEL.MOBILENETV2 = type(cfg)({k: list(v) if isinstance(v, list) else v
+                                           for k, v in MOBILENETV2_DEFAULTS.items()})
+
+
+def _register(builder):
+    # Importing this file and a copy of it (the one shipped with an export) registers once.
+    if builder.__name__ not in BACKBONE_REGISTRY:
+        BACKBONE_REGISTRY.register(builder)
+    return builder
+
+
+@_register
 def build_mobilenetv2_backbone(cfg, input_shape: ShapeSpec) -> MobileNetV2Backbone:
     if input_shape.channels != 3:
         raise ValueError(
             f"MobileNetV2 needs 3 input channels, got {input_shape.channels} (len(MODEL.PIXEL_MEAN))"
         )
-    m = cfg.MODEL.MOBILENETV2
+    m = cfg.MODEL.get("MOBILENETV2") or MOBILENETV2_DEFAULTS
     return MobileNetV2Backbone(
-        out_features=list(m.OUT_FEATURES),
-        norm=m.NORM,
+        out_features=list(m["OUT_FEATURES"]),
+        norm=m["NORM"],
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,
-        width_mult=m.WIDTH_MULT,
+        width_mult=m["WIDTH_MULT"],
     )
 
 
-@BACKBONE_REGISTRY.register()
+@_register
 def build_mobilenetv2_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """MobileNetV2 + FPN (P2-P5 from m2-m5, P6 by max pooling), for MODEL.BACKBONE.NAME."""
     bottom_up = build_mobilenetv2_backbone(cfg, input_shape)

@@ -165,9 +165,15 @@ def _is_tonylins_mv2(state: Mapping[str, torch.Tensor]) -> bool:
     return "features.1.conv.3.weight" in state
 
 
+# MobileNetV2 keys outside the detection backbone, dropped wherever MV2 ImageNet weights are read
+# (tools/make_kd_weights.py and the student loader of a combined file): the classifier (``fc`` in
+# some files) and the d-li14 (tonylins) layout's last 1x1 conv ``conv.*``, torchvision's features.18.
+_MV2_HEAD = ("classifier.", "conv.", "fc.")
+
+
 def _mv2_key(key: str, tonylins: bool) -> str | None:
     """Backbone name of one MobileNetV2 ImageNet key; None for dropped keys."""
-    if key.endswith("num_batches_tracked") or key.startswith(("classifier.", "conv.", "fc.")):
+    if key.endswith("num_batches_tracked") or key.startswith(_MV2_HEAD):
         return None
     m = _MV2_KEY.match(key)
     if not m:
@@ -322,7 +328,7 @@ def convert_student_keys(state: Mapping[str, torch.Tensor], model_keys) -> Order
         def rename(k):
             return _tv_resnet_key(k)
     elif layout in ("tonylins-mv2", "d2-mv2"):
-        heads = ("features.", "classifier.")
+        heads = ("features.",) + _MV2_HEAD
         tonylins = layout == "tonylins-mv2"
 
         def rename(k):

@@ -1,8 +1,12 @@
-"""The demos' seed statistics (deepkd_det.core.report) against hand values."""
+"""The demos' seed statistics (tools/demo_report.py) against hand values."""
 
 import math
 
-from deepkd_det.core.report import InlinePool, compare, fmt_mean_std, mean_std, seed_band, verdict
+from tests.toolload import load_tool
+
+report = load_tool("demo_report")
+InlinePool, compare, fmt_mean_std, mean_std, seed_band, verdict = (
+    report.InlinePool, report.compare, report.fmt_mean_std, report.mean_std, report.seed_band, report.verdict)
 
 
 def test_mean_std_is_the_sample_std():
@@ -41,7 +45,7 @@ def test_demo_methods_and_seeds_defaults_all_duplicates_and_unknown():
 
     import pytest
 
-    from deepkd_det.core.report import add_demo_arguments, demo_methods_and_seeds
+    add_demo_arguments, demo_methods_and_seeds = report.add_demo_arguments, report.demo_methods_and_seeds
 
     labels = {"vanilla": "vanilla", "kd": "KD", "dkd": "DKD"}
     parser = argparse.ArgumentParser()
@@ -61,7 +65,7 @@ def test_demo_methods_and_seeds_defaults_all_duplicates_and_unknown():
 def test_demo_pool_is_inline_for_one_job_and_spawned_processes_otherwise():
     from concurrent.futures import ProcessPoolExecutor
 
-    from deepkd_det.core.report import demo_pool
+    demo_pool = report.demo_pool
 
     assert isinstance(demo_pool(1), InlinePool) and isinstance(demo_pool(0), InlinePool)
     with demo_pool(2) as pool:

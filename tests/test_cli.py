@@ -1,10 +1,10 @@
-"""The shared command-line plumbing (deepkd_det/core/cli.py)."""
+"""The shared command-line plumbing (deepkd_det/cli.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from deepkd_det.core.cli import format_error, pull_trailing_flags, run_cli
+from deepkd_det.cli import format_error, pull_trailing_flags, run_cli
 
 
 def test_flags_after_the_overrides_are_taken_out():

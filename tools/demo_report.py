@@ -8,10 +8,14 @@ not a significance test. Plain Python (matplotlib, imported when a picture is dr
 
 from __future__ import annotations
 
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["InlinePool", "add_demo_arguments", "compare", "demo_methods_and_seeds", "demo_pool", "fmt_mean_std", "mean_std", "picture_table", "plot_report", "seed_band", "verdict"]
+__all__ = ["DOC_FILES", "InlinePool", "add_demo_arguments", "docs_block_markers", "docs_targets", "publish_to_docs", "write_docs_block", "compare", "demo_methods_and_seeds", "demo_pool", "fmt_mean_std", "mean_std", "picture_table", "plot_report", "seed_band", "verdict"]
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
@@ -196,6 +200,11 @@ def add_demo_arguments(parser, labels: Dict[str, str], default_methods: Sequence
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help=f"rows to run, from {', '.join(labels)}, or 'all' (default: {' '.join(default_methods)})")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: checks that everything is written")
+    parser.add_argument("--write-docs", nargs="?", const="", default=None, metavar="BLOCK",
+                        help="write the table into the docs' block of that name (default: the demo's own block; "
+                             "the README's and docs/demos.md's), the picture next to them")
+    parser.add_argument("--docs", nargs="+", default=None, metavar="FILE",
+                        help="the files --write-docs updates (default: README.md docs/demos.md; needed with --quick)")
 
 
 def demo_methods_and_seeds(parser, args, labels: Dict[str, str], default_methods: Sequence[str],
@@ -208,4 +217,84 @@ def demo_methods_and_seeds(parser, args, labels: Dict[str, str], default_methods
     unknown = [m for m in methods if m not in labels]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(labels)} or 'all'")
+    if args.quick and args.write_docs is not None and not args.docs:
+        parser.error("--quick --write-docs would put smoke-run numbers into the project's docs: name the files (--docs)")
     return methods, seeds
+
+
+# ----------------------------------------------------------------------------- the docs' tables
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The files whose demo tables are written by the demos (--write-docs), never by hand.
+DOC_FILES = (os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "demos.md"))
+
+
+def docs_block_markers(name: str) -> Tuple[str, str]:
+    """The lines that open and close a demo's table in the docs."""
+    return (f"<!-- BEGIN {name}: written by the demo (--write-docs), not by hand -->", f"<!-- END {name} -->")
+
+
+def write_docs_block(path: str, name: str, text: str) -> bool:
+    """Replace the lines between ``name``'s markers in ``path`` with ``text``; False (nothing written)
+    where the file has no such block. A block opened twice, or not closed, is a ValueError."""
+    begin, end = docs_block_markers(name)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    starts = [i for i, line in enumerate(lines) if line.strip() == begin]
+    if not starts:
+        return False
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
+    if len(starts) != 1 or len(ends) != 1 or ends[0] < starts[0]:
+        raise ValueError(f"{path}: the block {name!r} must be opened and closed exactly once ({begin} ... {end})")
+    new = lines[: starts[0] + 1] + text.rstrip("\n").split("\n") + lines[ends[0]:]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(new))
+    os.replace(tmp, path)
+    return True
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+    return f"commit {sha}{' with local changes' if dirty else ''}" if sha else "unknown commit"
+
+
+def docs_targets(args, demo: str) -> List[str]:
+    """The files ``--write-docs`` will update (those holding the block); [] without --write-docs.
+    Call it before the run: a block no file holds is a ValueError naming the files."""
+    if args.write_docs is None:
+        return []
+    name = args.write_docs or demo
+    files = list(args.docs) if args.docs else list(DOC_FILES)
+    holders = []
+    for path in files:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                if docs_block_markers(name)[0] in f.read().split("\n"):
+                    holders.append(path)
+    if not holders:
+        raise ValueError(f"--write-docs: no block {name!r} in {', '.join(files)} (add the lines "
+                         f"{' and '.join(docs_block_markers(name))} where the table goes)")
+    return holders
+
+
+def publish_to_docs(args, demo: str, argv: Optional[Sequence[str]], table: str, picture: Optional[str]) -> List[str]:
+    """``--write-docs``: the run's table (exactly as printed), with the command and commit that made
+    it, into the block ``args.write_docs`` (default: ``demo``) of each docs file that has one; the
+    default block's picture goes to ``<folder of the last such file>/<demo>.png`` (docs/). Returns
+    the files written."""
+    holders = docs_targets(args, demo)
+    if not holders:
+        return []
+    name = args.write_docs or demo
+    command = " ".join(["python", f"tools/{demo}.py", *(sys.argv[1:] if argv is None else argv)])
+    text = f"Written by `{command}` at {_commit()}:\n\n{table}"
+    written = [f for f in holders if write_docs_block(f, name, text)]
+    if picture and name == demo and os.path.isfile(picture):
+        shutil.copyfile(picture, os.path.join(os.path.dirname(os.path.abspath(holders[-1])), f"{demo}.png"))
+    return written
