@@ -11,13 +11,14 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.deepkd-setup.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-quick demo-cls demo-cls-quick bench bench-quick gpu-check env clean-venv help
+.PHONY: setup test lint demo demo-quick demo-cls demo-cls-quick demo-seg demo-seg-quick bench bench-quick gpu-check env clean-venv help
 
 help:
 	@echo "make setup        create $(VENV): torch, detectron2 (see docs/install.md), deepkd_det"
 	@echo "make test         run the test suite"
 	@echo "make demo         detection demo on the embedded shapes: 10 labelled images, teacher saw 300 (vanilla, KD, DKD, DeepKD; 3 seeds)"
 	@echo "make demo-cls     classification demo on the digits: 5 labels per class, teacher saw all (vanilla, KD, DKD, DeepKD, DOT; 3 seeds)"
+	@echo "make demo-seg     segmentation demo on generated scenes: students see 6, teacher saw 300 (vanilla, KD, DKD, DiffKD, each +DeepKD; 3 seeds)"
 	@echo "make bench        benchmarks (one JSON object per line)"
 	@echo "make gpu-check    on a machine with one CUDA GPU: CUDA tests, CUDA training, GPU benchmarks"
 	@echo "make lint         ruff"
@@ -52,6 +53,12 @@ demo-cls: setup
 
 demo-cls-quick: setup
 	$(PY) tools/cls_demo.py --quick
+
+demo-seg: setup
+	$(PY) tools/seg_demo.py
+
+demo-seg-quick: setup
+	$(PY) tools/seg_demo.py --quick
 
 bench: setup
 	@for f in bench/bench_*.py; do $(PY) $$f || exit 1; done

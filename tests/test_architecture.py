@@ -1,5 +1,6 @@
 """The package's import rules (docs/architecture.md): ``core`` is pure torch and imports neither
-detectron2 nor the task adapters; ``det`` and ``cls`` never import each other."""
+detectron2 nor the task adapters; ``det``, ``cls`` and ``seg`` never import each other; ``cls`` and
+``seg`` never import detectron2."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "deepkd_det"
 
 FORBIDDEN = {
-    "core": ("detectron2", "deepkd_det.det", "deepkd_det.cls"),
-    "det": ("deepkd_det.cls",),
-    "cls": ("detectron2", "deepkd_det.det"),
+    "core": ("detectron2", "deepkd_det.det", "deepkd_det.cls", "deepkd_det.seg"),
+    "det": ("deepkd_det.cls", "deepkd_det.seg"),
+    "cls": ("detectron2", "deepkd_det.det", "deepkd_det.seg"),
+    "seg": ("detectron2", "deepkd_det.det", "deepkd_det.cls"),
 }
 
 
@@ -65,11 +67,11 @@ def test_the_checker_sees_a_forbidden_import(tmp_path, monkeypatch):
     assert any("imports deepkd_det.det" in v for v in found) and any("detectron2.data" in v for v in found)
 
 
-def test_core_and_cls_import_without_detectron2():
-    # With detectron2 unimportable, every core module and the classification package still load.
+def test_core_cls_and_seg_import_without_detectron2():
+    # With detectron2 unimportable, every core module and the classification and segmentation packages load.
     modules = sorted(
         ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).replace(".__init__", "")
-        for folder in ("core", "cls")
+        for folder in ("core", "cls", "seg")
         for p in (PACKAGE / folder).rglob("*.py")
     )
     code = (

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional
 
-import yaml
 from yacs.config import CfgNode as CN
 
 from deepkd_det.core.amp import AMP_DTYPES
+from deepkd_det.core.cfgfile import ConfigError, merge_opts
+from deepkd_det.core.cfgfile import merge_file as _merge_file
 from deepkd_det.core.crld import CRLD_DEFAULTS, CRLD_TAU_STRONG, CRLD_TAU_WEAK
-from deepkd_det.core.io import read_yaml_mapping
 from deepkd_det.core.mlkd import MLKD_DEFAULTS, MLKD_TEMPERATURES
 from deepkd_det.core.settings import OPTIMIZERS, deepkd_node, validate_deepkd_settings
 from deepkd_det.core.settings import build_topk_schedule as core_topk_schedule
@@ -29,10 +29,6 @@ DISTILLER_TYPES = ("NONE", "KD", "DKD", "MLKD", "CRLD", "DIFFKD", "REVIEWKD")
 STRONG_AUGS = ("autoaugment", "randaugment")
 NUM_CLASSES = {"digits": 10, "cifar100": 100, "imagenet": 1000}
 _DEFAULT_ROOTS = {"digits": "", "cifar100": "datasets/cifar100", "imagenet": "datasets/imagenet"}
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be run (unknown key, wrong type, contradictory settings)."""
 
 
 _C = CN()
@@ -201,78 +197,6 @@ _C.LOG.EVAL_EVERY = 1  # epochs between evaluations (the last epoch is always ev
 def get_cfg() -> CN:
     """A fresh copy of the default configuration."""
     return _C.clone()
-
-
-def _suggest(key: str, node: CN, prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(node.keys()), n=1)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
-def _coerce_numbers(new: dict, ref: CN, where: str, prefix: str = "") -> dict:
-    """Check keys against the defaults and accept ints where floats are expected (yaml ``8`` for 8.0)."""
-    out = {}
-    for key, value in new.items():
-        full = prefix + key
-        if key not in ref:
-            raise ConfigError(f"{where}: unknown config key {full}{_suggest(key, ref, prefix)}")
-        default = ref[key]
-        if isinstance(default, CN):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {full} is a section; got the value {value!r}")
-            value = _coerce_numbers(value, default, where, full + ".")
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(default, str) and isinstance(value, bool):
-            value = "on" if value else "off"  # yaml 1.1 reads a bare off/on as a bool
-        elif isinstance(default, float) and isinstance(value, str):
-            # yaml 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: {full} must be a number, got {value!r}") from None
-        out[key] = value
-    return out
-
-
-def _merge_dict(cfg: CN, data: dict, where: str) -> None:
-    data = _coerce_numbers(data, cfg, where)
-    try:
-        cfg.merge_from_other_cfg(CN(data))
-    except (KeyError, ValueError, AssertionError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _merge_file(cfg: CN, path: str, chain: Sequence[str] = ()) -> None:
-    path = os.path.abspath(path)
-    if path in chain:
-        raise ConfigError(f"_BASE_ cycle: {' -> '.join(list(chain) + [path])}")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = read_yaml_mapping(path)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    base = data.pop("_BASE_", None)
-    if base:
-        _merge_file(cfg, os.path.join(os.path.dirname(path), base), list(chain) + [path])
-    _merge_dict(cfg, data, path)
-
-
-def merge_opts(cfg: CN, opts: Iterable[str]) -> None:
-    """Merge ``["KEY", "VALUE", ...]`` command-line overrides (values parsed as yaml literals)."""
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ConfigError(f"overrides must come in KEY VALUE pairs, got {len(opts)} items: {opts}")
-    for key, raw in zip(opts[0::2], opts[1::2]):
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        nested: dict = {}
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
-        _merge_dict(cfg, nested, "command line")
 
 
 def load_cfg(path: Optional[str] = None, opts: Iterable[str] = (), validate: bool = True) -> CN:
