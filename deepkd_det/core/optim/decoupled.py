@@ -98,6 +98,11 @@ class DecoupledMomentumSGD(Optimizer):
     # torch's SGD implementation for the kernel route: "auto" (fused > foreach > for-loop), or one of them;
     # "own" turns the kernel route off (every fold uses our own foreach update).
     sgd_kernel: str = "auto"
+    # Distributed "update" mode (set by core.step.DecoupledStep(dist_mode="update")): each worker folds
+    # its own gradients into its buffers, and ``step`` averages the update sum_c m_c over the workers
+    # with ``update_reducer(updates, params) -> averaged`` (one bucketed all-reduce) before applying it.
+    # None: a local step.
+    update_reducer = None
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._pending: Dict[str, List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], float]]] = {}
@@ -282,7 +287,7 @@ class DecoupledMomentumSGD(Optimizer):
     def _kernel_route(self, component: str) -> bool:
         """torch's SGD kernels apply: paper mode and a non-zero momentum in every group (torch keeps no
         buffer at momentum 0, and its dampening then differs from the paper's)."""
-        if self.sgd_kernel == "own":
+        if self.sgd_kernel == "own" or self.update_reducer is not None:
             return False
         member = self._members(component)[0]
         return all(self._momenta(g)[member] > 0.0 for g in self.param_groups)
@@ -499,6 +504,11 @@ class DecoupledMomentumSGD(Optimizer):
         self._apply_held(held, decayed=True)
         self._streamed = {}
         self._ties = None
+        if self.update_reducer is not None:
+            self._step_averaged()
+            self._apply_held(held, decayed=False)
+            self._sources = {}
+            return loss
         # One row per parameter: (param, [(component, buffer, -lr / scale), ...]).
         rows: Dict[int, Tuple[torch.Tensor, list]] = {}
         for component, entries in self._pending.items():
@@ -512,6 +522,53 @@ class DecoupledMomentumSGD(Optimizer):
         self._apply_held(held, decayed=False)
         self._sources = {}
         return loss
+
+    def _step_averaged(self) -> None:
+        """``w -= lr * mean_workers(sum_c m_c)``: the update of the averaged gradients, since the fold is
+        linear (the average of the workers' buffers is the buffer of the averaged gradients)."""
+        per: Dict[int, Tuple[torch.Tensor, float, list]] = {}
+        for entries in self._pending.values():
+            for group, params, bufs, scale in entries:
+                for p, b in zip(params, bufs):
+                    per.setdefault(id(p), (p, float(group["lr"]), []))[2].append((b, 1.0 / scale))
+        self._pending = {}
+        items = list(per.values())
+        updates = []
+        for _, _, terms in items:
+            u = terms[0][0] * terms[0][1]
+            for b, f in terms[1:]:
+                u.add_(b, alpha=f)
+            updates.append(u)
+        averaged = self.update_reducer(updates, [p for p, _, _ in items])
+        by_lr: Dict[float, Tuple[list, list]] = {}
+        for (p, lr, _), u in zip(items, averaged):
+            ws, us = by_lr.setdefault(lr, ([], []))
+            ws.append(p)
+            us.append(u)
+        for lr, (ws, us) in by_lr.items():
+            torch._foreach_add_(ws, us, alpha=-lr)
+
+    @torch.no_grad()
+    def average_buffers_(self, group=None) -> None:
+        """Replaces every momentum buffer by its average over the workers of ``group`` (collective: call
+        it on every worker). In the distributed "update" mode each worker's buffers are fed by its own
+        gradients; their average is the buffer of the averaged gradients, so a checkpoint saves it and
+        every worker continues from it exactly."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return
+        tensors = [state[k] for p in self.params for state in [self.state.get(p, {})]
+                   for k in sorted(state) if k.startswith("scaled_buffer_")]
+        by_kind: Dict[tuple, List[torch.Tensor]] = {}
+        for t in tensors:
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        for ts in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            dist.all_reduce(flat, group=group)
+            flat.div_(dist.get_world_size(group))
+            for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
+                t.copy_(piece.view_as(t))
 
     def _block_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
         return block_bytes_for(tensors, self.cpu_block_bytes)
@@ -535,7 +592,19 @@ class DecoupledMomentumSGD(Optimizer):
                 raise ValueError(f"optimizer checkpoint holds buffers {sorted(stored - names)} but this optimizer "
                                  f"folds {sorted(names)} (DEEPKD.MERGE_EQUAL_MOMENTA or the momenta differ from the "
                                  "run that wrote it)")
-        super().load_state_dict(_renamed_buffer_keys(state_dict, self.components))
+        state_dict = _renamed_buffer_keys(state_dict, self.components)
+        # torch's load_state_dict rebuilds every iterable state value with its type from a generator,
+        # which turns a string (a tie's "<tie>_sources") into the generator's repr: keep them apart.
+        strings = {k: {key: v for key, v in s.items() if isinstance(v, str)}
+                   for k, s in state_dict.get("state", {}).items()}
+        if any(strings.values()):
+            state_dict = {**state_dict, "state": {k: {key: v for key, v in s.items() if not isinstance(v, str)}
+                                                  for k, s in state_dict["state"].items()}}
+        super().load_state_dict(state_dict)
+        params = self.params
+        for k, entries in strings.items():
+            if entries:
+                self.state[params[int(k)]].update(entries)
         self._pending = {}
         self._stash = {}
         self._held = {}

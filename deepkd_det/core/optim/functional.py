@@ -135,7 +135,10 @@ def sgd_kernel(params: Sequence[torch.Tensor], kernel: str = "auto",
         return kernel
     if not params:
         return "for-loop"
-    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _get_fused_kernels_supported_devices
+    from torch.utils._foreach_utils import (
+        _get_foreach_kernels_supported_devices,
+        _get_fused_kernels_supported_devices,
+    )
 
     device = params[0].device.type
     same_layout = all(t is None or t.stride() == p.stride() for ts in others for p, t in zip(params, ts))
