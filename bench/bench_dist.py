@@ -118,6 +118,7 @@ def _cls_step(case: str, rank: int, counter: _Counter):
 def _det_step(case: str, rank: int, counter: _Counter):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_det_pairs as pairs
+
     from deepkd_det.det.engine.steps import CheckedSimpleTrainer
     from deepkd_det.det.engine.trainer import wrap_ddp
 
