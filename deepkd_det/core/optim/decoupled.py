@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.optim import Optimizer
 
+from ..dist import all_reduce_mean
 from .blocking import CPU_BLOCK_BYTES, block_bytes_for
 from .functional import (
     apply_update_,
@@ -564,9 +565,7 @@ class DecoupledMomentumSGD(Optimizer):
         for t in tensors:
             by_kind.setdefault((t.dtype, t.device), []).append(t)
         for ts in by_kind.values():
-            flat = torch.cat([t.reshape(-1) for t in ts])
-            dist.all_reduce(flat, group=group)
-            flat.div_(dist.get_world_size(group))
+            flat = all_reduce_mean(torch.cat([t.reshape(-1) for t in ts]), group)
             for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
                 t.copy_(piece.view_as(t))
 
