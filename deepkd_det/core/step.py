@@ -461,10 +461,17 @@ class DecoupledStep:
             self.strategy = "sequential"
             return False
         self._batched_checked = True
+        stacked_device = stacked.device
         del stacked
         # One all-reduce for all components at once (the batch dimension rides along); none in update mode.
         if not self._update:
             grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+            if _world_size(self.process_group) > 1:  # a row reached on another worker is an averaged gradient here
+                flags = torch.zeros(len(active), len(plan.trainable), dtype=torch.int32, device=stacked_device)
+                for k, rows_k in enumerate(reached):
+                    flags[k, sorted(rows_k)] = 1
+                flags = global_flags(flags, self.process_group).tolist()
+                reached = [{j for j, f in enumerate(row) if f} for row in flags]
         for k, (name, _) in enumerate(active):
             rows = [None if g is None or j not in reached[k] else g[k] for j, g in enumerate(grads)]
             self._fold(name, rows, plan, reduce=False)

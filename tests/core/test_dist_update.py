@@ -1,6 +1,7 @@
 """The distributed "update" mode (each worker folds its own gradients, one all-reduce of sum_c m_c
 per step) equals the per-component mode and one process on the union batch: two gloo workers,
-20 steps, DeepKD-DKD (three buffers), DeepKD-KD (TOG and NCG in one buffer), DOT; parameters that
+20 steps, DeepKD-DKD (three buffers), DeepKD-KD (TOG and NCG in one buffer), DOT, with the
+"sequential" and "batched" gradient strategies; parameters that
 a component reaches only on some workers and steps; an fp16-style overflow step; a resume from
 buffers averaged over the two workers."""
 
@@ -39,10 +40,15 @@ class Net(nn.Module):
 class _Overflow(torch.autograd.Function):
     """Identity whose backward writes inf into the rows of ``mask`` (an fp16 overflow, injected)."""
 
+    generate_vmap_rule = True  # the "batched" strategy differentiates it under vmap
+
     @staticmethod
-    def forward(ctx, x, mask):
-        ctx.save_for_backward(mask)
+    def forward(x, mask):
         return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, g):
@@ -93,7 +99,7 @@ def _losses(student, teacher, x, y, step, rows):
     return tog, tcg, ncg
 
 
-def _train(config, mode, rows, first=0, last=STEPS, state=None):
+def _train(config, mode, rows, first=0, last=STEPS, state=None, strategy="sequential"):
     """Steps ``first..last-1`` on the samples ``rows`` of each batch; returns weights, buffers, scaler."""
     student, teacher = _models()
     opt = _optimizer(config, student.parameters())
@@ -102,7 +108,7 @@ def _train(config, mode, rows, first=0, last=STEPS, state=None):
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         scaler.load_state_dict(state["scaler"])
-    step_fn = DecoupledStep(opt, "sequential", scaler=scaler, dist_mode=mode)
+    step_fn = DecoupledStep(opt, strategy, scaler=scaler, dist_mode=mode)
     xs, ys = _data()
     skipped = []
     for k in range(first, last):
@@ -110,6 +116,7 @@ def _train(config, mode, rows, first=0, last=STEPS, state=None):
         step_fn(opt.component_losses(tog=tog, tcg=tcg, ncg=ncg))
         skipped.append(step_fn.skipped)
         opt.step()
+    assert step_fn.strategy == strategy  # "batched" did not fall back to "sequential"
     opt.average_buffers_()  # collective; a no-op in one process
     return {"model": {k: v.clone() for k, v in student.state_dict().items()}, "opt": opt.state_dict(),
             "scaler": scaler.state_dict(), "skipped": skipped}
@@ -125,6 +132,8 @@ def _worker(rank, port, out_dir):
         for config in CONFIGS:
             for mode in ("update", "components"):
                 out[config, mode] = _train(config, mode, rows)
+            for mode in ("update", "components"):  # one vmapped backward for all components
+                out[config, mode + "_batched"] = _train(config, mode, rows, strategy="batched")
             half = _train(config, "update", rows, last=RESUME_AT)
             out[config, "resumed"] = _train(config, "update", rows, first=RESUME_AT, state=half)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -149,7 +158,7 @@ def test_update_mode_equals_component_mode_and_one_process(tmp_path):
     for config in CONFIGS:
         single = _train(config, "update", slice(0, 2 * HALF))
         assert single["skipped"][OVERFLOW_AT] and sum(single["skipped"]) == 1
-        for variant in ("update", "components", "resumed"):
+        for variant in ("update", "components", "update_batched", "components_batched", "resumed"):
             for rank in ranks:
                 got = rank[config, variant]
                 for name, w in single["model"].items():
