@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.deepkd-setup.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint demo demo-quick demo-cls demo-cls-quick demo-seg demo-seg-quick bench bench-quick gpu-check env clean-venv help
+.PHONY: setup test lint demo demo-quick demo-cls demo-cls-quick demo-seg demo-seg-quick bench bench-quick gpu-check gpu-check-offline gpu-kit gpu-setup env clean-venv help
 
 help:
 	@echo "make setup        create $(VENV): torch, detectron2 (see docs/install.md), deepkd_det"
@@ -21,6 +21,9 @@ help:
 	@echo "make demo-seg     segmentation demo on generated scenes: students see 6, teacher saw 300 (vanilla, KD, DKD, DiffKD, each +DeepKD; 3 seeds)"
 	@echo "make bench        benchmarks (one JSON object per line)"
 	@echo "make gpu-check    on a machine with one CUDA GPU: CUDA tests, CUDA training, GPU benchmarks"
+	@echo "make gpu-kit      build .gpukit/ (offline wheels + detectron2) for a bare, offline GPU machine"
+	@echo "make gpu-setup    on that machine: install from .gpukit/ without the network"
+	@echo "make gpu-check-offline  the GPU check after gpu-setup (no make setup)"
 	@echo "make lint         ruff"
 	@echo "make env          print versions and the detectron2 install route"
 
@@ -68,6 +71,15 @@ bench-quick: setup
 
 gpu-check: setup
 	PY=$(PY) tools/gpu_check.sh
+
+gpu-check-offline:
+	PY=$(PY) tools/gpu_check.sh $(GPU_CHECK_ARGS)
+
+gpu-kit:
+	PY=$$(test -x $(PY) && echo $(PY) || echo $(PYTHON)) tools/gpu_kit.sh
+
+gpu-setup:
+	PY=$(PYTHON) tools/gpu_setup.sh
 
 env: setup
 	$(PY) -m deepkd_det.env

@@ -5,7 +5,8 @@
 #      SOLVER.AMP (fp16, one gradient scaler over the three components) and bf16;
 #   3. the paper-pair benchmark (bench/bench_det_pairs.py) with the sequential, streaming and
 #      batched gradient strategies;
-#   4. the optimizer step vs torch.optim.SGD(fused=True) on ResNet-50 parameters.
+#   4. the optimizer step vs torch.optim.SGD(fused=True) on ResNet-50 parameters;
+#   5. with two GPUs: NCCL, the two distributed modes equal, a two-GPU detector training.
 # Every step prints JSON lines (stdout); a failing step stops the check with its exit status.
 # Under 8 minutes on one modern GPU. Without a CUDA GPU it prints one "skipped" line and exits 0
 # (GPU_CHECK_STRICT=1 makes that an error).
@@ -82,3 +83,21 @@ run bench_det_pairs 300 "$PY" bench/bench_det_pairs.py --device cuda --strategie
 
 # 4. optimizer step vs torch SGD (fused) on ResNet-50 parameters
 run bench_optimizer_cuda 90 "$PY" bench/bench_core.py --only optim --device cuda --nets resnet50
+
+# 5. two GPUs (runs when torch sees at least two): NCCL, DeepKD's two distributed modes equal
+#    (tools/dist_check.py: each rank's student and teacher on cuda:LOCAL_RANK, equal weights on
+#    every rank, update == components in float64), then a two-GPU detector training whose ranks
+#    end with identical parameters (the engine's digest check).
+NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+if [ "$NGPU" -ge 2 ]; then
+  run dist_check_nccl_2gpu 180 "$PY" -m torch.distributed.run --nproc_per_node 2 tools/dist_check.py --device cuda
+  QUIET_STDOUT=1 run train_deepkd_dkd_2gpu_nccl 240 "$PY" -m torch.distributed.run --nproc_per_node 2 train_net.py \
+    --config-file configs/DEEPKD/demo/student-deepkd-dkd.yaml MODEL.DEVICE cuda OUTPUT_DIR "$OUT/train_2gpu" \
+    DATASETS.SHAPES.ROOT "$OUT/shapes" TEACHER.MODEL.WEIGHTS "" TEACHER.ALLOW_RANDOM_INIT True SOLVER.MAX_ITER 20 \
+    "SOLVER.STEPS" "(15,)" SOLVER.CHECKPOINT_PERIOD 20 TEST.EVAL_PERIOD 0 "DATASETS.TEST" "()"
+  grep -q "parameters identical on all 2 processes" "$OUT/train_2gpu/log.txt" \
+    && line train_deepkd_dkd_2gpu_digest passed 0 \
+    || { line train_deepkd_dkd_2gpu_digest failed 0 "no 'parameters identical' line in log.txt"; exit 1; }
+else
+  line dist_check_nccl_2gpu skipped 0 "$NGPU GPU(s): the two-GPU NCCL check needs two"
+fi

@@ -255,6 +255,9 @@ class ClsTrainer:
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch: int) -> Dict:
         rng = all_gather_object(capture_rng_state())  # every worker's stream, indexed by rank
+        average = getattr(self.optimizer, "average_buffers_", None)
+        if average is not None:  # DEEPKD.DIST_MODE update: the workers' buffers -> the global ones
+            average()
         return {
             "epoch": epoch,  # number of finished epochs
             "iteration": self.iteration,

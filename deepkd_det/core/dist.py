@@ -11,7 +11,8 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "all_reduce_sum", "all_gather_object", "barrier"]
+__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "all_reduce_sum", "all_gather_object", "barrier",
+           "global_flags"]
 
 
 @dataclass
@@ -69,11 +70,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if _active():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
+def all_reduce_mean(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``t`` averaged over the workers of ``group``, in place (returned)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        t /= dist.get_world_size(group)
     return t
+
+
+def global_flags(flags: torch.Tensor, group=None) -> torch.Tensor:
+    """Logical OR of a 0/1 integer tensor over the workers of ``group`` (one small all-reduce, MAX)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    return flags
 
 
 def all_gather_object(obj) -> List:

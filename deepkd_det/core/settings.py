@@ -16,6 +16,9 @@ classifier in its yacs tree) with the same keys, defaults and meanings; the base
     DEEPKD.MERGE_EQUAL_MOMENTA  paper mode: components of equal momentum (DeepKD on KD: TOG and NCG)
                           share one buffer and one backward pass (the same update; off with GSNR)
     DEEPKD.GRAD_STRATEGY  how the per-component gradients are computed (core.step.STRATEGIES)
+    DEEPKD.DIST_MODE      several workers: "update" (each folds its own gradients, one all-reduce of
+                          the update sum_c m_c per step, as DDP) or "components" (one all-reduce per
+                          component's gradient); equal updates, see core.step.DecoupledStep
     DEEPKD.TOPK.*         the dynamic top-k schedule (core.topk.TopKSchedule), used when ENABLED
     DEEPKD.TOPK.RANK      how the mask ranks classes (core.losses.topk_nontarget_mask): "nontarget"
                           (the paper), "all" (the released code: target included), "auto" (the
@@ -30,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 from .losses import TOPK_RANKS
 from .optim import COMPAT_MODES  # stated once, by the optimizers that implement them
-from .step import STRATEGIES
+from .step import DIST_MODES, STRATEGIES
 from .topk import SCHEDULE_MODES, TopKSchedule
 
 __all__ = [
@@ -66,6 +69,7 @@ DEEPKD_DEFAULTS: Dict[str, Any] = {
     "DAMPENING": 0.0,
     "MERGE_EQUAL_MOMENTA": True,
     "GRAD_STRATEGY": "sequential",
+    "DIST_MODE": "update",
     "TOPK": {
         # "off" (all non-target classes), "constant" (K_START), "linear" (K_START until START,
         # linear to K_END at END), "step" (PHASES: [[progress, K], ...]).
@@ -122,6 +126,7 @@ def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int]
     choice("OPTIMIZER", node.OPTIMIZER, OPTIMIZERS)
     choice("COMPAT", node.COMPAT, COMPAT_MODES)
     choice("GRAD_STRATEGY", node.GRAD_STRATEGY, STRATEGIES)
+    choice("DIST_MODE", node.DIST_MODE, DIST_MODES)
     need(0.0 <= node.DAMPENING < 1.0, f"{prefix}.DAMPENING must lie in [0, 1), got {node.DAMPENING}")
     if node.OPTIMIZER == "dot":
         need(bool(node.ENABLED), f"{prefix}.OPTIMIZER dot needs {prefix}.ENABLED True")
@@ -203,7 +208,7 @@ def build_decoupled_step(node, optimizer, grad_hook=None, check_finite: bool = T
     from .step import DecoupledStep
 
     return DecoupledStep(optimizer, node.GRAD_STRATEGY, grad_hook=grad_hook, check_finite=check_finite,
-                         scaler=scaler, clip_norm=clip_norm)
+                         scaler=scaler, clip_norm=clip_norm, dist_mode=node.DIST_MODE)
 
 
 def build_gsnr_meter(node, named_parameters, steps_per_epoch: int):

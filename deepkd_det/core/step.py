@@ -55,15 +55,19 @@ does it once; DDP re-broadcasts them at every forward).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DecoupledStep", "STRATEGIES", "allreduce_gradients", "broadcast_parameters", "check_finite_losses"]
+from .dist import global_flags
+
+__all__ = ["DIST_MODES", "DecoupledStep", "STRATEGIES", "allreduce_gradients", "broadcast_parameters", "check_finite_losses"]
 
 STRATEGIES = ("sequential", "batched", "streaming")
+DIST_MODES = ("components", "update")
 
 GradHook = Callable[[str, List[torch.Tensor], List[Optional[torch.Tensor]]], None]
 
@@ -210,6 +214,15 @@ class DecoupledStep:
         scaler: optional ``ComponentGradScaler`` (fp16 mixed precision; module docstring).
         clip_norm: > 0 clips the norm of the summed gradient to this value (see module docstring);
             the norm before clipping is kept in ``last_grad_norm``.
+        dist_mode: under torch.distributed, ``"components"`` averages each component's gradient
+            (one all-reduce per component, before its fold); ``"update"`` lets every worker fold its
+            own gradients into its buffers and averages only the update ``sum_c m_c`` in
+            ``optimizer.step()`` (one all-reduce per step, as DDP). The fold is linear, so the two
+            are equal; ``update`` needs global presence flags (one small all-reduce per component,
+            also carrying a tie's sources) and one global fp16 overflow flag. It falls back to
+            ``components`` (said once in the log) with clipping, a gradient hook (GSNR) or the
+            official compat optimizer. Checkpoints: call ``optimizer.average_buffers_()`` on every
+            worker first (the average of the workers' buffers is the global buffer).
     """
 
     def __init__(
@@ -223,7 +236,13 @@ class DecoupledStep:
         check_finite: bool = True,
         scaler=None,
         clip_norm: float = 0.0,
+        dist_mode: str = "components",
     ):
+        if dist_mode not in DIST_MODES:
+            raise ValueError(f"distributed mode must be one of {DIST_MODES}, got {dist_mode!r}")
+        self.dist_mode = dist_mode
+        self._update = False  # this call runs the "update" mode (set per call)
+        self._fallback_said = False
         if strategy not in STRATEGIES:
             raise ValueError(f"gradient strategy must be one of {STRATEGIES}, got {strategy!r}")
         for attr in ("components", "params", "fold"):
@@ -277,6 +296,8 @@ class DecoupledStep:
         """Folds every component's gradient into the optimizer; returns the loss values (floats)."""
         values = self._check_losses(losses)
         self.skipped = False
+        self._update = self._update_mode()
+        self.optimizer.update_reducer = self._reduce_update if self._update else None
         active = [(n, losses[n].reshape(())) for n in losses if losses[n].requires_grad]
         if not active:
             return values
@@ -303,6 +324,11 @@ class DecoupledStep:
             found: dict = {}
             for _, grads, _ in held:
                 found = self.scaler.unscale_(grads, found)
+            if self._update:  # local gradients: one global overflow flag
+                flag = torch.stack([f.reshape(()) for f in found.values()]).amax().reshape(1) if found else \
+                    torch.zeros(1, device=self.optimizer.params[0].device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.process_group)
+                found = {flag.device: flag}
             self.skipped = self.scaler.update(found)
             if self.skipped:
                 return values
@@ -336,9 +362,53 @@ class DecoupledStep:
             return
         self._sequential(active, plan)
 
+    def _update_mode(self) -> bool:
+        """The distributed "update" mode applies: several workers, and nothing that needs global gradients."""
+        if self.dist_mode != "update" or _world_size(self.process_group) == 1:
+            return False
+        why = ("SOLVER.CLIP_GRADIENTS / clip_norm needs the norm of the global summed gradient" if self.clip_norm
+               else "the gradient hook (GSNR) needs each component's global gradient" if self.grad_hook else
+               "the official compat update is not linear in the gradients (its momenta and weight decay follow "
+               "which components reached a parameter, applied one after the other)"
+               if getattr(self.optimizer, "compat", "paper") != "paper" else "")
+        if why and not self._fallback_said:
+            logging.getLogger(__name__).warning(
+                "distributed mode 'update' falls back to 'components' (one all-reduce per component): %s", why)
+            self._fallback_said = True
+        return not why
+
+    def _reduce_update(self, updates: List[torch.Tensor], params: List[torch.Tensor]) -> List[torch.Tensor]:
+        return allreduce_gradients(updates, params, self.process_group, self.bucket_bytes)
+
+    def _global_presence(self, name: str, grads: Sequence[Optional[torch.Tensor]], plan: _Plan):
+        """Update mode: zeros where another worker's gradient reached a parameter and this one's did not
+        (so every worker folds the same buffers), and a tie's sources made global, in one small all-reduce."""
+        grads = list(grads)
+        local = plan.sources.get(name)
+        members = self.optimizer._members(name) if local is not None else ()
+        device = plan.trainable[0].device
+        flags = torch.zeros(1 + len(members), len(grads), dtype=torch.int32, device=device)
+        flags[0] = torch.tensor([g is not None for g in grads], dtype=torch.int32)
+        for k, c in enumerate(members):
+            flags[1 + k] = torch.tensor([bool(s) and c in s for s in local], dtype=torch.int32)
+        flags = global_flags(flags, self.process_group).tolist()
+        for i, (g, p) in enumerate(zip(grads, plan.trainable)):
+            if g is None and flags[0][i]:
+                grads[i] = torch.zeros_like(p)
+        if local is not None:
+            plan.sources[name] = [frozenset(c for k, c in enumerate(members) if flags[1 + k][i]) or None
+                                  for i in range(len(grads))]
+        return grads
+
     def _fold(self, name: str, grads: Sequence[Optional[torch.Tensor]], plan: _Plan, reduce: bool) -> None:
-        if reduce:
-            grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+        if _world_size(self.process_group) > 1:
+            # Global presence (and a tie's global sources, which decide its weight decay: the same
+            # on every worker in both modes).
+            filled = self._global_presence(name, grads, plan)
+            if self._update:
+                grads = filled
+            elif reduce:
+                grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
         if self._held is not None:  # the scaler decides over all components before the first fold
             self._held.append((name, list(grads), plan))
             return
@@ -391,9 +461,17 @@ class DecoupledStep:
             self.strategy = "sequential"
             return False
         self._batched_checked = True
+        stacked_device = stacked.device
         del stacked
-        # One all-reduce for all components at once (the batch dimension rides along).
-        grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+        # One all-reduce for all components at once (the batch dimension rides along); none in update mode.
+        if not self._update:
+            grads = allreduce_gradients(grads, plan.trainable, self.process_group, self.bucket_bytes)
+            if _world_size(self.process_group) > 1:  # a row reached on another worker is an averaged gradient here
+                flags = torch.zeros(len(active), len(plan.trainable), dtype=torch.int32, device=stacked_device)
+                for k, rows_k in enumerate(reached):
+                    flags[k, sorted(rows_k)] = 1
+                flags = global_flags(flags, self.process_group).tolist()
+                reached = [{j for j, f in enumerate(row) if f} for row in flags]
         for k, (name, _) in enumerate(active):
             rows = [None if g is None or j not in reached[k] else g[k] for j, g in enumerate(grads)]
             self._fold(name, rows, plan, reduce=False)

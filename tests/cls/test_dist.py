@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 MODES = {
-    "deepkd_dkd": dict(DISTILLER__TYPE="DKD", DEEPKD__ENABLED=True),
+    "deepkd_dkd": dict(DISTILLER__TYPE="DKD", DEEPKD__ENABLED=True),  # DEEPKD.DIST_MODE update (the default)
+    "deepkd_dkd_components": dict(DISTILLER__TYPE="DKD", DEEPKD__ENABLED=True, DEEPKD__DIST_MODE="components"),
     "kd": dict(DISTILLER__TYPE="KD"),
 }
 
@@ -75,3 +76,9 @@ def test_two_workers_agree_and_learn(tmp_path, tiny_cfg, teacher_ckpt):
         assert saved["world_size"] == 2 and len(saved["rng"]) == 2
         for key, value in saved["model"].items():
             assert torch.equal(value, r0["model"][key])
+    # One all-reduce of the update per step (update) or one per component (components): the same training.
+    update = torch.load(tmp_path / "deepkd_dkd_rank0.pt", weights_only=True)["model"]
+    components = torch.load(tmp_path / "deepkd_dkd_components_rank0.pt", weights_only=True)["model"]
+    for key, value in update.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, components[key], rtol=1e-4, atol=1e-5, msg=key)

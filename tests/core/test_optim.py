@@ -132,22 +132,23 @@ def reference_official(weights, grads_per_step):
     return w, m
 
 
-def _build(params, compat, block_bytes=None):
+def _build(params, compat, block_bytes=None, kernel="auto"):
     groups = [
         dict(params=[p for p, g in zip(params, GROUP_OF) if g == k], **GROUPS[k]) for k in range(len(GROUPS))
     ]
     opt = DeepKDOptimizer(groups, lr=1.0, compat=compat, **{f"delta_{c}": d for c, d in DELTAS.items()})
     if block_bytes is not None:
         opt.cpu_block_bytes = block_bytes
+    opt.sgd_kernel = kernel
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor)
     return opt, sched
 
 
-def _run_optimizer(weights, grads_per_step, compat, via_grad_attr, block_bytes=None):
+def _run_optimizer(weights, grads_per_step, compat, via_grad_attr, block_bytes=None, kernels=("auto", "auto")):
     params = [torch.nn.Parameter(x.clone()) for x in weights]
     # optimizer.params is group order; map it back to the SHAPES index
     order = [i for k in range(len(GROUPS)) for i in range(len(SHAPES)) if GROUP_OF[i] == k]
-    opt, sched = _build(params, compat, block_bytes)
+    opt, sched = _build(params, compat, block_bytes, kernels[0])
     rng = random.Random(0)
     for step, grads in enumerate(grads_per_step):
         if step == SAVE_AT:  # checkpoint round trip into fresh objects, as a resumed run would do
@@ -156,7 +157,7 @@ def _run_optimizer(weights, grads_per_step, compat, via_grad_attr, block_bytes=N
             blob.seek(0)
             saved = torch.load(blob, weights_only=True)
             params = [torch.nn.Parameter(p.detach().clone()) for p in params]
-            opt, sched = _build(params, compat, block_bytes)
+            opt, sched = _build(params, compat, block_bytes, kernels[1])
             opt.load_state_dict(saved["opt"])
             sched.load_state_dict(saved["sched"])
         components = ["tog", "tcg", "ncg"]
@@ -175,22 +176,29 @@ def _run_optimizer(weights, grads_per_step, compat, via_grad_attr, block_bytes=N
 
 
 @pytest.mark.parametrize(
-    "compat, via_grad_attr, block_bytes",
+    "compat, via_grad_attr, block_bytes, kernels",
     [
-        ("paper", True, None),
-        ("paper", False, None),
-        ("paper", True, 40),  # tiny CPU cache blocks: tensors are grouped and cut into flat views
-        ("official", True, None),
-        ("official", False, None),
+        ("paper", True, None, ("auto", "auto")),  # torch's SGD kernels (fused here, foreach for the transposed one)
+        ("paper", False, None, ("auto", "auto")),
+        ("paper", True, None, ("foreach", "foreach")),
+        ("paper", True, None, ("for-loop", "for-loop")),
+        ("paper", True, None, ("own", "own")),  # our own foreach update (scaled buffers)
+        ("paper", True, 40, ("own", "own")),  # tiny CPU cache blocks: tensors are grouped and cut into flat views
+        # a checkpoint of our own update (buffers stored scaled, as every checkpoint before torch's kernels
+        # was) resumed on torch's kernels, and the other way round
+        ("paper", True, None, ("own", "auto")),
+        ("paper", False, None, ("auto", "own")),
+        ("official", True, None, ("auto", "auto")),
+        ("official", False, None, ("auto", "auto")),
     ],
 )
-def test_trajectory_matches_reference_loop(compat, via_grad_attr, block_bytes):
+def test_trajectory_matches_reference_loop(compat, via_grad_attr, block_bytes, kernels):
     weights = _init_weights()
     assert not weights[0].is_contiguous()
     grads = _make_grads(seed=1)
     reference = reference_paper if compat == "paper" else reference_official
     ref_w, ref_m = reference(weights, grads)
-    params, opt = _run_optimizer(weights, grads, compat, via_grad_attr, block_bytes)
+    params, opt = _run_optimizer(weights, grads, compat, via_grad_attr, block_bytes, kernels)
     for i, p in enumerate(params):
         torch.testing.assert_close(p.detach(), ref_w[i], rtol=1e-10, atol=1e-12)
     for (i, c), buf in ref_m.items():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("detectron2")
 
@@ -67,20 +68,48 @@ def shapes_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("config", ["student-deepkd-dkd.yaml", "teacher.yaml"])
-def test_two_processes_train_and_agree(tmp_path, shapes_root, config):
-    # DeepKD: no DDP wrapper, per-component all-reduce; teacher.yaml: DDP on CPU (device_ids=None).
-    # Each rank starts from its own seed (SEED + rank), so equal final weights need the initial
-    # broadcast and the gradient averaging to work.
-    out = tmp_path / "dist"
-    _torchrun(DEMO / config, out, shapes_root)
+def _check_run(out, deepkd):
     digests = _rank_digests(out)
     assert digests[0] == digests[1]
     with open(out / "metrics.json") as f:
         last = [json.loads(line) for line in f if line.strip()][-1]
     assert last["iteration"] == 2
-    if config.startswith("student"):
+    if deepkd:
         assert "loss_tckd" in last and "loss_nckd" in last and "kd/topk_k" in last
+
+
+def test_two_processes_train_and_agree(tmp_path, shapes_root):
+    # teacher.yaml: DDP on CPU (device_ids=None). Each rank starts from its own seed (SEED + rank),
+    # so equal final weights need the initial broadcast and the gradient averaging to work.
+    out = tmp_path / "dist"
+    _torchrun(DEMO / "teacher.yaml", out, shapes_root)
+    _check_run(out, deepkd=False)
+
+
+def test_deepkd_update_and_component_modes_agree(tmp_path, shapes_root):
+    # DeepKD: no DDP wrapper. DEEPKD.DIST_MODE update (the default: each rank folds its own
+    # gradients, one all-reduce of the update per step) and components (one all-reduce per
+    # component) give the same weights and, averaged over the ranks at the checkpoint, the same
+    # momentum buffers.
+    final = {}
+    for mode in ("update", "components"):
+        out = tmp_path / mode
+        _torchrun(DEMO / "student-deepkd-dkd.yaml", out, shapes_root, "DEEPKD.DIST_MODE", mode)
+        _check_run(out, deepkd=True)
+        final[mode] = torch.load(out / "model_final.pth", weights_only=False)
+    a, b = final["update"], final["components"]
+    for key, value in a["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-6, msg=key)
+    opt_a, opt_b = (x["trainer"]["_trainer"]["optimizer"]["state"] for x in (a, b))
+    assert opt_a and set(opt_a) == set(opt_b)
+    for k, state in opt_a.items():
+        assert set(state) == set(opt_b[k])
+        for key, value in state.items():
+            if key.startswith("scaled_buffer_"):  # the true buffer m_c = stored / its scale (core/optim)
+                scale = key[len("scaled_buffer_"):] + "_scale"
+                torch.testing.assert_close(value / state[scale], opt_b[k][key] / opt_b[k][scale], rtol=1e-4,
+                                           atol=1e-6, msg=key)
 
 
 def test_cpu_multi_process_without_torchrun_points_to_it(monkeypatch):

@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.optim import Optimizer
 
+from ..dist import all_reduce_mean
 from .blocking import CPU_BLOCK_BYTES, block_bytes_for
 from .functional import (
     apply_update_,
@@ -22,6 +23,7 @@ from .functional import (
     fold_tensor_,
     scale_key,
     scaled_buffer_key,
+    torch_sgd_,
 )
 from .official import official_deepkd_step_
 
@@ -50,10 +52,25 @@ class DecoupledMomentumSGD(Optimizer):
     with a whole list, or ``fold_param`` per tensor while streaming), so at most one gradient
     set has to exist at once; ``step`` applies the update.
 
-    State per parameter: ``scaled_buffer_<c>`` holds ``s_c * m_c`` with
-    ``s_c = (1 - mu_c) / (1 - dampening)`` and ``<c>_scale`` holds the ``s_c`` it was stored
-    with (``functional.py`` says why; ``momentum_buffer`` returns the true ``m_c``). A changed
-    momentum, or a buffer from the other mode, is rescaled on its next fold.
+    Two implementations of the paper update, equal to rounding:
+
+    * **torch's SGD kernels** (paper mode, ``fold`` of whole lists, every ``mu_c > 0``): the update
+      is one plain SGD step per component that share the weights (``b_c <- mu_c b_c + (1 - d)
+      g_c``, ``w <- w - lr b_c``), so ``fold`` holds the gradient (a reference, no copy) and
+      ``step`` runs torch's own SGD (``torch.optim.sgd.sgd``: fused where the device has it, else
+      foreach, else the for-loop; ``functional.torch_sgd_``) once per component with that
+      component's buffer. The calls that carry weight decay run first, on the weights before any
+      update; a parameter a component did not reach is not in its call. The held gradients cost
+      memory until ``step`` (up to one gradient set per component).
+    * **our own foreach update** (``fold_param`` while streaming, a component with momentum 0,
+      and ``compat="official"`` through ``official.py``): the buffer is folded at once and the
+      gradient freed, ``step`` adds the buffers (``functional.py``).
+
+    State per parameter: ``scaled_buffer_<c>`` holds ``s_c * m_c`` and ``<c>_scale`` holds the
+    ``s_c`` it was stored with: 1.0 after torch's kernels and in official mode, ``(1 - mu_c) /
+    (1 - dampening)`` after our own paper-mode fold (``functional.py`` says why). ``momentum_buffer``
+    returns the true ``m_c``. A buffer stored with another scale (changed momentum, the other
+    route or mode, an older checkpoint) is rescaled on its next use.
 
     Subclasses set ``components`` (the names ``fold`` accepts), ``decay_component`` (the one
     that carries weight decay) and implement ``_momenta(group) -> {component: mu}``; a
@@ -79,10 +96,19 @@ class DecoupledMomentumSGD(Optimizer):
     merge_equal_momenta: bool = False
     # CPU cache blocking of the multi-pass updates (blocking.py); 0 turns it off.
     cpu_block_bytes: int = CPU_BLOCK_BYTES
+    # torch's SGD implementation for the kernel route: "auto" (fused > foreach > for-loop), or one of them;
+    # "own" turns the kernel route off (every fold uses our own foreach update).
+    sgd_kernel: str = "auto"
+    # Distributed "update" mode (set by core.step.DecoupledStep(dist_mode="update")): each worker folds
+    # its own gradients into its buffers, and ``step`` averages the update sum_c m_c over the workers
+    # with ``update_reducer(updates, params) -> averaged`` (one bucketed all-reduce) before applying it.
+    # None: a local step.
+    update_reducer = None
 
     def __init__(self, params, defaults: Dict[str, Any]):
         self._pending: Dict[str, List[Tuple[dict, List[torch.Tensor], List[torch.Tensor], float]]] = {}
         self._stash: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}  # official: (param, grad)
+        self._held: Dict[str, list] = {}  # kernel route: component -> per group [(param, grad)]
         self._streamed: Dict[str, set] = {}  # component -> ids of params folded one by one this step
         self._group_of: Optional[Dict[int, dict]] = None
         self._sources: Dict[str, Dict[int, frozenset]] = {}  # tie -> id(param) -> tied components reaching it
@@ -116,6 +142,7 @@ class DecoupledMomentumSGD(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_pending", {})
         self.__dict__.setdefault("_stash", {})
+        self.__dict__.setdefault("_held", {})
         self._streamed = {}
         self._sources = {}
         self._ties = None
@@ -168,7 +195,8 @@ class DecoupledMomentumSGD(Optimizer):
 
     def _check_component(self, component: str) -> None:
         self._check_name(component)
-        if component in self._pending or component in self._stash or component in self._streamed:
+        if (component in self._pending or component in self._stash or component in self._streamed
+                or component in self._held):
             raise RuntimeError(f"component {component!r} was already folded in this step; call step() first")
 
     def component_losses(self, tog=None, tcg=None, ncg=None) -> Dict[str, torch.Tensor]:
@@ -240,8 +268,8 @@ class DecoupledMomentumSGD(Optimizer):
             sources: for a tie only (and required there): aligned with ``self.params``, the set
                 of the tie's components that reached each parameter (None where none did).
 
-        In ``compat="official"`` the gradients are kept (not copied) until ``step``; do not
-        modify explicitly passed tensors in place before then.
+        In ``compat="official"`` and on the kernel route (class docstring) the gradients are kept
+        (not copied) until ``step``; do not modify explicitly passed tensors in place before then.
         """
         self._check_component(component)
         per_group = self._gradients(grads, clear_grad)
@@ -250,7 +278,61 @@ class DecoupledMomentumSGD(Optimizer):
             return
         if "+" in component:
             self._sources[component] = self.check_sources(component, sources, per_group)
+        if self._kernel_route(component):
+            if "+" in component:
+                self._record_sources(component, [p for pairs in per_group for p, _ in pairs])
+            self._held[component] = per_group
+            return
         self._fold_paper(component, per_group)
+
+    def _kernel_route(self, component: str) -> bool:
+        """torch's SGD kernels apply: paper mode and a non-zero momentum in every group (torch keeps no
+        buffer at momentum 0, and its dampening then differs from the paper's)."""
+        if self.sgd_kernel == "own" or self.update_reducer is not None:
+            return False
+        member = self._members(component)[0]
+        return all(self._momenta(g)[member] > 0.0 for g in self.param_groups)
+
+    def _apply_held(self, held: Dict[str, list], decayed: bool) -> None:
+        """torch's SGD once per held component, over the parameters whose weight decay is (not) zero.
+
+        Buckets span param groups with equal hyper-parameters; first folds (no buffer yet) run in
+        their own call (torch's fused kernel takes one first-step flag per call).
+        """
+        for component, per_group in held.items():
+            buf_key, s_key = scaled_buffer_key(component), scale_key(component)
+            buckets: Dict[tuple, Tuple[list, list, list]] = {}
+            rescale_bufs: List[torch.Tensor] = []
+            rescale_factors: List[float] = []
+            for group, pairs in zip(self.param_groups, per_group):
+                if not pairs:
+                    continue
+                mu = self._momenta(group)[self._members(component)[0]]
+                group_wd = float(group["weight_decay"])
+                for p, g in pairs:
+                    wd = group_wd if self._carries_decay(component, p) else 0.0
+                    if bool(wd) != decayed:
+                        continue
+                    state = self.state[p]
+                    buf = state.get(buf_key)
+                    if buf is not None and state[s_key] != 1.0:
+                        rescale_bufs.append(buf)
+                        rescale_factors.append(1.0 / state[s_key])
+                        state[s_key] = 1.0
+                    key = (float(group["lr"]), mu, float(group["dampening"]), wd, buf is None, p.device, p.dtype)
+                    params, grads, bufs = buckets.setdefault(key, ([], [], []))
+                    params.append(p)
+                    grads.append(g)
+                    bufs.append(buf)
+            if rescale_bufs:
+                torch._foreach_mul_(rescale_bufs, rescale_factors)
+            for (lr, mu, damp, wd, first, _, _), (params, grads, bufs) in buckets.items():
+                torch_sgd_(params, grads, bufs, lr=lr, momentum=mu, dampening=damp, weight_decay=wd,
+                           kernel=self.sgd_kernel)
+                if first:
+                    for p, b in zip(params, bufs):
+                        self.state[p][buf_key] = b
+                        self.state[p][s_key] = 1.0
 
     def check_sources(self, name: str, sources: Optional[Sequence[Optional[frozenset]]], per_group=None):
         """Checks a tie's ``sources`` (aligned with ``self.params``) before anything is folded.
@@ -410,12 +492,23 @@ class DecoupledMomentumSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._streamed = {}
-        self._sources = {}
-        self._ties = None
         if self.compat == "official":
+            self._streamed = {}
+            self._sources = {}
+            self._ties = None
             self._step_official()
             self._stash = {}
+            return loss
+        # torch's kernels: the calls with weight decay first (on the weights before any update),
+        # then our own update of the buffers folded already, then the other calls.
+        held, self._held = self._held, {}
+        self._apply_held(held, decayed=True)
+        self._streamed = {}
+        self._ties = None
+        if self.update_reducer is not None:
+            self._step_averaged()
+            self._apply_held(held, decayed=False)
+            self._sources = {}
             return loss
         # One row per parameter: (param, [(component, buffer, -lr / scale), ...]).
         rows: Dict[int, Tuple[torch.Tensor, list]] = {}
@@ -427,7 +520,54 @@ class DecoupledMomentumSGD(Optimizer):
         ordered = list(rows.values())
         apply_update_(ordered, self._block_bytes([w for w, _ in ordered[:1]]))
         self._pending = {}
+        self._apply_held(held, decayed=False)
+        self._sources = {}
         return loss
+
+    def _step_averaged(self) -> None:
+        """``w -= lr * mean_workers(sum_c m_c)``: the update of the averaged gradients, since the fold is
+        linear (the average of the workers' buffers is the buffer of the averaged gradients)."""
+        per: Dict[int, Tuple[torch.Tensor, float, list]] = {}
+        for entries in self._pending.values():
+            for group, params, bufs, scale in entries:
+                for p, b in zip(params, bufs):
+                    per.setdefault(id(p), (p, float(group["lr"]), []))[2].append((b, 1.0 / scale))
+        self._pending = {}
+        items = list(per.values())
+        updates = []
+        for _, _, terms in items:
+            u = terms[0][0] * terms[0][1]
+            for b, f in terms[1:]:
+                u.add_(b, alpha=f)
+            updates.append(u)
+        averaged = self.update_reducer(updates, [p for p, _, _ in items])
+        by_lr: Dict[float, Tuple[list, list]] = {}
+        for (p, lr, _), u in zip(items, averaged):
+            ws, us = by_lr.setdefault(lr, ([], []))
+            ws.append(p)
+            us.append(u)
+        for lr, (ws, us) in by_lr.items():
+            torch._foreach_add_(ws, us, alpha=-lr)
+
+    @torch.no_grad()
+    def average_buffers_(self, group=None) -> None:
+        """Replaces every momentum buffer by its average over the workers of ``group`` (collective: call
+        it on every worker). In the distributed "update" mode each worker's buffers are fed by its own
+        gradients; their average is the buffer of the averaged gradients, so a checkpoint saves it and
+        every worker continues from it exactly."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return
+        tensors = [state[k] for p in self.params for state in [self.state.get(p, {})]
+                   for k in sorted(state) if k.startswith("scaled_buffer_")]
+        by_kind: Dict[tuple, List[torch.Tensor]] = {}
+        for t in tensors:
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        for ts in by_kind.values():
+            flat = all_reduce_mean(torch.cat([t.reshape(-1) for t in ts]), group)
+            for t, piece in zip(ts, flat.split([t.numel() for t in ts])):
+                t.copy_(piece.view_as(t))
 
     def _block_bytes(self, tensors: Sequence[torch.Tensor]) -> int:
         return block_bytes_for(tensors, self.cpu_block_bytes)
@@ -437,7 +577,7 @@ class DecoupledMomentumSGD(Optimizer):
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        if self._pending or self._stash:
+        if self._pending or self._stash or self._held:
             raise RuntimeError(
                 "state_dict() called between fold() and step(): folded gradients would be lost; call step() first"
             )
@@ -451,9 +591,22 @@ class DecoupledMomentumSGD(Optimizer):
                 raise ValueError(f"optimizer checkpoint holds buffers {sorted(stored - names)} but this optimizer "
                                  f"folds {sorted(names)} (DEEPKD.MERGE_EQUAL_MOMENTA or the momenta differ from the "
                                  "run that wrote it)")
-        super().load_state_dict(_renamed_buffer_keys(state_dict, self.components))
+        state_dict = _renamed_buffer_keys(state_dict, self.components)
+        # torch's load_state_dict rebuilds every iterable state value with its type from a generator,
+        # which turns a string (a tie's "<tie>_sources") into the generator's repr: keep them apart.
+        strings = {k: {key: v for key, v in s.items() if isinstance(v, str)}
+                   for k, s in state_dict.get("state", {}).items()}
+        if any(strings.values()):
+            state_dict = {**state_dict, "state": {k: {key: v for key, v in s.items() if not isinstance(v, str)}
+                                                  for k, s in state_dict["state"].items()}}
+        super().load_state_dict(state_dict)
+        params = self.params
+        for k, entries in strings.items():
+            if entries:
+                self.state[params[int(k)]].update(entries)
         self._pending = {}
         self._stash = {}
+        self._held = {}
         self._streamed = {}
         self._sources = {}
         self._ties = None

@@ -23,6 +23,8 @@ from .blocking import cache_blocks
 
 __all__ = [
     "apply_update_",
+    "sgd_kernel",
+    "torch_sgd_",
     "buffer_scale",
     "check_momentum",
     "first_fold",
@@ -118,3 +120,49 @@ def apply_update_(rows: Sequence[Tuple[torch.Tensor, Sequence[Tuple[Hashable, to
                 vs.append(v)
         for (_, alpha), (ws, vs) in ops.items():
             torch._foreach_add_(ws, vs, alpha=alpha)
+
+
+def sgd_kernel(params: Sequence[torch.Tensor], kernel: str = "auto",
+               others: Sequence[Sequence[Optional[torch.Tensor]]] = ()) -> str:
+    """Which of torch's SGD implementations to run over ``params``: ``"fused"``, ``"foreach"`` or ``"for-loop"``.
+
+    ``"auto"``: fused where torch has the fused kernel for the device and dtype (CPU and CUDA
+    floating point) and every tensor of ``others`` (gradients, buffers) has its parameter's
+    strides (the fused kernel walks all of them as one layout: a transposed parameter with a
+    contiguous gradient comes out wrong), else foreach where the device has it, else the for-loop.
+    """
+    if kernel != "auto":
+        return kernel
+    if not params:
+        return "for-loop"
+    from torch.utils._foreach_utils import (
+        _get_foreach_kernels_supported_devices,
+        _get_fused_kernels_supported_devices,
+    )
+
+    device = params[0].device.type
+    same_layout = all(t is None or t.stride() == p.stride() for ts in others for p, t in zip(params, ts))
+    if (device in _get_fused_kernels_supported_devices() and same_layout
+            and all(t.is_floating_point() for t in params)):
+        return "fused"
+    if device in _get_foreach_kernels_supported_devices():
+        return "foreach"
+    return "for-loop"
+
+
+def torch_sgd_(params: List[torch.Tensor], grads: List[torch.Tensor], bufs: List[Optional[torch.Tensor]], *,
+               lr: float, momentum: float, dampening: float, weight_decay: float, kernel: str = "auto") -> None:
+    """One step of torch's own SGD (``torch.optim.sgd.sgd``) over the lists, in place.
+
+    ``d = g + wd * w``; ``b = d`` where ``bufs[i]`` is None (the list entry is filled with the new
+    buffer), else ``b = momentum * b + (1 - dampening) * d``; ``w -= lr * b``. ``bufs`` must be all
+    None or all tensors (torch's fused kernel takes one first-step flag per call). ``kernel``:
+    ``"auto"`` (``sgd_kernel``), ``"fused"``, ``"foreach"`` or ``"for-loop"``.
+    """
+    if not params:
+        return
+    from torch.optim.sgd import sgd
+
+    which = sgd_kernel(params, kernel, (grads, bufs))
+    sgd(params, list(grads), bufs, foreach=which == "foreach", fused=which == "fused", weight_decay=weight_decay,
+        momentum=momentum, lr=lr, dampening=dampening, nesterov=False, maximize=False)

@@ -56,8 +56,11 @@ def last_checkpoint_note(output_dir: str) -> str:
 
 class FiniteWeightsCheck(HookBase):
     """Before each periodic / final checkpoint: every parameter and buffer must be finite, so
-    that ``last_checkpoint`` never names a diverged model. Register it on every rank, right
-    before ``PeriodicCheckpointer``, with the checkpointer's period."""
+    that ``last_checkpoint`` never names a diverged model; and the momentum buffers are averaged
+    over the workers (``average_buffers_``: in DEEPKD.DIST_MODE "update" each worker's buffers
+    follow its own gradients, their average is the global buffer, which the checkpoint saves and
+    every worker continues from). Register it on every rank, right before
+    ``PeriodicCheckpointer``, with the checkpointer's period."""
 
     def __init__(self, period: int, output_dir: str):
         self._period = int(period)
@@ -67,6 +70,9 @@ class FiniteWeightsCheck(HookBase):
         it = self.trainer.iter
         if not ((it + 1) % self._period == 0 or it >= self.trainer.max_iter - 1):
             return
+        average = getattr(self.trainer.optimizer, "average_buffers_", None)
+        if average is not None:
+            average()  # collective, on every rank
         model = self.trainer.model
         bad = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
