@@ -225,7 +225,8 @@ def demo_methods_and_seeds(parser, args, labels: Dict[str, str], default_methods
 # ----------------------------------------------------------------------------- the docs' tables
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The files whose demo tables are written by the demos (--write-docs), never by hand.
-DOC_FILES = (os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "demos.md"))
+DOC_FILES = (os.path.join(REPO, "README.md"), os.path.join(REPO, "docs", "demos.md"),
+             os.path.join(REPO, "docs", "segmentation.md"))
 
 
 def docs_block_markers(name: str) -> Tuple[str, str]:

@@ -38,6 +38,8 @@ if TOOLS not in sys.path:  # tools/demo_report.py, also when this file is loaded
 
 from demo_report import (  # noqa: E402
     add_demo_arguments,
+    docs_targets,
+    publish_to_docs,
     compare,
     demo_methods_and_seeds,
     demo_pool,
@@ -196,6 +198,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or os.path.join("output", "seg_demo_quick" if args.quick else "seg_demo")
     methods, seeds = demo_methods_and_seeds(parser, args, LABELS, DEFAULT_METHODS, QUICK_METHODS)
+    try:
+        docs_targets(args, "seg_demo")  # a missing docs block stops the run before it starts
+    except ValueError as exc:
+        parser.error(str(exc))
     student_opts = (QUICK_STUDENT if args.quick else []) + list(args.opts)
     start = time.time()
 
@@ -280,6 +286,8 @@ def main(argv=None) -> int:
     plot(png, results, curves, teacher, preds, text, lines[0] + f" Predictions: seed {seeds[0]} of each row; "
          "white = ignore (the outline band).")
     print(f"\n[seg_demo] table {os.path.join(out, 'results.md')}, picture {png}", flush=True)
+    for path in publish_to_docs(args, "seg_demo", argv, table, png):
+        print(f"[seg_demo] wrote the table into {path}", flush=True)
     return 0
 
 
