@@ -38,12 +38,12 @@ if TOOLS not in sys.path:  # tools/demo_report.py, also when this file is loaded
 
 from demo_report import (  # noqa: E402
     add_demo_arguments,
-    docs_targets,
-    publish_to_docs,
     compare,
     demo_methods_and_seeds,
     demo_pool,
+    docs_targets,
     fmt_mean_std,
+    publish_to_docs,
     seed_band,
     verdict,
 )
