@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from ..dist import all_reduce_mean
 from .blocking import CPU_BLOCK_BYTES, block_bytes_for
 from .functional import (
+    DEEPKD_COMPONENTS,
     apply_update_,
     buffer_scale,
     check_momentum,
@@ -30,7 +31,6 @@ from .official import official_deepkd_step_
 __all__ = ["COMPAT_MODES", "DEEPKD_COMPONENTS", "DOT_COMPONENTS", "DOTOptimizer", "DecoupledMomentumSGD",
            "DeepKDOptimizer"]
 
-DEEPKD_COMPONENTS = ("tog", "tcg", "ncg")
 DOT_COMPONENTS = ("task", "kd")
 COMPAT_MODES = ("paper", "official")
 

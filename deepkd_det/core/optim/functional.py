@@ -22,6 +22,7 @@ import torch
 from .blocking import cache_blocks
 
 __all__ = [
+    "DEEPKD_COMPONENTS",
     "apply_update_",
     "sgd_kernel",
     "torch_sgd_",
@@ -33,6 +34,9 @@ __all__ = [
     "scale_key",
     "scaled_buffer_key",
 ]
+
+# The DeepKD gradient components, in the order the update applies them (task, target, non-target).
+DEEPKD_COMPONENTS = ("tog", "tcg", "ncg")
 
 
 def scaled_buffer_key(component: str) -> str:

@@ -23,11 +23,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .functional import scale_key, scaled_buffer_key
+from .functional import DEEPKD_COMPONENTS, scale_key, scaled_buffer_key
 
 __all__ = ["official_deepkd_step_"]
 
-COMPONENTS = ("tog", "tcg", "ncg")
 
 
 def official_deepkd_step_(
@@ -42,7 +41,7 @@ def official_deepkd_step_(
     state; ``stash`` maps each component to the ``(param, grad)`` pairs it reached this step.
     """
     # component -> {id(param): grad}: O(1) membership instead of the reference's list scans
-    got = {c: {id(p): g for p, g in stash.get(c, ())} for c in COMPONENTS}
+    got = {c: {id(p): g for p, g in stash.get(c, ())} for c in DEEPKD_COMPONENTS}
     for group in param_groups:
         _official_group(group, momenta(group), state, got)
 
