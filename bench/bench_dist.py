@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from deepkd_det.core.dist import free_port
 
 CASES = ("dkd_ddp", "deepkd_update", "deepkd_components")
 
@@ -184,12 +185,6 @@ def _worker(rank, port, out_dir, tasks, warmup, steps):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="cls only, 2 timed steps")
@@ -201,7 +196,7 @@ def main(argv=None) -> None:
         args.tasks, args.steps = "cls", 2
     tasks = [t for t in args.tasks.split(",") if t]
     with tempfile.TemporaryDirectory(prefix="bench_dist_") as tmp:
-        mp.spawn(_worker, args=(_free_port(), tmp, tasks, args.warmup, args.steps), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), tmp, tasks, args.warmup, args.steps), nprocs=2, join=True)
         res = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=True)
     for task in tasks:
         base = res[f"{task}/dkd_ddp"]

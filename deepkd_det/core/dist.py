@@ -4,6 +4,7 @@ nccl on GPU)."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import List
@@ -11,7 +12,7 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_mean", "all_reduce_sum", "all_gather_object", "barrier",
+__all__ = ["DistInfo", "free_port", "init_distributed", "all_reduce_mean", "all_reduce_sum", "all_gather_object", "barrier",
            "global_flags"]
 
 
@@ -96,3 +97,10 @@ def all_gather_object(obj) -> List:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now, for a local rendezvous (tests, benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

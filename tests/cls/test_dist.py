@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from deepkd_det.core.dist import free_port
+
 MODES = {
     "deepkd_dkd": dict(DISTILLER__TYPE="DKD", DEEPKD__ENABLED=True),  # DEEPKD.DIST_MODE update (the default)
     "deepkd_dkd_components": dict(DISTILLER__TYPE="DKD", DEEPKD__ENABLED=True, DEEPKD__DIST_MODE="components"),
     "kd": dict(DISTILLER__TYPE="KD"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, root, cfgs):
@@ -51,7 +46,7 @@ def test_two_workers_agree_and_learn(tmp_path, tiny_cfg, teacher_ckpt):
     cfgs = {mode: tiny_cfg(os.path.join(tmp_path, mode), DISTILLER__TEACHER="resnet8", TEACHER__CKPT=teacher_ckpt,
                            SOLVER__EPOCHS=4, SOLVER__LR=0.02, SOLVER__LR_DECAY_STAGES=[3], **opts)
             for mode, opts in MODES.items()}
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), cfgs), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), cfgs), nprocs=2, join=True)
 
     for mode in MODES:
         r0 = torch.load(tmp_path / f"{mode}_rank0.pt", weights_only=True)

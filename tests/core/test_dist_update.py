@@ -7,7 +7,6 @@ buffers averaged over the two workers."""
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepkd_det.core.amp import ComponentGradScaler
+from deepkd_det.core.dist import free_port
 from deepkd_det.core.losses import dkd_components
 from deepkd_det.core.optim import DeepKDOptimizer, DOTOptimizer
 from deepkd_det.core.step import DecoupledStep
@@ -141,18 +141,12 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _buffers(opt_state):
     return {(i, k): v for i, s in opt_state["state"].items() for k, v in s.items() if k.startswith("scaled_")}
 
 
 def test_update_mode_equals_component_mode_and_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     start = _models()[0].state_dict()
     for config in CONFIGS:

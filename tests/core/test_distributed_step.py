@@ -2,7 +2,6 @@
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepkd_det.core.dist import free_port
 from deepkd_det.core.losses import dkd_components
 from deepkd_det.core.optim import DeepKDOptimizer
 from deepkd_det.core.step import STRATEGIES, DecoupledStep, broadcast_parameters
@@ -87,14 +87,8 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_match_one_process_on_the_union(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     xs, ys = _data()
     for strategy in STRATEGIES:

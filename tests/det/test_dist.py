@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from deepkd_det.core.dist import free_port
 from deepkd_det.det.data import generate_shapes_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,16 +22,10 @@ DEMO = REPO / "configs" / "DEEPKD" / "demo"
 pytestmark = pytest.mark.dist
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(config, out, shapes_root, *opts):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(REPO / "train_net.py"), "--config-file", str(config),
         "OUTPUT_DIR", str(out),
         "DATASETS.SHAPES.ROOT", shapes_root, "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
