@@ -121,6 +121,25 @@ def add_deepkd_config(cfg: CN) -> CN:
     # KD only: "row" (paper, exact per-row (1 - p_t[y]_i) * NCKD_i) or "batch" (the released
     # reference code: mean_i(1 - p_t[y]_i) * mean_i NCKD_i).
     cfg.KD.COUPLING = "row"
+    # The student detector inside the distillation wrapper (MODEL.META_ARCHITECTURE "DeepKDRCNN"
+    # or its alias "DistillDetector"): any detectron2 meta-architecture built from MODEL
+    # ("GeneralizedRCNN": Faster / Mask / Cascade R-CNN by ROI_HEADS; "RetinaNet"). Its state-dict
+    # keys stay the plain detector's; the teacher's base architecture is this one unless
+    # TEACHER.CONFIG_FILE names another (deepkd_det/det/distill/wrapper.py).
+    cfg.KD.STUDENT_ARCHITECTURE = "GeneralizedRCNN"
+    # Logit distillation on a dense sigmoid head (RetinaNet), per anchor and class
+    # (deepkd_det/core/dense_kd.py; docs/maths.md "sigmoid heads"): "NONE", "KD" (binary KL at
+    # temperature T summed over classes), "DKD" (its target / non-target split, ALPHA / BETA
+    # below; the form DeepKD uses, with DEEPKD.ENABLED: our extension, no published form).
+    cfg.KD.DENSE = CN()
+    cfg.KD.DENSE.TYPE = "NONE"
+    cfg.KD.DENSE.LOSS_WEIGHT = 1.0
+    cfg.KD.DENSE.TEMPERATURE = 1.0
+    cfg.KD.DENSE.ALPHA = 1.0
+    cfg.KD.DENSE.BETA = 1.0
+    # Classes of negative (background) anchors: "nontarget" (every class of a negative anchor is a
+    # non-target class) or "ignore" (negatives left out); anchors RetinaNet ignores are always out.
+    cfg.KD.DENSE.NEGATIVES = "nontarget"
     # ReviewKD feature distillation (Chen et al., CVPR 2021) between the student's and the
     # teacher's FPN outputs: a trained review head (attention-based fusion) maps the student's
     # levels to the teacher's, compared by the hierarchical context loss (HCL), returned as
@@ -164,6 +183,11 @@ def add_deepkd_config(cfg: CN) -> CN:
     # same boxes (paper, Faster R-CNN: a regression KD loss with weight 1; its form is ours).
     # 0 turns it off.
     cfg.KD.DIFFKD.REG_WEIGHT = 1.0
+    # The attention-weighted MSE of DiffKD's detection variant (the paper's dagger rows) instead
+    # of the plain MSE for the feature KD loss.
+    cfg.KD.DIFFKD.ATTENTION = False
+    # Dense-head outputs distilled by DiffKD as well (RetinaNet): [] or any of "cls", "reg".
+    cfg.KD.DIFFKD.DENSE_OUTPUTS = []
 
     # ---------------------------------------------------------------- DeepKD
     # The DeepKD node shared with the classifier (deepkd_det/core/settings.py documents every
