@@ -29,9 +29,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from deepkd_det.cli import debug_requested, format_error, pull_trailing_flags, run_cli
+from deepkd_det.cli import OneLineErrors, debug_requested, format_error, pull_trailing_flags, run_cli
 from deepkd_det.core.io import check_output_dir
-from deepkd_det.det.checkpoint import EvalCheckpointer
+from deepkd_det.det.checkpoint import EvalCheckpointer, load_named
 from deepkd_det.det.config import (
     add_deepkd_config,
     check_input_files,
@@ -149,16 +149,7 @@ def evaluate(cfg, resume: bool = False):
 def load_checkpoint(load, cfg, resume: bool):
     """``load()`` (a checkpointer's resume_or_load), with a missing or damaged file named as the
     config key (MODEL.WEIGHTS) or the ``last_checkpoint`` entry it came from."""
-    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
-    source = f"--resume ({tag})" if resume and os.path.isfile(tag) else "MODEL.WEIGHTS"
-    try:
-        return load()
-    except AssertionError as exc:  # fvcore: "Checkpoint <path> not found!"
-        raise FileNotFoundError(f"{source}: {format_error(exc)}") from None
-    except RuntimeError as exc:
-        if "cannot read checkpoint" not in str(exc):
-            raise
-        raise ValueError(f"{source}: {format_error(exc)}") from None
+    return load_named(load, cfg.OUTPUT_DIR, resume, "MODEL.WEIGHTS")
 
 
 def main(args):
@@ -168,17 +159,6 @@ def main(args):
     trainer = DeepKDTrainer(cfg)
     load_checkpoint(lambda: trainer.resume_or_load(resume=args.resume), cfg, args.resume)
     return trainer.train()
-
-
-class _OneLineTrainingErrors(logging.Filter):
-    """detectron2 logs the traceback of any exception during training ("Exception during
-    training:"); for a user error the command line prints one line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, USER_ERRORS):
-            record.msg, record.args, record.exc_info, record.exc_text = f"{record.msg} {format_error(exc)}", (), None, None
-        return True
 
 
 def parse_args(argv=None):
@@ -192,7 +172,7 @@ def cli(argv=None) -> int:
     args = parse_args(argv)
     debug = args.debug or debug_requested(argv)
     if not debug:
-        logging.getLogger("detectron2.engine.train_loop").addFilter(_OneLineTrainingErrors())
+        logging.getLogger("detectron2.engine.train_loop").addFilter(OneLineErrors(USER_ERRORS))
     print("Command Line Args:", args)
     return run_cli(lambda: launch_main(main, args), "train_net.py", USER_ERRORS, debug=debug)
 

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable, Iterable, List, Sequence, Set, Tuple, Type
 
-__all__ = ["DEBUG_ENV", "debug_requested", "format_error", "pull_trailing_flags", "run_cli"]
+__all__ = ["DEBUG_ENV", "OneLineErrors", "debug_requested", "format_error", "pull_trailing_flags", "run_cli"]
 
 DEBUG_ENV = "DEEPKD_DEBUG"
 
@@ -72,3 +73,18 @@ def run_cli(
               file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+class OneLineErrors(logging.Filter):
+    """A log filter for a trainer's "Exception during training:" record (detectron2 logs the
+    traceback of any exception in the loop): a user error of ``errors`` is logged as one line."""
+
+    def __init__(self, errors: Tuple[Type[BaseException], ...]):
+        super().__init__()
+        self.errors = errors
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.errors):
+            record.msg, record.args, record.exc_info, record.exc_text = f"{record.msg} {format_error(exc)}", (), None, None
+        return True

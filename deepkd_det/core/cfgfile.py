@@ -55,9 +55,10 @@ def _coerce_numbers(new: dict, ref: CN, where: str, prefix: str = "") -> dict:
     return out
 
 
-def merge_dict(cfg: CN, data: dict, where: str) -> None:
-    """Merge a nested dict into ``cfg`` (keys checked against it; ``where`` names the source)."""
-    data = _coerce_numbers(data, cfg, where)
+def merge_dict(cfg: CN, data: dict, where: str, prefix: str = "") -> None:
+    """Merge a nested dict into ``cfg`` (keys checked against it; ``where`` names the source,
+    ``prefix`` is put before the keys in the messages, e.g. ``"deepkd."``)."""
+    data = _coerce_numbers(data, cfg, where, prefix)
     try:
         cfg.merge_from_other_cfg(CN(data))
     except (KeyError, ValueError, AssertionError) as exc:

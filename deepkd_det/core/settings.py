@@ -48,6 +48,8 @@ __all__ = [
     "TOPK_RANK_CHOICES",
     "topk_rank",
     "deepkd_node",
+    "deepkd_settings_dict",
+    "deepkd_settings_from_mapping",
     "validate_deepkd_settings",
 ]
 
@@ -95,6 +97,32 @@ def deepkd_node(node_class):
     return node_class(copy.deepcopy(DEEPKD_DEFAULTS))
 
 
+def deepkd_settings_dict() -> Dict[str, Any]:
+    """The defaults as a plain nested dict: the ``deepkd`` node of a LazyConfig (``deepkd =
+    deepkd_settings_dict()`` in a ``.py`` config; detectron2 turns it into an omegaconf node).
+    Same keys and defaults as the yacs node (one definition, ``DEEPKD_DEFAULTS``)."""
+    return copy.deepcopy(DEEPKD_DEFAULTS)
+
+
+def deepkd_settings_from_mapping(data, where: str, prefix: str = "deepkd"):
+    """The yacs DEEPKD node (the object every factory below reads) holding the nested mapping
+    ``data`` over the defaults, e.g. a LazyConfig's ``deepkd`` node as plain containers.
+
+    Keys are checked as a yacs file's are (``core.cfgfile.merge_dict``): an unknown key (with a
+    "did you mean") or a value of the wrong type is one ConfigError naming ``where`` and
+    ``<prefix>.KEY``. Values are validated separately (``validate_deepkd_settings``).
+    """
+    from yacs.config import CfgNode
+
+    from .cfgfile import ConfigError, merge_dict
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix} must be a mapping of the DEEPKD settings, got {data!r}")
+    node = deepkd_node(CfgNode)
+    merge_dict(node, data, where, prefix=f"{prefix}." if prefix else "")
+    return node
+
+
 def decoupled(node) -> bool:
     """Whether the decoupled (per-component momentum) update is on."""
     return bool(node.ENABLED and node.DECOUPLE)
@@ -109,10 +137,13 @@ def topk_rank(node) -> str:
     return rank
 
 
-def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int], prefix: str = "DEEPKD") -> List[str]:
+def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int], prefix: str = "DEEPKD",
+                             momentum_key: str = "SOLVER.MOMENTUM") -> List[str]:
     """Every problem of the node as one message naming the key (empty list: valid).
 
-    ``num_nontarget`` (C - 1) bounds the top-k schedule; None skips that check.
+    ``num_nontarget`` (C - 1) bounds the top-k schedule; None skips that check. ``prefix`` and
+    ``momentum_key`` are the names of the node and of the base momentum in the messages (a
+    LazyConfig: ``deepkd``, ``optimizer.momentum``).
     """
     errors: List[str] = []
 
@@ -135,13 +166,13 @@ def validate_deepkd_settings(node, momentum: float, num_nontarget: Optional[int]
     if decoupled(node):
         if node.OPTIMIZER == "dot":
             for name, m in (("task", momentum - node.DOT_DELTA), ("distillation", momentum + node.DOT_DELTA)):
-                need(0.0 <= m < 1.0, f"DOT {name} momentum SOLVER.MOMENTUM -/+ {prefix}.DOT_DELTA = "
+                need(0.0 <= m < 1.0, f"DOT {name} momentum {momentum_key} -/+ {prefix}.DOT_DELTA = "
                                      f"{momentum} -/+ {node.DOT_DELTA} = {m:g} is outside [0, 1)")
         else:
             for comp in ("TOG", "TCG", "NCG"):
                 delta = node[f"DELTA_{comp}"]
                 m = momentum + delta
-                need(0.0 <= m < 1.0, f"{comp} momentum SOLVER.MOMENTUM + {prefix}.DELTA_{comp} = "
+                need(0.0 <= m < 1.0, f"{comp} momentum {momentum_key} + {prefix}.DELTA_{comp} = "
                                      f"{momentum} + {delta} = {m:g} is outside [0, 1)")
 
     t = node.TOPK

@@ -41,6 +41,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
+from deepkd_det.cli import format_error
 from deepkd_det.core.io import atomic_write, load_weights_only
 
 from .modeling.diffkd import DIFFKD_PREFIX
@@ -62,7 +63,7 @@ from .modeling.weights import (
     imagenet_flavour,
 )
 
-__all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "TRAINING_ONLY_PARTS", "check_student_state"]
+__all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "TRAINING_ONLY_PARTS", "check_student_state", "load_named"]
 
 # Training-only parts of DeepKDRCNN: (attribute, state-dict prefix, name in messages).
 TRAINING_ONLY_PARTS = (("reviewkd_head", REVIEWKD_HEAD_PREFIX, "ReviewKD head"),
@@ -210,6 +211,22 @@ class EvalCheckpointer(DeepKDCheckpointer):
                             "MODEL.ROI_HEADS.NUM_CLASSES to that (and use a dataset with those classes).")
             raise ValueError("MODEL.WEIGHTS does not fit the model to evaluate: " + "; ".join(problems) + "." + hint)
         super()._log_incompatible_keys(incompatible)
+
+
+def load_named(load, output_dir: str, resume: bool, weights_key: str):
+    """``load()`` (a checkpointer's resume_or_load), with a missing or damaged file named as the
+    config key ``weights_key`` (MODEL.WEIGHTS, train.init_checkpoint) or the ``last_checkpoint``
+    entry of ``output_dir`` it came from."""
+    tag = os.path.join(output_dir, "last_checkpoint")
+    source = f"--resume ({tag})" if resume and os.path.isfile(tag) else weights_key
+    try:
+        return load()
+    except AssertionError as exc:  # fvcore: "Checkpoint <path> not found!"
+        raise FileNotFoundError(f"{source}: {format_error(exc)}") from None
+    except RuntimeError as exc:
+        if "cannot read checkpoint" not in str(exc):
+            raise
+        raise ValueError(f"{source}: {format_error(exc)}") from None
 
 
 @contextlib.contextmanager

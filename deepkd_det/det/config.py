@@ -32,8 +32,10 @@ __all__ = [
     "student_only_cfg",
     "build_topk_schedule",
     "check_input_files",
+    "check_weights_file",
     "lr_batch_warning",
     "validate_deepkd_config",
+    "validate_detection_deepkd",
 ]
 
 KD_TYPES = ("NONE", "KD", "DKD")
@@ -413,12 +415,7 @@ def validate_deepkd_config(cfg: CN) -> None:
     if num_classes < 0:
         raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES must be >= 1 (or 0: from the dataset json), got {num_classes}")
     # 0: taken from the dataset json at start-up (deepkd_det/det/data/register.py), checked then.
-    errors = validate_deepkd_settings(dk, cfg.SOLVER.MOMENTUM, num_classes or None)
-    if errors:
-        raise ValueError("; ".join(errors))
-    if dk.GSNR.ENABLED and not decoupled(dk):
-        raise ValueError("DEEPKD.GSNR.ENABLED needs the decoupled update (DEEPKD.ENABLED and DEEPKD.DECOUPLE) "
-                         "in detection: the per-component gradients are measured inside the decoupled step")
+    validate_detection_deepkd(dk, cfg.SOLVER.MOMENTUM, num_classes)
 
     _check_choice("SOLVER.AMP.DTYPE", cfg.SOLVER.AMP.DTYPE, AMP_DTYPES)
     _check_choice("TEACHER.AMP_DTYPE", cfg.TEACHER.AMP_DTYPE, ("",) + tuple(AMP_DTYPES))
@@ -440,6 +437,19 @@ def validate_deepkd_config(cfg: CN) -> None:
                 f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit and box-regression distillation need the "
                 "same classes"
             )
+
+
+def validate_detection_deepkd(node, momentum: float, num_classes: int, prefix: str = "DEEPKD",
+                              momentum_key: str = "SOLVER.MOMENTUM") -> None:
+    """The DEEPKD node of a detector (the yacs config's, or a LazyConfig's ``deepkd``): the shared
+    checks (core.settings) over its ``num_classes`` non-target classes (C - 1 with background;
+    0: not known yet) and detection's own, as one ValueError naming the keys."""
+    errors = validate_deepkd_settings(node, momentum, num_classes or None, prefix, momentum_key)
+    if errors:
+        raise ValueError("; ".join(errors))
+    if node.GSNR.ENABLED and not decoupled(node):
+        raise ValueError(f"{prefix}.GSNR.ENABLED needs the decoupled update ({prefix}.ENABLED and {prefix}.DECOUPLE) "
+                         "in detection: the per-component gradients are measured inside the decoupled step")
 
 
 def _validate_reviewkd(cfg: CN) -> bool:
@@ -480,7 +490,7 @@ def _local(path: str) -> bool:
     return bool(path) and "://" not in path
 
 
-def _check_weights_file(key: str, path: str, why: str = "") -> None:
+def check_weights_file(key: str, path: str, why: str = "") -> None:
     """``path`` (a config value) exists and starts like a torch/pickle file; errors name ``key``."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"{key} {path!r} is a directory: name the checkpoint file in it{why}")
@@ -505,14 +515,14 @@ def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) ->
     teacher_needed = (cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED) and not eval_only
     t_path = cfg.TEACHER.MODEL.WEIGHTS
     if teacher_needed and _local(t_path):
-        _check_weights_file(
+        check_weights_file(
             "TEACHER.MODEL.WEIGHTS", t_path,
             " (the teacher is rebuilt from this file at every start, --resume included: checkpoints hold the "
             "student only)",
         )
     resuming = resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not resuming and _local(cfg.MODEL.WEIGHTS):
-        _check_weights_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+        check_weights_file("MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
 
 
 def lr_batch_warning(cfg: CN, file_batch: int, file_lr: float) -> Optional[str]:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, default_writers, hooks
 from detectron2.engine.train_loop import AMPTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -57,7 +59,18 @@ from .resume import (
 from .steps import CheckedSimpleTrainer, DecoupledStepTrainer, FiniteWeightsCheck, last_checkpoint_note
 from .sync_check import ParameterSyncCheck
 
-__all__ = ["DeepKDTrainer", "deepkd_enabled", "teacher_read_from_file", "uses_fast_coco_eval", "wrap_ddp"]
+__all__ = [
+    "DeepKDEngine",
+    "DeepKDTrainer",
+    "EngineSettings",
+    "coco_evaluator",
+    "deepkd_enabled",
+    "remove_interrupted_saves",
+    "resumable_loader",
+    "teacher_read_from_file",
+    "uses_fast_coco_eval",
+    "wrap_ddp",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +81,12 @@ def deepkd_enabled(cfg) -> bool:
     return bool(dk is not None and decoupled(dk))
 
 
-def _iterations_per_epoch(cfg, sampler) -> int:
+def _iterations_per_epoch(settings, sampler) -> int:
     """One pass over the training images (DEEPKD.GSNR.PERIOD 0 measures once per epoch)."""
     size = getattr(sampler, "_size", None)
     if not size:
-        return max(cfg.SOLVER.MAX_ITER // 10, 1)
-    return max(-(-int(size) // cfg.SOLVER.IMS_PER_BATCH), 1)
+        return max(settings.max_iter // 10, 1)
+    return max(-(-int(size) // settings.ims_per_batch), 1)
 
 
 def uses_fast_coco_eval() -> bool:
@@ -85,18 +98,217 @@ def uses_fast_coco_eval() -> bool:
     return not getattr(compiled, "__deepkd_shim__", False)
 
 
-def wrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """DistributedDataParallel with >1 process; ``device_ids=None`` on CPU (v0.6's
-    ``create_ddp_model`` passes ``[local_rank]``, which fails for CPU modules)."""
+    ``create_ddp_model`` passes ``[local_rank]``, which fails for CPU modules). ``kwargs``:
+    DistributedDataParallel's own (a LazyConfig's ``train.ddp``; broadcast_buffers False unless given)."""
     if comm.get_world_size() == 1:
         return model
     on_gpu = next(model.parameters()).device.type == "cuda"
     device_ids = [comm.get_local_rank()] if on_gpu else None
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    kwargs.setdefault("broadcast_buffers", False)
+    return DistributedDataParallel(model, device_ids=device_ids, **kwargs)
 
 
-class DeepKDTrainer(DefaultTrainer):
-    """DefaultTrainer whose step is DeepKD's decoupled step when DEEPKD.ENABLED.
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the shared engine (:class:`DeepKDEngine`) reads, whichever config it came from:
+    the yacs config of ``train_net.py`` (:meth:`from_yacs`) or a LazyConfig
+    (``deepkd_det/det/lazy.py``)."""
+
+    output_dir: str
+    max_iter: int
+    ims_per_batch: int  # all processes together (the data position of a resumed run)
+    checkpoint_period: int
+    eval_period: int
+    deepkd: Any  # the DEEPKD node (core.settings): decoupled step, GSNR
+    amp: Optional[torch.dtype] = None  # None: float32; fp16 (loss scale) or bf16 (autocast)
+    init_weights: str = ""  # loaded when there is no checkpoint to resume from
+    teacher_from_file: bool = True  # the frozen teacher is read from its file at every start
+    log_period: int = 20
+    max_to_keep: Optional[int] = None  # checkpoints kept by the PeriodicCheckpointer (None: all)
+    ddp: Dict[str, Any] = field(default_factory=dict)  # extra DistributedDataParallel arguments
+
+    @classmethod
+    def from_yacs(cls, cfg) -> EngineSettings:
+        return cls(
+            output_dir=cfg.OUTPUT_DIR,
+            max_iter=cfg.SOLVER.MAX_ITER,
+            ims_per_batch=cfg.SOLVER.IMS_PER_BATCH,
+            checkpoint_period=cfg.SOLVER.CHECKPOINT_PERIOD,
+            eval_period=cfg.TEST.EVAL_PERIOD,
+            deepkd=cfg.get("DEEPKD"),
+            amp=amp_dtype(cfg.SOLVER.AMP.DTYPE, "SOLVER.AMP.DTYPE") if cfg.SOLVER.AMP.ENABLED else None,
+            init_weights=cfg.MODEL.WEIGHTS,
+            teacher_from_file=teacher_read_from_file(cfg),
+        )
+
+
+def remove_interrupted_saves(output_dir: str) -> None:
+    """Temporary files of a checkpoint save that was killed, removed at start-up (main process)."""
+    if comm.is_main_process():
+        for name in remove_leftover_temp_files(output_dir):
+            logger.info(f"removed {name}, left in {output_dir} by an interrupted checkpoint save")
+
+
+class DeepKDEngine(DefaultTrainer):
+    """The engine both entry points run (``train_net.py``: :class:`DeepKDTrainer`; the LazyConfig
+    entry point: ``deepkd_det.det.engine.lazy.LazyDeepKDTrainer``): given a built model,
+    optimizer, training loader and :class:`EngineSettings`, the step (decoupled DeepKD step, or
+    detectron2's summed-loss step; AMP), the checkpointer and its teacher rule, the hooks
+    (RNG state, finite weights, checkpoints, evaluation, parameter sync, writers) and the exact
+    resume (data position, RNG). Subclasses build the parts from their config, call
+    :meth:`setup_engine` and provide :meth:`evaluate_model`.
+    """
+
+    def setup_engine(self, settings: EngineSettings, model, optimizer, data_loader, train_sampler,
+                     build_scheduler: Callable[[torch.optim.Optimizer], Any]) -> None:
+        self.engine = settings
+        self.train_sampler = train_sampler
+        self.deepkd = bool(settings.deepkd is not None and decoupled(settings.deepkd))
+        self.gsnr_hook = None
+        amp = settings.amp
+        if self.deepkd:
+            broadcast_initial_parameters(model)
+            # fp16: one loss scale over the three components (deepkd_det/core/amp.py).
+            scaler = ComponentGradScaler() if amp is torch.float16 else None
+            # The trainer checks the losses itself (named, with the iteration) before the step.
+            step = build_decoupled_step(settings.deepkd, optimizer, check_finite=False, scaler=scaler)
+            if settings.deepkd.GSNR.ENABLED:
+                named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                per_epoch = _iterations_per_epoch(settings, train_sampler)
+                meter = build_gsnr_meter(settings.deepkd, named, per_epoch)
+                self.gsnr_hook = GSNRHook(step, meter, settings.output_dir)
+            self._trainer = DecoupledStepTrainer(model, data_loader, optimizer, step, amp_dtype=amp)
+        else:
+            model = wrap_ddp(model, **settings.ddp)
+            if amp is torch.float16:
+                self._trainer = AMPTrainer(model, data_loader, optimizer)
+            else:
+                self._trainer = CheckedSimpleTrainer(model, data_loader, optimizer, amp_dtype=amp)
+
+        self.scheduler = build_scheduler(optimizer)
+        checkpointables = {"trainer": weakref.proxy(self)}
+        schedule = getattr(_unwrap(model), "topk_schedule", None)
+        if schedule is not None:
+            checkpointables["topk_schedule"] = schedule
+        self.checkpointer = DeepKDCheckpointer(model, settings.output_dir, **checkpointables)
+        if getattr(_unwrap(model), "teacher", None) is not None and settings.teacher_from_file:
+            # The frozen teacher is read from its file at every start: checkpoints hold the student
+            # (with its buffers) and the trainer state only.
+            self.checkpointer.exclude_prefixes = (TEACHER_PREFIX,)
+        self.start_iter = 0
+        self.max_iter = settings.max_iter
+        self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------ hooks
+
+    def evaluate_model(self):
+        """Evaluate ``self.model`` on the test datasets (the EvalHook's function)."""
+        raise NotImplementedError
+
+    def precise_bn_hook(self):
+        """detectron2's PreciseBN hook, or None."""
+        return None
+
+    def build_hooks(self):
+        settings = self.engine
+        ret = [hooks.IterationTimer(), hooks.LRScheduler(), self.precise_bn_hook(), self.gsnr_hook]
+        # On every rank, right before the checkpointer: gathers all ranks' RNG states into it.
+        self.rng_hook = RNGStateHook(settings.checkpoint_period, self.train_sampler)
+        ret.append(self.rng_hook)
+        # Every rank (the weights are equal): a diverged model is never saved as a checkpoint.
+        ret.append(FiniteWeightsCheck(settings.checkpoint_period, settings.output_dir))
+        if comm.is_main_process():
+            keep = {} if settings.max_to_keep is None else {"max_to_keep": settings.max_to_keep}
+            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, settings.checkpoint_period, **keep))
+
+        def test_and_save_results():
+            # Evaluation must not move the training RNG streams (resume exactness).
+            with preserve_rng_state():
+                self._last_eval_results = self.evaluate_model()
+            return self._last_eval_results
+
+        ret.append(hooks.EvalHook(settings.eval_period, test_and_save_results))
+        ret.append(ParameterSyncCheck())  # every rank: the processes must end with equal weights
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=settings.log_period))
+        return ret
+
+    def build_writers(self):
+        return default_writers(self.engine.output_dir, self.max_iter)
+
+    def train(self):
+        try:
+            return self.run_training()
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} {last_checkpoint_note(self.engine.output_dir)}") from None
+
+    def run_training(self):
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", None)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self):
+        ret = TrainerBase.state_dict(self)
+        # detectron2 v0.6's DefaultTrainer does not save the optimizer; this is the key later
+        # versions use for it.
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        # TrainerBase's part (iteration, hooks) called directly: after v0.6, DefaultTrainer's
+        # load_state_dict reads state_dict["_trainer"] unconditionally (a KeyError for a
+        # checkpoint without it); v0.6 has no override. Same behaviour on both.
+        TrainerBase.load_state_dict(self, state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("checkpoint has no optimizer state; momentum buffers start from zero")
+
+    def resume_or_load(self, resume=True):
+        self.checkpointer.resume_or_load(self.engine.init_weights, resume=resume)
+        pending = self.rng_hook.take_pending()
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
+            if comm.is_main_process():
+                # Rows a killed run wrote after its last checkpoint are written again from here.
+                trim_metrics_after(os.path.join(self.engine.output_dir, "metrics.json"), self.start_iter)
+            self._resume_data_position(pending)
+            if pending is not None:
+                self._restore_rank_rng(pending)
+
+    def _resume_data_position(self, pending):
+        if self.train_sampler is None:
+            return
+        seed = pending.get("sampler_seed") if pending else None
+        per_rank_batch = self.engine.ims_per_batch // comm.get_world_size()
+        self.train_sampler.set_position(
+            self.train_sampler.seed if seed is None else seed, self.start_iter * per_rank_batch
+        )
+        # A fresh iterator, so that the sampler starts at the new position.
+        inner = self._trainer
+        if hasattr(inner, "_data_loader_iter_obj"):  # detectron2 > v0.6: created lazily
+            inner._data_loader_iter_obj = None
+            inner._data_loader_iter  # noqa: B018 - create it now, before the RNG is restored
+        else:
+            inner._data_loader_iter = iter(inner.data_loader)
+
+    def _restore_rank_rng(self, pending):
+        states = pending.get("per_rank", [])
+        if len(states) == comm.get_world_size():
+            restore_rng_state(states[comm.get_rank()])
+        else:
+            logger.warning(
+                f"checkpoint holds RNG states of {len(states)} processes, this run has "
+                f"{comm.get_world_size()}: random streams are not restored"
+            )
+
+
+class DeepKDTrainer(DeepKDEngine):
+    """DefaultTrainer whose step is DeepKD's decoupled step when DEEPKD.ENABLED (the engine of
+    :class:`DeepKDEngine`, built from detectron2's yacs config).
 
     Use it like DefaultTrainer: ``trainer = DeepKDTrainer(cfg); trainer.resume_or_load(resume);
     trainer.train()``. Datasets of DATASETS.REGISTER and the embedded shapes set are registered
@@ -115,49 +327,16 @@ class DeepKDTrainer(DefaultTrainer):
         resolve_num_classes(cfg)
         cfg.freeze()
         check_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-        if comm.is_main_process():
-            for name in remove_leftover_temp_files(cfg.OUTPUT_DIR):
-                logger.info(f"removed {name}, left in {cfg.OUTPUT_DIR} by an interrupted checkpoint save")
-        self.deepkd = deepkd_enabled(cfg)
+        remove_interrupted_saves(cfg.OUTPUT_DIR)
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader, self.train_sampler = self.build_resumable_train_loader(cfg)
-
-        self.gsnr_hook = None
-        amp = amp_dtype(cfg.SOLVER.AMP.DTYPE, "SOLVER.AMP.DTYPE") if cfg.SOLVER.AMP.ENABLED else None
-        if self.deepkd:
-            broadcast_initial_parameters(model)
-            # fp16: one loss scale over the three components (deepkd_det/core/amp.py).
-            scaler = ComponentGradScaler() if amp is torch.float16 else None
-            # The trainer checks the losses itself (named, with the iteration) before the step.
-            step = build_decoupled_step(cfg.DEEPKD, optimizer, check_finite=False, scaler=scaler)
-            if cfg.DEEPKD.GSNR.ENABLED:
-                named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-                meter = build_gsnr_meter(cfg.DEEPKD, named, _iterations_per_epoch(cfg, self.train_sampler))
-                self.gsnr_hook = GSNRHook(step, meter, cfg.OUTPUT_DIR)
-            self._trainer = DecoupledStepTrainer(model, data_loader, optimizer, step, amp_dtype=amp)
-        else:
-            model = wrap_ddp(model)
-            if amp is torch.float16:
-                self._trainer = AMPTrainer(model, data_loader, optimizer)
-            else:
-                self._trainer = CheckedSimpleTrainer(model, data_loader, optimizer, amp_dtype=amp)
-
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        checkpointables = {"trainer": weakref.proxy(self)}
-        schedule = getattr(_unwrap(model), "topk_schedule", None)
-        if schedule is not None:
-            checkpointables["topk_schedule"] = schedule
-        self.checkpointer = DeepKDCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
-        if getattr(_unwrap(model), "teacher", None) is not None and teacher_read_from_file(cfg):
-            # The frozen teacher is read from its file at every start: checkpoints hold the student
-            # (with its buffers) and the trainer state only.
-            self.checkpointer.exclude_prefixes = (TEACHER_PREFIX,)
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
+        data_loader, train_sampler = self.build_resumable_train_loader(cfg)
         self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        self.setup_engine(
+            EngineSettings.from_yacs(cfg), model, optimizer, data_loader, train_sampler,
+            lambda opt: self.build_lr_scheduler(cfg, opt),
+        )
 
     # ------------------------------------------------------------------ builders
 
@@ -181,72 +360,33 @@ class DeepKDTrainer(DefaultTrainer):
             min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        sampler = ResumableTrainingSampler(len(dataset))
-        loader = build_detection_train_loader(cfg, dataset=dataset, sampler=sampler)
-        if not isolate_loader_rng(loader, sampler.seed + comm.get_rank()):
-            logger.warning("no torch DataLoader found in the training loader: --resume may not be bit-exact")
-        return loader, sampler
+        return resumable_loader(lambda sampler: build_detection_train_loader(cfg, dataset=dataset, sampler=sampler),
+                                len(dataset))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
-        if evaluator_type != "coco":
-            raise NotImplementedError(
-                f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; DeepKDTrainer evaluates "
-                "COCO-format datasets (override build_evaluator for others)"
-            )
         tasks = ["bbox"]
         if cfg.MODEL.MASK_ON:
             tasks.append("segm")
         if cfg.MODEL.KEYPOINT_ON:
             tasks.append("keypoints")
-        return COCOEvaluator(
-            dataset_name,
-            tasks=tuple(tasks),
-            distributed=True,
-            output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"),
-            use_fast_impl=uses_fast_coco_eval(),
-        )
+        return coco_evaluator(dataset_name, tasks, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
-    def build_hooks(self):
+    def precise_bn_hook(self):
         cfg = self.cfg.clone()
         cfg.defrost()
         cfg.DATALOADER.NUM_WORKERS = 0  # as DefaultTrainer: PreciseBN's own loader, no workers
-        ret = [
-            hooks.IterationTimer(),
-            hooks.LRScheduler(),
-            hooks.PreciseBN(
+        if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model):
+            return hooks.PreciseBN(
                 cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg), cfg.TEST.PRECISE_BN.NUM_ITER
             )
-            if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model)
-            else None,
-            self.gsnr_hook,
-        ]
-        # On every rank, right before the checkpointer: gathers all ranks' RNG states into it.
-        self.rng_hook = RNGStateHook(cfg.SOLVER.CHECKPOINT_PERIOD, self.train_sampler)
-        ret.append(self.rng_hook)
-        # Every rank (the weights are equal): a diverged model is never saved as a checkpoint.
-        ret.append(FiniteWeightsCheck(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.OUTPUT_DIR))
-        if comm.is_main_process():
-            ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+        return None
 
-        def test_and_save_results():
-            # Evaluation must not move the training RNG streams (resume exactness).
-            with preserve_rng_state():
-                self._last_eval_results = self.test(self.cfg, self.model)
-            return self._last_eval_results
+    def evaluate_model(self):
+        return self.test(self.cfg, self.model)
 
-        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
-        ret.append(ParameterSyncCheck())  # every rank: the processes must end with equal weights
-        if comm.is_main_process():
-            ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
-        return ret
-
-    def train(self):
-        try:
-            return super().train()
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"{exc} {last_checkpoint_note(self.cfg.OUTPUT_DIR)}") from None
+    def run_training(self):
+        return DefaultTrainer.train(self)  # + detectron2's check of TEST.EXPECTED_RESULTS
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -254,62 +394,29 @@ class DeepKDTrainer(DefaultTrainer):
         register_datasets_from_cfg(cfg)
         return super().test(cfg, model, evaluators)
 
-    # ------------------------------------------------------------------ state
 
-    def state_dict(self):
-        ret = super().state_dict()
-        # detectron2 v0.6's DefaultTrainer does not save the optimizer; this is the key later
-        # versions use for it.
-        ret["_trainer"] = self._trainer.state_dict()
-        return ret
+def resumable_loader(build: Callable[[ResumableTrainingSampler], Any], size: int):
+    """``(loader, sampler)``: the training loader ``build(sampler)`` over a
+    :class:`ResumableTrainingSampler` of ``size`` images, its torch DataLoaders given their own
+    generators (so a resumed run's global RNG stream is not shifted)."""
+    sampler = ResumableTrainingSampler(size)
+    loader = build(sampler)
+    if not isolate_loader_rng(loader, sampler.seed + comm.get_rank()):
+        logger.warning("no torch DataLoader found in the training loader: --resume may not be bit-exact")
+    return loader, sampler
 
-    def load_state_dict(self, state_dict):
-        # TrainerBase's part (iteration, hooks) called directly: after v0.6, DefaultTrainer's
-        # load_state_dict reads state_dict["_trainer"] unconditionally (a KeyError for a
-        # checkpoint without it); v0.6 has no override. Same behaviour on both.
-        TrainerBase.load_state_dict(self, state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logger.warning("checkpoint has no optimizer state; momentum buffers start from zero")
 
-    def resume_or_load(self, resume=True):
-        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        pending = self.rng_hook.take_pending()
-        if resume and self.checkpointer.has_checkpoint():
-            self.start_iter = self.iter + 1
-            if comm.is_main_process():
-                # Rows a killed run wrote after its last checkpoint are written again from here.
-                trim_metrics_after(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), self.start_iter)
-            self._resume_data_position(pending)
-            if pending is not None:
-                self._restore_rank_rng(pending)
-
-    def _resume_data_position(self, pending):
-        if self.train_sampler is None:
-            return
-        seed = pending.get("sampler_seed") if pending else None
-        per_rank_batch = self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
-        self.train_sampler.set_position(
-            self.train_sampler.seed if seed is None else seed, self.start_iter * per_rank_batch
+def coco_evaluator(dataset_name: str, tasks, output_dir: str) -> COCOEvaluator:
+    """detectron2's COCOEvaluator of ``tasks`` (distributed; the fast C++ COCOeval where it is
+    compiled); a dataset of another evaluator_type is refused naming it."""
+    evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    if evaluator_type != "coco":
+        raise NotImplementedError(
+            f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; DeepKDTrainer evaluates "
+            "COCO-format datasets (override build_evaluator for others)"
         )
-        # A fresh iterator, so that the sampler starts at the new position.
-        inner = self._trainer
-        if hasattr(inner, "_data_loader_iter_obj"):  # detectron2 > v0.6: created lazily
-            inner._data_loader_iter_obj = None
-            inner._data_loader_iter  # noqa: B018 - create it now, before the RNG is restored
-        else:
-            inner._data_loader_iter = iter(inner.data_loader)
-
-    def _restore_rank_rng(self, pending):
-        states = pending.get("per_rank", [])
-        if len(states) == comm.get_world_size():
-            restore_rng_state(states[comm.get_rank()])
-        else:
-            logger.warning(
-                f"checkpoint holds RNG states of {len(states)} processes, this run has "
-                f"{comm.get_world_size()}: random streams are not restored"
-            )
+    return COCOEvaluator(dataset_name, tasks=tuple(tasks), distributed=True, output_dir=output_dir,
+                         use_fast_impl=uses_fast_coco_eval())
 
 
 def teacher_read_from_file(cfg) -> bool:
