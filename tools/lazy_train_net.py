@@ -78,7 +78,7 @@ def evaluate(cfg, resume: bool = False):
     from deepkd_det.det.checkpoint import EvalCheckpointer
     from deepkd_det.det.engine.lazy import lazy_evaluate
 
-    if "test" not in cfg.dataloader or "evaluator" not in cfg.dataloader:
+    if cfg.dataloader.get("test") is None or cfg.dataloader.get("evaluator") is None:
         raise ValueError("--eval-only needs dataloader.test and dataloader.evaluator in the config")
     model = build_eval_model(cfg)
     checkpointer = EvalCheckpointer(model, save_dir=cfg.train.output_dir)

@@ -85,9 +85,9 @@ def lazy_evaluate(cfg, model) -> Optional[dict]:
     """``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator`` (detectron2's
     ``do_test``); a COCOEvaluator without ``use_fast_impl`` / ``output_dir`` gets the engine's
     (the compiled COCOeval where it exists; ``<train.output_dir>/inference``). None when the
-    config has no evaluator."""
-    if "evaluator" not in cfg.dataloader or "test" not in cfg.dataloader:
-        return None
+    config has no evaluator (or ``dataloader.evaluator=null``)."""
+    if cfg.dataloader.get("evaluator") is None or cfg.dataloader.get("test") is None:
+        return None  # absent, or dataloader.evaluator=null: no evaluation
     evaluator = cfg.dataloader.evaluator
     if _target_name(evaluator).endswith("COCOEvaluator") or evaluator.get("_target_") is COCOEvaluator:
         if "use_fast_impl" not in evaluator:

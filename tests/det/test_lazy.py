@@ -1,0 +1,228 @@
+"""The LazyConfig entry point (tools/lazy_train_net.py): the DEEPKD node of the yacs config in
+LazyConfig form, its start-up refusals, and train_net.py's engine (same weights, exact resume)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+import torch  # noqa: E402
+from detectron2.engine import HookBase, default_argument_parser  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import train_net  # noqa: E402
+from deepkd_det.core.settings import DEEPKD_DEFAULTS, deepkd_settings_dict  # noqa: E402
+from deepkd_det.det.config import get_deepkd_cfg  # noqa: E402
+from deepkd_det.det.data import generate_shapes_dataset  # noqa: E402
+from deepkd_det.det.engine import DeepKDTrainer  # noqa: E402
+from deepkd_det.det.engine.lazy import LazyDeepKDTrainer  # noqa: E402
+from deepkd_det.det.lazy import load_lazy_config, validate_lazy_config  # noqa: E402
+from tests.test_deepkd_schema import BAD  # noqa: E402
+from tests.toolload import load_tool  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+YACS_DEMO = REPO / "configs" / "DEEPKD" / "demo"
+LAZY_DEMO = REPO / "configs" / "DEEPKD" / "lazy" / "demo"
+
+
+def _flat(node, prefix=""):
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    generate_shapes_dataset(root, num_train=8, num_val=2, image_size=64, seed=0)
+    return root
+
+
+def _yacs_args(config, out, shapes_root, *opts, resume=False):
+    tiny = [
+        "OUTPUT_DIR", str(out),
+        "DATASETS.SHAPES.ROOT", shapes_root, "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
+        "DATASETS.SHAPES.IMAGE_SIZE", "64",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.01", "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.STEPS", "(3,)", "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "100",
+        "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()",
+    ]
+    argv = ["--config-file", str(config)] + (["--resume"] if resume else [])
+    return default_argument_parser().parse_args(argv + tiny + [str(o) for o in opts])
+
+
+def _lazy_argv(config, out, shapes_root, *opts):
+    """The same tiny run as _yacs_args, in LazyConfig overrides."""
+    tiny = [
+        f"train.output_dir={out}",
+        f"datasets.SHAPES.ROOT={shapes_root}", "datasets.SHAPES.NUM_TRAIN=8", "datasets.SHAPES.NUM_VAL=2",
+        "datasets.SHAPES.IMAGE_SIZE=64",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
+        "dataloader.train.mapper.augmentations.0.max_size=64",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=64",
+        "dataloader.test.mapper.augmentations.0.max_size=64",
+        "dataloader.train.total_batch_size=2", "optimizer.lr=0.01",
+        "lr_multiplier.warmup_iters=0", "lr_multiplier.steps=[3]", "train.max_iter=4",
+        "train.checkpointer.period=100", "train.eval_period=0", "dataloader.evaluator=null",
+    ]
+    return ["--config-file", str(config)] + tiny + [str(o) for o in opts]
+
+
+def _lazy_trainer(argv):
+    tool = load_tool("lazy_train_net")
+    args = tool.parse_args(argv)
+    cfg, deepkd, settings = tool.setup(args)
+    trainer = LazyDeepKDTrainer(cfg, deepkd, settings)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer
+
+
+def _final(out):
+    return torch.load(Path(out) / "model_final.pth", weights_only=True)
+
+
+def _max_abs_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+# ---------------------------------------------------------------- the DEEPKD node
+
+
+def test_lazy_deepkd_node_has_the_yacs_nodes_keys_and_defaults():
+    lazy = OmegaConf.create(deepkd_settings_dict())  # what LazyConfig.load makes of `deepkd = ...`
+    assert _flat(OmegaConf.to_container(lazy)) == _flat(get_deepkd_cfg().DEEPKD) == _flat(DEEPKD_DEFAULTS)
+    # The demo config's node, loaded by detectron2's LazyConfig, read back as the yacs node.
+    cfg = load_lazy_config(str(LAZY_DEMO / "shapes.py"))
+    deepkd, _ = validate_lazy_config(cfg, "shapes.py")
+    assert _flat(deepkd) == _flat(get_deepkd_cfg().DEEPKD)
+    # An override reaches the node with the yacs type (int K, float delta).
+    cfg = load_lazy_config(str(LAZY_DEMO / "shapes.py"), ["deepkd.TOPK.K_START=2", "deepkd.DELTA_NCG=0.025"])
+    deepkd, _ = validate_lazy_config(cfg, "shapes.py")
+    assert deepkd.TOPK.K_START == 2 and deepkd.DELTA_NCG == 0.025
+
+
+def _lazy_override(key, value):
+    if isinstance(value, str):
+        return f"deepkd.{key}={value}"
+    return f"deepkd.{key}={value!r}".replace("(", "[").replace(")", "]")
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_lazy_node_refuses_what_the_yacs_node_refuses_with_the_same_message(overrides, message):
+    opts = ["optimizer.momentum=0.9", "model.roi_heads.num_classes=9", "deepkd.ENABLED=true"]
+    opts += [_lazy_override(k, v) for k, v in overrides.items()]
+    cfg = load_lazy_config(str(LAZY_DEMO / "shapes.py"), opts)
+    with pytest.raises(ValueError) as info:
+        validate_lazy_config(cfg, "shapes.py")
+    lazy_message = message.replace("DEEPKD.", "deepkd.").replace("SOLVER.MOMENTUM", "optimizer.momentum")
+    assert lazy_message in str(info.value)
+
+
+# ---------------------------------------------------------------- start-up refusals: one line
+
+
+def _cli_error(capsys, argv):
+    tool = load_tool("lazy_train_net")
+    assert tool.cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lazy_train_net.py: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("opts,named", [
+    (["deepkd.TOPK.K_STRAT=3"], "unknown config key deepkd.TOPK.K_STRAT (did you mean deepkd.TOPK.K_START?)"),
+    (["deepkd.ENABLED=true", "deepkd.DELTA_TOG=0.2"],
+     "TOG momentum optimizer.momentum + deepkd.DELTA_TOG = 0.9 + 0.2 = 1.1 is outside [0, 1)"),
+    (["deepkd.ENABLED=true", "optimizer.momentum=0.95", "deepkd.DELTA_TCG=-0.96"],
+     "TCG momentum optimizer.momentum + deepkd.DELTA_TCG = 0.95 + -0.96 = -0.01 is outside [0, 1)"),
+    (["train.max_iters=10"], "unknown config key train.max_iters (did you mean train.max_iter?)"),
+    (["train.max_iter=0"], "train.max_iter must be a positive integer, got 0"),
+    (["train.init_checkpoint=/nonexistent/student.pth"], "train.init_checkpoint '/nonexistent/student.pth' does not exist"),
+    (["train.amp.enabled=true", "train.amp.dtype=fp8"], "train.amp.dtype must be one of ('fp16', 'bf16'), got 'fp8'"),
+    (["lr_multiplier.steps=[10]"], "lr_multiplier.steps [10] must increase and lie below train.max_iter=4"),
+])
+def test_startup_refusals_are_one_line_naming_the_key(tmp_path, shapes_root, capsys, opts, named):
+    out = tmp_path / "out"
+    line = _cli_error(capsys, _lazy_argv(LAZY_DEMO / "shapes.py", out, shapes_root, *opts))
+    assert named in line
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_config_without_max_iter_is_refused(tmp_path, capsys):
+    config = tmp_path / "no_max_iter.py"
+    text = (LAZY_DEMO / "shapes.py").read_text()
+    assert "    max_iter=300,\n" in text
+    config.write_text(text.replace("    max_iter=300,\n", ""))
+    line = _cli_error(capsys, ["--config-file", str(config), f"train.output_dir={tmp_path / 'o'}"])
+    assert "train.max_iter is not set (no default: state it in the config)" in line
+
+
+# ---------------------------------------------------------------- the engine of train_net.py
+
+
+def test_yacs_and_lazy_entry_points_train_the_same_detector(tmp_path, shapes_root):
+    yacs, lazy = tmp_path / "yacs", tmp_path / "lazy"
+    trainer = DeepKDTrainer(train_net.setup(_yacs_args(YACS_DEMO / "teacher.yaml", yacs, shapes_root)))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    lazy_trainer = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", lazy, shapes_root))
+    assert type(lazy_trainer._trainer) is type(trainer._trainer)
+    lazy_trainer.train()
+    a, b = _final(yacs), _final(lazy)
+    assert _max_abs_diff(a["model"], b["model"]) == 0.0
+    assert a["iteration"] == b["iteration"] == 3
+
+    # --eval-only of the same weights: the yacs and the lazy evaluation (COCOEvaluator) agree.
+    weights = str(yacs / "model_final.pth")
+    yacs_results = train_net.evaluate(train_net.setup(_yacs_args(
+        YACS_DEMO / "teacher.yaml", tmp_path / "eval_yacs", shapes_root, "DATASETS.TEST", "('deepkd_shapes_val',)",
+        "MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")))
+    tool = load_tool("lazy_train_net")
+    args = tool.parse_args(_lazy_argv(LAZY_DEMO / "shapes.py", tmp_path / "eval_lazy", shapes_root,
+                                      "dataloader.evaluator={_target_: detectron2.evaluation.COCOEvaluator, "
+                                      "dataset_name: deepkd_shapes_val, tasks: [bbox]}",
+                                      "model.roi_heads.box_predictor.test_score_thresh=0.0",
+                                      f"train.init_checkpoint={weights}", "--eval-only"))
+    lazy_results = tool.main(args)
+    assert 0.0 <= lazy_results["bbox"]["AP50"] <= 100.0  # the 4-iteration model's boxes were scored
+    assert lazy_results["bbox"]["AP50"] == yacs_results["bbox"]["AP50"]
+    assert lazy_results["bbox"]["AP"] == yacs_results["bbox"]["AP"]
+
+
+class _Crash(HookBase):
+    def __init__(self, at):
+        self.at = at
+
+    def before_step(self):
+        if self.trainer.iter == self.at:
+            raise KeyboardInterrupt(f"simulated kill at iteration {self.at}")
+
+
+def test_lazy_run_resumes_exactly_after_a_kill(tmp_path, shapes_root):
+    opts = ["train.checkpointer.period=2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", whole, shapes_root, *opts)).train()
+    first = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", parts, shapes_root, *opts))
+    first.register_hooks([_Crash(3)])
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert (parts / "last_checkpoint").read_text() == "model_0000001.pth"
+    resumed = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", parts, shapes_root, *opts) + ["--resume"])
+    assert resumed.start_iter == 2
+    resumed.train()
+    a, b = _final(whole), _final(parts)
+    assert _max_abs_diff(a["model"], b["model"]) == 0.0
+    mid = torch.load(parts / "model_0000001.pth", weights_only=True)
+    assert _max_abs_diff(mid["model"], b["model"]) > 0  # it trained after the resume
+    assert os.path.isfile(parts / "config.yaml")  # detectron2's default_setup saved the LazyConfig
