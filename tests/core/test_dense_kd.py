@@ -238,3 +238,15 @@ def test_bad_input():
         dense_kd_components(zs, zt, labels, K, topk=0)
     with pytest.raises(ValueError, match="same shape|both be"):
         dense_kd_components(zs, zt[:, :3], labels, K)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_with_labels_on_the_cpu():
+    zs, zt, labels = _case(n=64, seed=13, dtype=torch.float32)
+    cpu = dense_kd_components(zs, zt, labels, K, temperature=2.0, topk=2)
+    gpu = dense_kd_components(zs.cuda().half(), zt.cuda().half(), labels, K, temperature=2.0, topk=2)
+    ref = dense_kd_components(zs.half().float(), zt.half().float(), labels, K, temperature=2.0, topk=2)
+    assert gpu[0].device.type == "cuda"
+    for g, r in zip(gpu, ref):
+        torch.testing.assert_close(g.cpu(), r, rtol=1e-5, atol=1e-6)
+    assert cpu[0].item() > 0
