@@ -195,6 +195,9 @@ def add_deepkd_config(cfg: CN) -> CN:
     cfg.KD.DIFFKD.ATTENTION = False
     # Dense-head outputs distilled by DiffKD as well (RetinaNet): [] or any of "cls", "reg".
     cfg.KD.DIFFKD.DENSE_OUTPUTS = []
+    # Weight of the KD loss of the dense-output DiffKD modules (unpublished; the FPN's 5 is no
+    # guide for outputs of another scale).
+    cfg.KD.DIFFKD.DENSE_WEIGHT = 1.0
 
     # ---------------------------------------------------------------- DeepKD
     # The DeepKD node shared with the classifier (deepkd_det/core/settings.py documents every
@@ -561,7 +564,7 @@ def _validate_diffkd(cfg: CN) -> bool:
     """Check KD.DIFFKD; return whether it is enabled. Feature names, strides and channels are
     checked against the built FPNs when the model is built."""
     d = cfg.KD.DIFFKD
-    for key in ("LOSS_WEIGHT", "DIFF_WEIGHT", "AE_WEIGHT", "REG_WEIGHT"):
+    for key in ("LOSS_WEIGHT", "DIFF_WEIGHT", "AE_WEIGHT", "REG_WEIGHT", "DENSE_WEIGHT"):
         if not d[key] >= 0:
             raise ValueError(f"KD.DIFFKD.{key} must be >= 0, got {d[key]}")
     if int(d.AE_CHANNELS) != d.AE_CHANNELS or d.AE_CHANNELS < 0:

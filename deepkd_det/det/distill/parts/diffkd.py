@@ -2,7 +2,8 @@
 map to the teacher's channels, denoises it with a diffusion model trained on the teacher's map of
 that level, and compares the two. Losses ``loss_diffkd_kd`` (LOSS_WEIGHT), ``loss_diffkd_diff``
 (DIFF_WEIGHT) and, with an autoencoder, ``loss_diffkd_ae`` (AE_WEIGHT), each summed over the
-levels; all TOG under DeepKD. One module per level (``deepkd_det/det/modeling/diffkd.py`` says
+levels; all TOG under DeepKD. KD.DIFFKD.ATTENTION: the attention-weighted MSE (the paper's dagger
+rows; ``deepkd_det.core.diffkd.attention_weighted_mse``) instead of the MSE. One module per level (``deepkd_det/det/modeling/diffkd.py`` says
 why), training-only, state-dict keys ``diffkd.<level>.*``. Levels pair by stride.
 """
 
@@ -50,7 +51,8 @@ class DiffKD(DistillPart):
         ae = int(d.AE_CHANNELS) or None
         modules = nn.ModuleDict({
             n: DiffKDModule(s_shapes[n].channels, t_shapes[levels[n]].channels, kind="feature",
-                            inference_steps=int(d.INFERENCE_STEPS), ae_channels=ae)
+                            inference_steps=int(d.INFERENCE_STEPS), ae_channels=ae,
+                            kd_loss="attention_mse" if d.ATTENTION else "mse")
             for n in names
         })
         return cls(modules, levels, {"diff": d.DIFF_WEIGHT, "ae": d.AE_WEIGHT, "kd": d.LOSS_WEIGHT})
