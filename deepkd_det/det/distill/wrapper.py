@@ -175,9 +175,9 @@ class DistillDetector(nn.Module):
             raise ValueError(f"max_iter must be the run's number of iterations (>= 1), got {max_iter!r}")
         if any(True for _ in student.parameters(recurse=False)):
             raise ValueError(f"a student {type(student).__name__} with parameters of its own is not supported")
-        object.__setattr__(self, "student", student)  # its children are registered below
         for name, child in student.named_children():
-            self.add_module(name, child)
+            self._modules[name] = child  # the student's keys, unprefixed
+        object.__setattr__(self, "student", student)  # not a submodule: its children are
         self.teacher = teacher
         self.parts = parts
         self.max_iter = int(max_iter)
@@ -225,6 +225,17 @@ class DistillDetector(nn.Module):
     @property
     def device(self):
         return self.student.device
+
+    def __getattr__(self, name: str):
+        # The student's own attributes (input_format, pixel_mean / pixel_std, num_classes, ...)
+        # read through the wrapper, as they read on the plain detector.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            student = self.__dict__.get("student")
+            if student is not None and not name.startswith("_") and hasattr(student, name):
+                return getattr(student, name)
+            raise
 
     def part(self, name: str) -> Optional[DistillPart]:
         """The part called ``name`` (``DistillPart.name``), or None."""
