@@ -1,5 +1,5 @@
 """Every formula and every mechanism both tasks share, once: losses (``losses``, ``mlkd``, ``crld``,
-``reviewkd``, ``diffkd``), the top-k schedule (``topk``), the decoupled optimizers (``optim``) and
+``reviewkd``, ``diffkd``, ``dense_kd`` for sigmoid heads), the top-k schedule (``topk``), the decoupled optimizers (``optim``) and
 step (``step``), GSNR (``gsnr``), the frozen teacher (``teacher``), GPD (``gpd``), mixed precision
 (``amp``), the DEEPKD settings (``settings``), distributed helpers (``dist``), files (``io``).
 

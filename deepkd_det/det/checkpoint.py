@@ -44,8 +44,7 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from deepkd_det.cli import format_error
 from deepkd_det.core.io import atomic_write, load_weights_only
 
-from .modeling.diffkd import DIFFKD_PREFIX
-from .modeling.reviewkd import REVIEWKD_HEAD_PREFIX, release_head_keys_to_ours
+from .modeling.reviewkd import release_head_keys_to_ours
 from .modeling.teacher import (
     check_same_teacher,
     check_teacher_state,
@@ -63,11 +62,16 @@ from .modeling.weights import (
     imagenet_flavour,
 )
 
-__all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "TRAINING_ONLY_PARTS", "check_student_state", "load_named"]
+__all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "training_only_parts", "check_student_state", "load_named"]
 
-# Training-only parts of DeepKDRCNN: (attribute, state-dict prefix, name in messages).
-TRAINING_ONLY_PARTS = (("reviewkd_head", REVIEWKD_HEAD_PREFIX, "ReviewKD head"),
-                       ("diffkd", DIFFKD_PREFIX, "DiffKD modules"))
+
+
+def training_only_parts():
+    """(attribute, state-dict prefix, name in messages) of every training-only module a
+    distillation part may own (derived from the parts: deepkd_det/det/distill/parts/)."""
+    from deepkd_det.det.distill.parts.base import training_only_modules
+
+    return tuple((attr, f"{attr}.", what) for attr, what in training_only_modules().items())
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +145,7 @@ class DeepKDCheckpointer(DetectionCheckpointer):
             logger.info("Ignoring the %d teacher tensors of %s: this model has no teacher", len(tstate), source)
 
         present = {}
-        for attr, prefix, what in TRAINING_ONLY_PARTS:
+        for attr, prefix, what in training_only_parts():
             in_model = getattr(self.model, attr, None) is not None
             in_file = [k for k in state if k.startswith(prefix)]
             present[prefix] = (in_model, bool(in_file), what)
@@ -198,9 +202,10 @@ class EvalCheckpointer(DeepKDCheckpointer):
             f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
             for key, shape_file, shape_model in incompatible.incorrect_shapes
         ]
-        # (BN step counters play no part in inference; the ReviewKD head is training-only.)
+        # (BN step counters play no part in inference; the parts' modules are training-only.)
+        training_only = tuple(prefix for _, prefix, _ in training_only_parts())
         missing = [k for k in incompatible.missing_keys
-                   if not k.startswith(REVIEWKD_HEAD_PREFIX) and not k.endswith("num_batches_tracked")]
+                   if not k.startswith(training_only) and not k.endswith("num_batches_tracked")]
         if missing:
             problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
         if problems:

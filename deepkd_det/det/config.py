@@ -30,6 +30,8 @@ __all__ = [
     "resolve_teacher_cfg",
     "merge_config_file",
     "student_only_cfg",
+    "student_architecture",
+    "student_num_classes",
     "build_topk_schedule",
     "check_input_files",
     "check_weights_file",
@@ -39,6 +41,11 @@ __all__ = [
 ]
 
 KD_TYPES = ("NONE", "KD", "DKD")
+DENSE_KD_TYPES = ("NONE", "KD", "DKD")
+# The names the distillation wrapper (deepkd_det/det/distill/wrapper.py) is registered under.
+WRAPPER_ARCHITECTURES = ("DeepKDRCNN", "DistillDetector")
+# Dense (one-stage) detectors and the key of their class count.
+DENSE_ARCHITECTURES = {"RetinaNet": "MODEL.RETINANET.NUM_CLASSES", "FCOS": "MODEL.FCOS.NUM_CLASSES"}
 COUPLINGS = ("row", "batch")
 
 
@@ -190,6 +197,9 @@ def add_deepkd_config(cfg: CN) -> CN:
     cfg.KD.DIFFKD.ATTENTION = False
     # Dense-head outputs distilled by DiffKD as well (RetinaNet): [] or any of "cls", "reg".
     cfg.KD.DIFFKD.DENSE_OUTPUTS = []
+    # Weight of the KD loss of the dense-output DiffKD modules (unpublished; the FPN's 5 is no
+    # guide for outputs of another scale).
+    cfg.KD.DIFFKD.DENSE_WEIGHT = 1.0
 
     # ---------------------------------------------------------------- DeepKD
     # The DeepKD node shared with the classifier (deepkd_det/core/settings.py documents every
@@ -293,8 +303,8 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
     """A full detectron2 config whose MODEL is the teacher's.
 
     The teacher's MODEL starts from TEACHER.CONFIG_FILE's MODEL (on detectron2's defaults) when
-    that is set, else from the student's MODEL (a ``DeepKDRCNN`` meta-architecture becomes
-    ``GeneralizedRCNN``: the teacher is a plain detector); then every TEACHER.MODEL entry that
+    that is set, else from the student's MODEL (the wrapper's meta-architecture becomes
+    KD.STUDENT_ARCHITECTURE: the teacher is a plain detector); then every TEACHER.MODEL entry that
     differs from detectron2's default overrides it. So a teacher block states only what differs
     from the student; a teacher value equal to detectron2's default where the student differs
     (normalisation, RES2_OUT_CHANNELS, ...) is stated by its config file, which is the config the
@@ -316,8 +326,8 @@ def resolve_teacher_cfg(cfg: CN) -> CN:
         teacher_cfg.merge_from_file(path)
     else:
         teacher_cfg.MODEL = _fresh_copy(cfg.MODEL)
-        if teacher_cfg.MODEL.META_ARCHITECTURE == "DeepKDRCNN":
-            teacher_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+        if teacher_cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES:
+            teacher_cfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT_ARCHITECTURE
     overrides = _diff(cfg.TEACHER.MODEL, defaults)
     teacher_cfg.defrost()
     for dotted, value in overrides.items():
@@ -342,6 +352,8 @@ def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
     return core_topk_schedule(cfg.DEEPKD, num_nontarget=cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
+
+
 def student_only_cfg(cfg: CN) -> CN:
     """The config of the student alone, for evaluation and export: every distillation part off
     (KD.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no teacher, teacher file or training-only
@@ -350,6 +362,7 @@ def student_only_cfg(cfg: CN) -> CN:
     cfg = cfg.clone()
     cfg.defrost()
     cfg.KD.TYPE = "NONE"
+    cfg.KD.DENSE.TYPE = "NONE"
     cfg.DEEPKD.ENABLED = False
     cfg.KD.REVIEWKD.ENABLED = False
     cfg.KD.DIFFKD.ENABLED = False
@@ -372,31 +385,34 @@ def validate_deepkd_config(cfg: CN) -> None:
             raise ValueError(f"cfg has no {node} node: call deepkd_det.det.config.add_deepkd_config(cfg) first")
     kd, dk = cfg.KD, cfg.DEEPKD
     _check_choice("KD.TYPE", kd.TYPE, KD_TYPES)
-    distill = kd.TYPE != "NONE"
+    _check_choice("KD.DENSE.TYPE", kd.DENSE.TYPE, DENSE_KD_TYPES)
+    distill = kd.TYPE != "NONE" or kd.DENSE.TYPE != "NONE"
     reviewkd = _validate_reviewkd(cfg)
     diffkd = _validate_diffkd(cfg)
+    if kd.STUDENT_ARCHITECTURE in WRAPPER_ARCHITECTURES:
+        raise ValueError(f"KD.STUDENT_ARCHITECTURE {kd.STUDENT_ARCHITECTURE!r} is the distillation wrapper itself; "
+                         "name a detector (GeneralizedRCNN, RetinaNet, ...)")
     if dk.ENABLED and not distill:
         raise ValueError(
-            "DEEPKD.ENABLED needs a distillation loss, but KD.TYPE is 'NONE' "
-            "(set KD.TYPE to 'KD' or 'DKD', or disable DEEPKD)"
+            "DEEPKD.ENABLED needs a distillation loss, but KD.TYPE and KD.DENSE.TYPE are 'NONE' "
+            "(set KD.TYPE to 'KD' or 'DKD' for an R-CNN student, KD.DENSE.TYPE for a RetinaNet one, or disable DEEPKD)"
             + ("; KD.REVIEWKD alone is a task-side (TOG) loss and needs no DeepKD" if reviewkd else "")
             + ("; KD.DIFFKD alone is a task-side (TOG) loss and needs no DeepKD" if diffkd else "")
         )
-    if diffkd and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
-        raise ValueError(
-            "KD.DIFFKD.ENABLED needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
-            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no feature distillation would happen)"
-        )
-    if reviewkd and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
-        raise ValueError(
-            "KD.REVIEWKD.ENABLED needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
-            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no feature distillation would happen)"
-        )
-    if distill and cfg.MODEL.META_ARCHITECTURE != "DeepKDRCNN":
-        raise ValueError(
-            f"KD.TYPE {kd.TYPE!r} needs MODEL.META_ARCHITECTURE 'DeepKDRCNN', "
-            f"got {cfg.MODEL.META_ARCHITECTURE!r} (no distillation would happen)"
-        )
+    for key, on in (("KD.DIFFKD.ENABLED", diffkd), ("KD.REVIEWKD.ENABLED", reviewkd), (f"KD.TYPE {kd.TYPE!r}", kd.TYPE != "NONE"),
+                    (f"KD.DENSE.TYPE {kd.DENSE.TYPE!r}", kd.DENSE.TYPE != "NONE")):
+        if on and cfg.MODEL.META_ARCHITECTURE not in WRAPPER_ARCHITECTURES:
+            raise ValueError(
+                f"{key} needs MODEL.META_ARCHITECTURE 'DistillDetector' (or 'DeepKDRCNN'), "
+                f"got {cfg.MODEL.META_ARCHITECTURE!r} (no distillation would happen)"
+            )
+    d = kd.DENSE
+    if not d.TEMPERATURE > 0:
+        raise ValueError(f"KD.DENSE.TEMPERATURE must be > 0, got {d.TEMPERATURE}")
+    for key in ("ALPHA", "BETA", "LOSS_WEIGHT"):
+        if not d[key] >= 0:
+            raise ValueError(f"KD.DENSE.{key} must be >= 0, got {d[key]}")
+    _check_choice("KD.DENSE.NEGATIVES", d.NEGATIVES, ("nontarget", "ignore"))
 
     # loss
     if not kd.TEMPERATURE > 0:
@@ -411,9 +427,9 @@ def validate_deepkd_config(cfg: CN) -> None:
     _validate_solver_steps(cfg)
 
     # DeepKD node (shared with the classifier)
-    num_classes = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    num_classes = student_num_classes(cfg)
     if num_classes < 0:
-        raise ValueError(f"MODEL.ROI_HEADS.NUM_CLASSES must be >= 1 (or 0: from the dataset json), got {num_classes}")
+        raise ValueError(f"{_num_classes_key(cfg)} must be >= 1 (or 0: from the dataset json), got {num_classes}")
     # 0: taken from the dataset json at start-up (deepkd_det/det/data/register.py), checked then.
     validate_detection_deepkd(dk, cfg.SOLVER.MOMENTUM, num_classes)
 
@@ -422,21 +438,28 @@ def validate_deepkd_config(cfg: CN) -> None:
 
     # teacher
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
-    if distill or reviewkd or diffkd:
-        tcfg = resolve_teacher_cfg(cfg)
-        if tcfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
-            raise ValueError(
-                "TEACHER.MODEL.META_ARCHITECTURE must be 'GeneralizedRCNN' (a two-stage detector "
-                f"with an R-CNN box head), got {tcfg.MODEL.META_ARCHITECTURE!r}"
-            )
-    if distill or (diffkd and cfg.KD.DIFFKD.REG_WEIGHT > 0):
-        t_classes, s_classes = tcfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.ROI_HEADS.NUM_CLASSES
-        if t_classes != s_classes and t_classes and s_classes:
-            raise ValueError(
-                f"teacher and student class counts differ: TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={t_classes}, "
-                f"MODEL.ROI_HEADS.NUM_CLASSES={s_classes}; logit and box-regression distillation need the "
-                "same classes"
-            )
+    # The teacher's config is resolved once, when the teacher is built; the parts then check what
+    # they pair (class counts, heads, levels) against the built models
+    # (deepkd_det/det/distill/heads.py), each with one line naming both sides.
+
+
+def student_architecture(cfg: CN) -> str:
+    """The detector being trained: KD.STUDENT_ARCHITECTURE inside the wrapper, else MODEL's own."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    return cfg.KD.STUDENT_ARCHITECTURE if arch in WRAPPER_ARCHITECTURES and "KD" in cfg else arch
+
+
+def _num_classes_key(cfg: CN) -> str:
+    return DENSE_ARCHITECTURES.get(student_architecture(cfg), "MODEL.ROI_HEADS.NUM_CLASSES")
+
+
+def student_num_classes(cfg: CN) -> int:
+    """The detector's class count in ``cfg`` (MODEL.ROI_HEADS.NUM_CLASSES, or the dense head's key
+    for RetinaNet-like students)."""
+    node = cfg
+    for part in _num_classes_key(cfg).split("."):
+        node = node[part]
+    return int(node)
 
 
 def validate_detection_deepkd(node, momentum: float, num_classes: int, prefix: str = "DEEPKD",
@@ -543,7 +566,7 @@ def _validate_diffkd(cfg: CN) -> bool:
     """Check KD.DIFFKD; return whether it is enabled. Feature names, strides and channels are
     checked against the built FPNs when the model is built."""
     d = cfg.KD.DIFFKD
-    for key in ("LOSS_WEIGHT", "DIFF_WEIGHT", "AE_WEIGHT", "REG_WEIGHT"):
+    for key in ("LOSS_WEIGHT", "DIFF_WEIGHT", "AE_WEIGHT", "REG_WEIGHT", "DENSE_WEIGHT"):
         if not d[key] >= 0:
             raise ValueError(f"KD.DIFFKD.{key} must be >= 0, got {d[key]}")
     if int(d.AE_CHANNELS) != d.AE_CHANNELS or d.AE_CHANNELS < 0:
@@ -553,4 +576,7 @@ def _validate_diffkd(cfg: CN) -> bool:
     names = list(d.IN_FEATURES)
     if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"KD.DIFFKD.IN_FEATURES must be distinct feature names, at least one, got {names}")
+    outputs = list(d.DENSE_OUTPUTS)
+    if len(set(outputs)) != len(outputs) or not set(outputs) <= {"cls", "reg"}:
+        raise ValueError(f"KD.DIFFKD.DENSE_OUTPUTS must be distinct names among ('cls', 'reg'), got {outputs}")
     return bool(d.ENABLED)

@@ -19,7 +19,6 @@ from deepkd_det.core.diffkd import DiffKD, drop_diffkd_keys  # noqa: E402
 from deepkd_det.det.checkpoint import DeepKDCheckpointer  # noqa: E402
 from deepkd_det.det.config import validate_deepkd_config  # noqa: E402
 from deepkd_det.det.engine.steps import split_components  # noqa: E402
-from deepkd_det.det.modeling.diffkd import diffkd_level_losses  # noqa: E402
 from tests.det.test_engine import (  # noqa: E402
     _args,
     _Crash,
@@ -97,7 +96,7 @@ def test_losses_are_the_per_level_diffkd_and_box_regression_kd(dkd_model):
     # Replay: the same noise (RNG state before the first level), the captured maps.
     torch.set_rng_state(rec["rng"])
     with torch.no_grad():
-        raw = diffkd_level_losses(model.diffkd, {k: v.detach() for k, v in rec["student_feats"].items()},
+        raw = model.part("diffkd").level_losses({k: v.detach() for k, v in rec["student_feats"].items()},
                                   rec["teacher_feats"])
     assert torch.allclose(losses["loss_diffkd_kd"], 5.0 * raw["kd"], rtol=1e-5)
     assert torch.allclose(losses["loss_diffkd_diff"], 0.7 * raw["diff"], rtol=1e-5)

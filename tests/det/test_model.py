@@ -127,12 +127,13 @@ def test_teacher_classifies_the_student_sampled_proposals(kd_model):
 
 @pytest.mark.parametrize("kd_type", ["DKD", "KD"])
 def test_distillation_losses_equal_core_losses(kd_model, kd_type):
-    kd_model.kd_type = kd_type
-    kd_model.coupling, kd_model.kd_weight = "batch", 0.5
+    part = kd_model.part("logits")
+    part.kd_type = kd_type
+    part.coupling, part.kd_weight = "batch", 0.5
     try:
         losses, rec, k_logged = _forward_with_spy(kd_model, make_batch(seed=2), it=4)
     finally:
-        kd_model.kd_type = "DKD"
+        part.kd_type = "DKD"
     labels = torch.cat([c for _, c in rec["student_sampled"]])
     assert int(labels.max()) == 3 and int(labels.min()) >= 0  # background (= NUM_CLASSES) included
     zs, zt = rec["student_logits"].detach(), rec["teacher_logits"]
@@ -291,7 +292,7 @@ def _set(cfg, dotted, value):
 BAD_SETTINGS = [
     ({"KD.TYPE": "FOO"}, "KD.TYPE must be one of"),
     ({"KD.TYPE": "NONE", "DEEPKD.ENABLED": True}, "DEEPKD.ENABLED needs a distillation loss"),
-    ({"MODEL.META_ARCHITECTURE": "GeneralizedRCNN"}, "needs MODEL.META_ARCHITECTURE 'DeepKDRCNN'"),
+    ({"MODEL.META_ARCHITECTURE": "GeneralizedRCNN"}, "needs MODEL.META_ARCHITECTURE 'DistillDetector'"),
     ({"KD.TEMPERATURE": 0.0}, "KD.TEMPERATURE must be > 0"),
     ({"KD.BETA": -1.0}, "KD.BETA must be >= 0"),
     ({"KD.WARMUP_ITERS": -1}, "KD.WARMUP_ITERS must be >= 0"),
@@ -316,13 +317,27 @@ BAD_SETTINGS = [
     ({"DEEPKD.GSNR.PERIOD": -1}, "DEEPKD.GSNR.PERIOD must be >= 0"),
     ({"DEEPKD.GSNR.WINDOW": 1}, "DEEPKD.GSNR.WINDOW must be >= 2"),
     ({"TEACHER.INPUT_FORMAT": "YUV"}, "TEACHER.INPUT_FORMAT must be one of"),
-    ({"TEACHER.MODEL.ROI_HEADS.NUM_CLASSES": 5}, "teacher and student class counts differ"),
     ({"TEACHER.CONFIG_FILE": "/nonexistent/teacher.yaml"}, "TEACHER.CONFIG_FILE .* does not exist"),
-    (
-        {"TEACHER.MODEL.META_ARCHITECTURE": "RetinaNet"},
-        "TEACHER.MODEL.META_ARCHITECTURE must be 'GeneralizedRCNN'",
-    ),
+
 ]
+
+
+def test_a_teacher_of_other_classes_is_refused_at_build():
+    cfg = get_tiny_cfg()
+    cfg.TEACHER.MODEL.ROI_HEADS.NUM_CLASSES = 5
+    with pytest.raises(ValueError, match="KD.TYPE 'DKD' .*teacher has 5 classes, student 3: they must agree"):
+        build_model(cfg)
+
+
+def test_a_logit_part_with_heads_that_cannot_be_paired_is_refused_at_build():
+    cfg = get_tiny_cfg()
+    cfg.TEACHER.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.TEACHER.MODEL.RETINANET.NUM_CLASSES = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    cfg.TEACHER.MODEL.RETINANET.IN_FEATURES = list(cfg.MODEL.RPN.IN_FEATURES)  # the tiny FPN's levels
+    validate_deepkd_config(cfg)  # a RetinaNet teacher is fine for the feature parts ...
+    with pytest.raises(ValueError, match=r"KD.TYPE 'DKD' .*GeneralizedRCNN with StandardROIHeads.*RetinaNet with "
+                                         r"RetinaNetHead.*teacher RetinaNet has no R-CNN box head"):
+        build_model(cfg)  # ... not for logits of an R-CNN box head
 
 
 @pytest.mark.parametrize(
@@ -345,7 +360,7 @@ def test_validate_accepts_edges_and_the_model_refuses_bad_config():
     cfg.DEEPKD.OPTIMIZER, cfg.DEEPKD.DOT_DELTA = "dot", 0.09  # 0.99 < 1
     validate_deepkd_config(cfg)
     cfg.TEACHER.MODEL.ROI_HEADS.NUM_CLASSES = 4
-    with pytest.raises(ValueError, match="class counts differ"):
+    with pytest.raises(ValueError, match="teacher has 4 classes, student 3"):
         build_model(cfg)
 
 

@@ -12,7 +12,6 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 import deepkd_det.det.modeling  # noqa: E402,F401  (registers DeepKDRCNN)
 from deepkd_det.core.losses import dkd_components, warmup_factor  # noqa: E402
-from deepkd_det.det.modeling.meta_arch import DeepKDRCNN  # noqa: E402
 from tests.det.tiny import get_tiny_cfg, make_batch  # noqa: E402
 
 
@@ -31,12 +30,13 @@ def _model(compat="paper", rank="auto"):
 def test_rank_setting_reaches_the_model(compat, rank, expected):
     cfg = get_tiny_cfg(num_classes=3, kd_type="DKD", deepkd=True)
     cfg.DEEPKD.COMPAT, cfg.DEEPKD.TOPK.RANK = compat, rank
-    assert DeepKDRCNN.from_config(cfg)["topk_rank"] == expected
+    torch.manual_seed(0)
+    assert build_model(cfg).part("logits").topk_rank == expected
 
 
 def test_official_box_head_losses_use_the_release_ranking():
     model = _model("official")
-    assert model.topk_rank == "all"
+    assert model.part("logits").topk_rank == "all"
     rec = {}
     handles = [
         model.roi_heads.box_predictor.register_forward_hook(lambda m, a, o: rec.__setitem__("zs", o[0])),
@@ -51,7 +51,8 @@ def test_official_box_head_losses_use_the_release_ranking():
         for h in handles:
             h.remove()
     zs, zt, y = rec["zs"].detach(), rec["zt"].detach(), rec["y"]
-    kw = dict(alpha=model.alpha, beta=model.beta, temperature=model.temperature, warmup=warmup_factor(0, 0), topk=2)
+    part = model.part("logits")
+    kw = dict(alpha=part.alpha, beta=part.beta, temperature=part.temperature, warmup=warmup_factor(0, 0), topk=2)
     release = dkd_components(zs, zt, y, topk_rank="all", **kw)
     paper = dkd_components(zs, zt, y, topk_rank="nontarget", **kw)
     torch.testing.assert_close(losses["loss_nckd"].detach(), release[1], rtol=1e-5, atol=1e-7)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,12 +26,18 @@ from deepkd_det.det.config import (  # noqa: E402
     resolve_teacher_cfg,
     validate_deepkd_config,
 )
-from deepkd_det.det.modeling.reviewkd import build_reviewkd_head  # noqa: E402
+from deepkd_det.det.distill.parts.reviewkd import ReviewKD  # noqa: E402
 from tests.det.tiny import STUDENT_MEAN, STUDENT_STD, get_tiny_cfg, make_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FEATURES = ["p2", "p3", "p4", "p5", "p6"]
 WEIGHT = 0.37
+
+
+def _build_head(cfg, student_backbone, teacher_backbone):
+    """The ReviewKD part's head for cfg, built from the two backbones alone."""
+    part = ReviewKD.from_config(cfg, SimpleNamespace(backbone=student_backbone), SimpleNamespace(backbone=teacher_backbone))
+    return part.head
 
 
 def _rkd_cfg(kd_type="DKD", weight=WEIGHT):
@@ -65,7 +72,7 @@ class Spy:
             t.roi_heads.box_predictor.register_forward_hook(self._teacher_predictor),
             model.reviewkd_head.register_forward_hook(lambda m, a, o: self._count("head_calls")),
         ]
-        if logits and model.kd_type != "NONE":
+        if logits and model.part("logits") is not None:
             self.handles += [
                 model.roi_heads.box_predictor.register_forward_hook(
                     lambda m, a, o: self.rec.update(student_logits=o[0])
@@ -221,7 +228,7 @@ def test_training_the_head_lowers_the_feature_loss():
     opt = torch.optim.Adam(model.reviewkd_head.parameters(), lr=1e-2)
     values = []
     for _ in range(8):
-        loss = model._reviewkd_loss(s_feats, t_feats)
+        loss = model.part("reviewkd").feature_loss(s_feats, t_feats)
         values.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
@@ -288,12 +295,12 @@ def test_feature_names_and_order_are_checked_at_build():
     student, teacher = build_backbone(cfg), build_backbone(resolve_teacher_cfg(cfg))
     cfg.KD.REVIEWKD.IN_FEATURES = ["p2", "p7"]
     with pytest.raises(ValueError, match=r"\['p7'\] not among the student"):
-        build_reviewkd_head(cfg, student, teacher)
+        _build_head(cfg, student, teacher)
     cfg.KD.REVIEWKD.IN_FEATURES = ["p3", "p2"]
     with pytest.raises(ValueError, match="finest first"):
-        build_reviewkd_head(cfg, student, teacher)
+        _build_head(cfg, student, teacher)
     cfg.KD.REVIEWKD.IN_FEATURES = ["p3", "p5"]  # a subset works, channels come from both FPNs
-    head = build_reviewkd_head(cfg, student, teacher)
+    head = _build_head(cfg, student, teacher)
     assert len(head.abfs) == 2
 
 
@@ -363,7 +370,7 @@ def test_trained_head_round_trips_and_partial_head_is_refused(rkd_model, tmp_pat
     plain_cfg = _rkd_cfg()
     plain_cfg.KD.REVIEWKD.ENABLED = False
     plain = build_model(plain_cfg)
-    assert plain.reviewkd_head is None
+    assert plain.part("reviewkd") is None and "reviewkd_head" not in dict(plain.named_children())
     incompatible = _load(plain, tmp_path / "full.pth")
     assert not [k for k in incompatible.unexpected_keys if k.startswith("reviewkd_head.")]
 
@@ -397,5 +404,5 @@ def test_new_configs_validate_and_build_the_head(path):
     assert (cfg.KD.TYPE == "NONE") == (name.startswith("ReviewKD-") and "DKD" not in name)
     # Feature names, strides and padding agree between the two FPNs of the pair.
     cfg.MODEL.DEVICE = "cpu"
-    head = build_reviewkd_head(cfg, build_backbone(cfg), build_backbone(resolve_teacher_cfg(cfg)))
+    head = _build_head(cfg, build_backbone(cfg), build_backbone(resolve_teacher_cfg(cfg)))
     assert len(head.abfs) == len(r.IN_FEATURES) == 5

@@ -59,7 +59,7 @@ def test_folded_teacher_gives_the_logits_of_the_original():
     want, want_feats = _logits(teacher)
     teacher.fold_norm = True
     got, got_feats = _logits(teacher)
-    backbone, _ = teacher._forward_modules()
+    backbone = teacher._fast_module("backbone")
     assert not any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())  # really folded ...
     assert any(isinstance(m, FrozenBatchNorm2d) for m in teacher.backbone.modules())  # ... in a copy only
     assert set(teacher.state_dict()) == keys

@@ -28,7 +28,8 @@ __all__ = [
     "split_components",
 ]
 
-# Loss-dict keys of the two distillation components (DeepKDRCNN's TCG and NCG losses).
+# Loss-dict keys of the two distillation components of the R-CNN logit part (the default when a
+# model states no ``loss_components``).
 DISTILL_KEYS = {"loss_tckd": "tcg", "loss_nckd": "ncg"}
 
 
@@ -83,20 +84,26 @@ class FiniteWeightsCheck(HookBase):
             )
 
 
-def split_components(loss_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``{"tog": sum of the task losses, "tcg": loss_tckd, "ncg": loss_nckd}``."""
-    task = [v for k, v in loss_dict.items() if k not in DISTILL_KEYS]
+def split_components(
+    loss_dict: Mapping[str, torch.Tensor], components: Mapping[str, str] = DISTILL_KEYS
+) -> Dict[str, torch.Tensor]:
+    """``{"tog": sum of the task losses, "tcg": ..., "ncg": ...}``: ``components`` maps the
+    distillation losses to "tcg" / "ncg" (the wrapper's ``loss_components``, from its parts);
+    every other loss is a task (TOG) loss."""
+    task = [v for k, v in loss_dict.items() if k not in components]
     if not task:
         raise ValueError(f"the model returned no task loss (keys {sorted(loss_dict)})")
-    missing = [k for k in DISTILL_KEYS if k not in loss_dict]
-    if missing:
+    missing = [k for k in components if k not in loss_dict]
+    if missing or not {"tcg", "ncg"} <= set(components.values()):
         raise ValueError(
-            f"DEEPKD.ENABLED needs the distillation losses {missing} from the model "
-            f"(got {sorted(loss_dict)}); use MODEL.META_ARCHITECTURE DeepKDRCNN with KD.TYPE KD or DKD"
+            f"DEEPKD.ENABLED needs the distillation losses {missing or ['loss_tckd', 'loss_nckd']} from the model "
+            f"(got {sorted(loss_dict)}); use MODEL.META_ARCHITECTURE DeepKDRCNN (or DistillDetector) with KD.TYPE "
+            "KD or DKD, or KD.DENSE.TYPE for a dense student"
         )
     out = {"tog": torch.stack([t.reshape(()) for t in task]).sum()}
-    for key, component in DISTILL_KEYS.items():
-        out[component] = loss_dict[key]
+    for component in ("tcg", "ncg"):
+        terms = [loss_dict[k] for k, c in components.items() if c == component]
+        out[component] = terms[0] if len(terms) == 1 else torch.stack([t.reshape(()) for t in terms]).sum()
     return out
 
 
@@ -157,7 +164,8 @@ class DecoupledStepTrainer(CheckedSimpleTrainer):
 
     def run_step(self):
         loss_dict, data_time = self._next_losses()
-        self.decoupled_step(self.optimizer.component_losses(**split_components(loss_dict)))
+        components = getattr(getattr(self.model, "module", self.model), "loss_components", DISTILL_KEYS)
+        self.decoupled_step(self.optimizer.component_losses(**split_components(loss_dict, components)))
         self.optimizer.step()  # nothing to apply when the fp16 scaler skipped the step
         self._write_metrics(loss_dict, data_time)
 

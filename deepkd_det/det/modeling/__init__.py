@@ -1,14 +1,12 @@
-"""detectron2 parts of DeepKD: importing this package registers the meta-architecture
-``DeepKDRCNN`` and the backbones ``build_mobilenetv2_backbone`` / ``build_mobilenetv2_fpn_backbone``."""
+"""detectron2 parts of DeepKD: importing this package registers the distillation wrapper
+(``DistillDetector``, alias ``DeepKDRCNN``: deepkd_det/det/distill/), its parts and the backbones
+``build_mobilenetv2_backbone`` / ``build_mobilenetv2_fpn_backbone``."""
 
-from . import meta_arch, mobilenetv2_fpn, teacher, weights  # noqa: F401  (registration)
-from .meta_arch import DISTILL_LOSS_KEYS, DeepKDRCNN
+from . import mobilenetv2_fpn, teacher, weights  # noqa: F401  (registration)
 from .mobilenetv2_fpn import MobileNetV2Backbone, build_mobilenetv2_backbone, build_mobilenetv2_fpn_backbone
 from .teacher import Teacher, TeacherWeightsError, build_teacher, load_teacher_weights
 
 __all__ = [
-    "DISTILL_LOSS_KEYS",
-    "DeepKDRCNN",
     "MobileNetV2Backbone",
     "Teacher",
     "TeacherWeightsError",
@@ -17,3 +15,7 @@ __all__ = [
     "build_teacher",
     "load_teacher_weights",
 ]
+
+# Registers DistillDetector / DeepKDRCNN and the parts. Last: the wrapper imports this package's
+# teacher module, so an import that starts from deepkd_det.det.distill finds this package whole.
+import deepkd_det.det.distill  # noqa: E402,F401,I001

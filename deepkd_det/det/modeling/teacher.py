@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.modeling.backbone import build_backbone
-from detectron2.modeling.proposal_generator import build_proposal_generator
-from detectron2.modeling.roi_heads import build_roi_heads
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import Boxes, ImageList
 from torch import nn
 
@@ -41,6 +39,7 @@ from .weights import (
 
 __all__ = [
     "Teacher",
+    "box_head_problem",
     "fold_frozen_batchnorm",
     "build_teacher",
     "teacher_state_from_checkpoint",
@@ -85,25 +84,32 @@ def fold_frozen_batchnorm(module: nn.Module) -> nn.Module:
 
 
 class Teacher(nn.Module):
-    """A GeneralizedRCNN-like teacher: ``backbone``, ``proposal_generator``, ``roi_heads`` and its
-    own ``pixel_mean`` / ``pixel_std`` (non-persistent, so the state-dict keys are detectron2's).
+    """Any detectron2 detector as a frozen teacher: its children (``backbone`` and
+    ``proposal_generator`` / ``roi_heads`` of a GeneralizedRCNN, ``head`` / ``anchor_generator``
+    of a RetinaNet, ...) are this module's children, so its state-dict keys are the detector's
+    own; ``model`` is the detector itself. Its own ``pixel_mean`` / ``pixel_std`` (non-persistent).
 
     Frozen (no gradients) and always in eval mode: ``train()`` is a no-op. ``fold_norm``,
-    ``channels_last`` and ``amp_dtype`` choose the forward (module docstring).
+    ``channels_last`` and ``amp_dtype`` choose the forward (module docstring). The distillation
+    parts read it through ``features``, ``box_logits`` (an R-CNN box head on given boxes) and
+    ``dense_outputs`` (a dense head's raw outputs).
     """
 
     def __init__(
-        self, backbone, proposal_generator, roi_heads, pixel_mean, pixel_std, input_format: str = "BGR",
+        self, model: nn.Module, pixel_mean, pixel_std, input_format: str = "BGR",
         fold_norm: bool = True, channels_last: bool = False, amp_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         self.fold_norm = bool(fold_norm)
         self.channels_last = bool(channels_last)
         self.amp_dtype = amp_dtype
-        self._fast: Optional[tuple] = None  # (key, backbone, box_head): not submodules, not in the state dict
-        self.backbone = backbone
-        self.proposal_generator = proposal_generator
-        self.roi_heads = roi_heads
+        # {name: (key, module)}: the folded copies; not submodules, not in the state dict
+        self._fast: Dict[str, tuple] = {}
+        object.__setattr__(self, "model", model)  # the detector; its children are registered below
+        if any(True for _ in model.parameters(recurse=False)):
+            raise ValueError(f"a teacher {type(model).__name__} with parameters of its own is not supported")
+        for name, child in model.named_children():
+            self.add_module(name, child)
         self.input_format = input_format
         # (config key, file) the weights came from at build time; None for a random teacher.
         # Once loaded, a teacher never changes (DeepKDCheckpointer refuses a different one).
@@ -115,14 +121,29 @@ class Teacher(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
+        model.train(False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.model._apply(fn, recurse=False)  # the detector's own (non-persistent) buffers
+        return self
 
     def train(self, mode: bool = True) -> Teacher:
         # Frozen BN statistics and deterministic heads, whatever the student does.
         return super().train(False)
 
     @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
     def num_classes(self) -> int:
-        return self.roi_heads.num_classes
+        rh = getattr(self.model, "roi_heads", None)
+        return int(rh.num_classes) if rh is not None else int(self.model.num_classes)
+
+    def has_box_head(self) -> bool:
+        """A single R-CNN box head (pooler, head, predictor) that classifies given boxes."""
+        return box_head_problem(self.model) is None
 
     def preprocess(
         self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
@@ -152,24 +173,25 @@ class Teacher(nn.Module):
             image_list = ImageList(tensor, image_list.image_sizes)
         return image_list
 
-    def _forward_modules(self) -> Tuple[nn.Module, nn.Module]:
-        """The backbone and box head the forward runs: the folded copies when asked, kept up to date."""
-        box_head = self.roi_heads.box_head
+    def _fast_module(self, name: str) -> nn.Module:
+        """``backbone``, ``box_head`` (of the ROI heads) or ``head`` (a dense head) as the forward
+        runs it: the folded / channels-last copy when asked, kept up to date."""
+        module = self.roi_heads.box_head if name == "box_head" else getattr(self, name)
         if not (self.fold_norm or self.channels_last):
-            return self.backbone, box_head
-        tensors = [*self.backbone.parameters(), *self.backbone.buffers(), *box_head.parameters(), *box_head.buffers()]
+            return module
+        tensors = [*module.parameters(), *module.buffers()]
         # Hooks too: the copy carries the hooks registered when it was made, so it is remade
         # when one is added or removed (a spy on teacher.backbone sees the forward).
-        hooks = tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
-                      for m in (*self.backbone.modules(), *box_head.modules()))
+        hooks = tuple((tuple(m._forward_pre_hooks), tuple(m._forward_hooks)) for m in module.modules())
         key = (self.fold_norm, self.channels_last, tuple((t.data_ptr(), t._version) for t in tensors), hooks)
-        if self._fast is None or self._fast[0] != key:
+        cached = self._fast.get(name)
+        if cached is None or cached[0] != key:
             fold = fold_frozen_batchnorm if self.fold_norm else (lambda m: copy_module_sharing_hooks(m).requires_grad_(False))
-            backbone, head = fold(self.backbone), fold(box_head)
-            if self.channels_last:
-                backbone.to(memory_format=torch.channels_last)
-            self._fast = (key, backbone, head)
-        return self._fast[1], self._fast[2]
+            copy = fold(module)
+            if self.channels_last and name == "backbone":
+                copy.to(memory_format=torch.channels_last)
+            self._fast[name] = cached = (key, copy)
+        return cached[1]
 
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.amp_dtype is not None else x
@@ -179,7 +201,7 @@ class Teacher(nn.Module):
         self, images: List[torch.Tensor], input_format: str, pad_to: Tuple[int, int] | None = None
     ) -> Dict[str, torch.Tensor]:
         """The teacher backbone's (FPN) feature maps of the student-format images, no gradient."""
-        backbone, _ = self._forward_modules()
+        backbone = self._fast_module("backbone")
         x = self.preprocess(images, input_format, pad_to).tensor
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -205,15 +227,41 @@ class Teacher(nn.Module):
         if features is None:
             features = self.features(images, input_format)
         rh = self.roi_heads
-        _, box_head = self._forward_modules()
+        box_head = self._fast_module("box_head")
         pooled = rh.box_pooler([features[f] for f in rh.box_in_features], boxes)
         with autocast(pooled.device, self.amp_dtype):
             scores, deltas = rh.box_predictor(box_head(pooled))
         # every KD loss in float32
         return (self._float(scores), self._float(deltas)) if with_deltas else self._float(scores)
 
+    @torch.no_grad()
+    def dense_outputs(self, features: Dict[str, torch.Tensor]):
+        """The dense head's raw outputs on the teacher's ``features`` (``Teacher.features``), in
+        the head's own layout (RetinaNet: per-level class logits and box deltas, N x (A*K) x H x W
+        and N x (A*4) x H x W), float32."""
+        head = self._fast_module("head")
+        x = [features[f] for f in self.model.head_in_features]
+        with autocast(x[0].device, self.amp_dtype):
+            out = head(x)
+        return tuple([self._float(t) for t in level] for level in out)
+
     def forward(self, *args, **kwargs):
-        raise RuntimeError("the teacher is used through DeepKDRCNN (Teacher.box_logits), not called directly")
+        raise RuntimeError("the teacher is used through the distillation parts (Teacher.features / box_logits / "
+                           "dense_outputs), not called directly")
+
+
+def box_head_problem(model: nn.Module) -> str | None:
+    """Why ``model`` has no single R-CNN box head that classifies given boxes (None: it has one).
+    Cascade heads (one box head per stage) and dense detectors have none."""
+    rh = getattr(model, "roi_heads", None)
+    if rh is None:
+        return f"{type(model).__name__} has no R-CNN box head"
+    for attr in ("box_pooler", "box_head", "box_predictor", "box_in_features"):
+        if not hasattr(rh, attr):
+            return f"its ROI heads ({type(rh).__name__}) have no {attr}"
+    if isinstance(rh.box_predictor, nn.ModuleList):
+        return f"its ROI heads ({type(rh).__name__}) have one box head per cascade stage"
+    return None
 
 
 def teacher_state_from_checkpoint(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -359,11 +407,8 @@ def build_teacher(cfg) -> Teacher:
     DeepKDCheckpointer for any file): the two keys must not compete.
     """
     tcfg = resolve_teacher_cfg(cfg)
-    backbone = build_backbone(tcfg)
     teacher = Teacher(
-        backbone=backbone,
-        proposal_generator=build_proposal_generator(tcfg, backbone.output_shape()),
-        roi_heads=build_roi_heads(tcfg, backbone.output_shape()),
+        META_ARCH_REGISTRY.get(tcfg.MODEL.META_ARCHITECTURE)(tcfg),
         pixel_mean=tcfg.MODEL.PIXEL_MEAN,
         pixel_std=tcfg.MODEL.PIXEL_STD,
         input_format=cfg.TEACHER.INPUT_FORMAT,
@@ -371,12 +416,6 @@ def build_teacher(cfg) -> Teacher:
         channels_last=cfg.TEACHER.CHANNELS_LAST,
         amp_dtype=AMP_DTYPES[cfg.TEACHER.AMP_DTYPE] if cfg.TEACHER.AMP_DTYPE else None,
     )
-    for attr in ("box_pooler", "box_head", "box_predictor", "box_in_features"):
-        if not hasattr(teacher.roi_heads, attr):
-            raise ValueError(
-                f"the teacher's ROI heads ({type(teacher.roi_heads).__name__}) have no {attr}; "
-                "a StandardROIHeads-like box head is needed"
-            )
     path = cfg.TEACHER.MODEL.WEIGHTS
     if path:
         load_teacher_weights(teacher, path)
