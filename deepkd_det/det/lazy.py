@@ -39,7 +39,8 @@ __all__ = [
     "engine_settings",
     "lazy_deepkd_settings",
     "load_lazy_config",
-    "student_num_classes",
+    "prepare_model",
+    "lazy_num_classes",
     "validate_lazy_config",
 ]
 
@@ -121,7 +122,7 @@ def lazy_deepkd_settings(cfg: DictConfig, where: str):
     return deepkd_settings_from_mapping(data, where, prefix="deepkd")
 
 
-def student_num_classes(model_cfg) -> Optional[int]:
+def lazy_num_classes(model_cfg) -> Optional[int]:
     """The class count of the (student) detector a LazyConfig's ``model`` builds: R-CNN
     ``roi_heads.num_classes``, dense detectors' ``num_classes``; None when not stated."""
     node = model_cfg.get("student", model_cfg) if isinstance(model_cfg, DictConfig) else None
@@ -162,10 +163,84 @@ def data_cfg(cfg: DictConfig, eval_only: bool = False):
     dl = cfg.dataloader
     ycfg.DATASETS.TRAIN = () if eval_only else tuple(_dataset_names(dl.get("train")))
     ycfg.DATASETS.TEST = tuple(_dataset_names(dl.get("test")))
-    num = student_num_classes(cfg.model)
+    num = lazy_num_classes(cfg.model)
     if num is not None:
         ycfg.MODEL.ROI_HEADS.NUM_CLASSES = num
     return ycfg
+
+
+def _target(node):
+    """The callable of a LazyCall node (its ``_target_``, located when a string), else None."""
+    if not _is_lazy_call(node):
+        return None
+    target = node._target_
+    if isinstance(target, str):
+        from detectron2.utils.registry import locate
+
+        try:
+            target = locate(target)
+        except Exception:  # detectron2's locate raises ImportError or a plain Exception
+            return None
+    return target
+
+
+def is_distill_model(model_cfg) -> bool:
+    """Whether ``model`` builds the distillation wrapper (``distill_detector``)."""
+    from .distill.lazy import distill_detector
+
+    return _target(model_cfg) is distill_detector
+
+
+def _teacher_from_file(model_cfg) -> bool:
+    """The checkpointer's teacher rule (train_net.py's teacher_read_from_file): a teacher read
+    from its file at every start stays out of the checkpoints; a random test teacher stays in."""
+    teacher = model_cfg.get("teacher") if is_distill_model(model_cfg) else None
+    if not isinstance(teacher, DictConfig):
+        return True
+    return bool(teacher.get("weights")) or not teacher.get("allow_random_init", False)
+
+
+def prepare_model(cfg: DictConfig, where: str) -> None:
+    """A ``distill_detector`` model gets the run's ``max_iter`` (train.max_iter), the DEEPKD node
+    (``deepkd``) and the base momentum (optimizer.momentum) — a different value stated in the
+    model node is refused naming both —, and its parts are validated now, before any model is
+    built (deepkd_det/det/distill/lazy.py ``parts_config``). A plain detector with
+    deepkd.ENABLED is refused (nothing to decouple)."""
+    from detectron2.config import instantiate
+
+    from .distill.lazy import parts_config
+
+    model = cfg.model
+    if not is_distill_model(model):
+        if cfg.get("deepkd") is not None and cfg.deepkd.get("ENABLED", False):
+            raise ValueError(f"{where}: deepkd.ENABLED needs distillation losses, but model is not "
+                             "distill_detector (deepkd_det.det.distill.lazy) with a logit part")
+        return
+    injected = {
+        "max_iter": cfg.train.max_iter,
+        "deepkd": OmegaConf.to_container(cfg.deepkd, resolve=True) if cfg.get("deepkd") is not None else None,
+        "momentum": float(OmegaConf.select(cfg, "optimizer.momentum", default=0.9)),
+    }
+    source = {"max_iter": "train.max_iter", "deepkd": "deepkd", "momentum": "optimizer.momentum"}
+    for key, value in injected.items():
+        stated = model.get(key)
+        if stated is not None:
+            stated = OmegaConf.to_container(stated, resolve=True) if isinstance(stated, (DictConfig, ListConfig)) else stated
+            if stated != value:
+                raise ValueError(f"{where}: model.{key} is {stated!r} but {source[key]} is {value!r}: leave "
+                                 f"model.{key} out (it is taken from {source[key]})")
+        model[key] = value
+    specs = [instantiate(p) for p in model.get("parts") or []]
+    student = model.get("student")
+    arch = getattr(_target(student), "__name__", "GeneralizedRCNN")
+    parts_config(specs, injected["deepkd"], arch, lazy_num_classes(model), injected["max_iter"], injected["momentum"])
+    teacher = model.get("teacher")
+    if isinstance(teacher, DictConfig):
+        weights = teacher.get("weights")
+        if _local(weights):
+            check_weights_file("model.teacher.weights", weights,
+                               " (the teacher is rebuilt from this file at every start, --resume included: "
+                               "checkpoints hold the student only)")
 
 
 def engine_settings(cfg: DictConfig, deepkd) -> EngineSettings:
@@ -181,7 +256,7 @@ def engine_settings(cfg: DictConfig, deepkd) -> EngineSettings:
         deepkd=deepkd,
         amp=amp_dtype(amp.get("dtype", "fp16"), "train.amp.dtype") if amp.get("enabled", False) else None,
         init_weights=t.get("init_checkpoint", "") or "",
-        teacher_from_file=True,
+        teacher_from_file=_teacher_from_file(cfg.model),
         log_period=int(t.get("log_period", 20)),
         max_to_keep=t.checkpointer.get("max_to_keep"),
         ddp={k: v for k, v in (t.get("ddp") or {}).items() if k in ("broadcast_buffers", "find_unused_parameters")},
@@ -213,8 +288,9 @@ def validate_lazy_config(cfg: DictConfig, where: str, eval_only: bool = False) -
         raise ValueError(str(exc)) from None
     if not eval_only:
         momentum = OmegaConf.select(cfg, "optimizer.momentum", default=0.0)
-        validate_detection_deepkd(deepkd, float(momentum), student_num_classes(cfg.model) or 0,
+        validate_detection_deepkd(deepkd, float(momentum), lazy_num_classes(cfg.model) or 0,
                                   prefix="deepkd", momentum_key="optimizer.momentum")
+        prepare_model(cfg, where)
     settings = engine_settings(cfg, deepkd)
     check_output_dir(settings.output_dir, "train.output_dir")
     if not eval_only:
@@ -241,7 +317,7 @@ def register_lazy_datasets(cfg: DictConfig, eval_only: bool = False) -> None:
 
     ycfg = data_cfg(cfg, eval_only)
     register_datasets_from_cfg(ycfg)
-    if student_num_classes(cfg.model) is not None:
+    if lazy_num_classes(cfg.model) is not None:
         check_num_classes(ycfg, list(ycfg.DATASETS.TRAIN) + list(ycfg.DATASETS.TEST))
     check_training_annotations(ycfg.DATASETS.TRAIN)
 

@@ -27,6 +27,9 @@ from tests.toolload import load_tool  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 YACS_DEMO = REPO / "configs" / "DEEPKD" / "demo"
 LAZY_DEMO = REPO / "configs" / "DEEPKD" / "lazy" / "demo"
+DKD = "student_deepkd_dkd.py"
+RANDOM_TEACHER_YACS = ("TEACHER.MODEL.WEIGHTS", "", "TEACHER.ALLOW_RANDOM_INIT", "True")
+RANDOM_TEACHER_LAZY = ("model.teacher.weights=", "model.teacher.allow_random_init=true")
 
 
 def _flat(node, prefix=""):
@@ -135,28 +138,46 @@ def test_lazy_node_refuses_what_the_yacs_node_refuses_with_the_same_message(over
 def _cli_error(capsys, argv):
     tool = load_tool("lazy_train_net")
     assert tool.cli(argv) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("lazy_train_net.py: error: "), err
-    return err[0]
+    err = capsys.readouterr().err
+    # (torch may log a line of its own about CUDA at the first model build in a process.)
+    ours = [line for line in err.splitlines() if line.startswith("lazy_train_net.py: error: ")]
+    assert len(ours) == 1 and "Traceback" not in err, err
+    return ours[0]
 
 
-@pytest.mark.parametrize("opts,named", [
-    (["deepkd.TOPK.K_STRAT=3"], "unknown config key deepkd.TOPK.K_STRAT (did you mean deepkd.TOPK.K_START?)"),
-    (["deepkd.ENABLED=true", "deepkd.DELTA_TOG=0.2"],
-     "TOG momentum optimizer.momentum + deepkd.DELTA_TOG = 0.9 + 0.2 = 1.1 is outside [0, 1)"),
-    (["deepkd.ENABLED=true", "optimizer.momentum=0.95", "deepkd.DELTA_TCG=-0.96"],
+@pytest.mark.parametrize("config,opts,named", [
+    ("shapes.py", ["deepkd.TOPK.K_STRAT=3"],
+     "unknown config key deepkd.TOPK.K_STRAT (did you mean deepkd.TOPK.K_START?)"),
+    (DKD, ["deepkd.DELTA_TOG=0.2"],
+     "TOG momentum optimizer.momentum + deepkd.DELTA_TOG = 0.8 + 0.2 = 1 is outside [0, 1)"),
+    (DKD, ["optimizer.momentum=0.95", "deepkd.DELTA_TCG=-0.96"],
      "TCG momentum optimizer.momentum + deepkd.DELTA_TCG = 0.95 + -0.96 = -0.01 is outside [0, 1)"),
-    (["train.max_iters=10"], "unknown config key train.max_iters (did you mean train.max_iter?)"),
-    (["train.max_iter=0"], "train.max_iter must be a positive integer, got 0"),
-    (["train.init_checkpoint=/nonexistent/student.pth"], "train.init_checkpoint '/nonexistent/student.pth' does not exist"),
-    (["train.amp.enabled=true", "train.amp.dtype=fp8"], "train.amp.dtype must be one of ('fp16', 'bf16'), got 'fp8'"),
-    (["lr_multiplier.steps=[10]"], "lr_multiplier.steps [10] must increase and lie below train.max_iter=4"),
+    (DKD, ["model.teacher.weights=/nonexistent/teacher.pth"],
+     "model.teacher.weights '/nonexistent/teacher.pth' does not exist"),
+    (DKD, ["model.max_iter=1"], "model.max_iter is 1 but train.max_iter is 4"),
+    (DKD, ["model.parts.0.name=logitz"], "model.parts[0]: unknown part 'logitz'"),
+    (DKD, ["model.parts.0.ALPHAA=2.0"], "model.parts[0] (logits): unknown config key ALPHAA (did you mean ALPHA?)"),
+    (DKD, ["model.parts.0.TYPE=NONE"], "model.parts: DEEPKD.ENABLED needs a distillation loss"),
+    ("shapes.py", ["deepkd.ENABLED=true"], "deepkd.ENABLED needs distillation losses, but model is not distill_detector"),
+    ("shapes.py", ["train.max_iters=10"], "unknown config key train.max_iters (did you mean train.max_iter?)"),
+    ("shapes.py", ["train.max_iter=0"], "train.max_iter must be a positive integer, got 0"),
+    ("shapes.py", ["train.init_checkpoint=/nonexistent/student.pth"],
+     "train.init_checkpoint '/nonexistent/student.pth' does not exist"),
+    ("shapes.py", ["train.amp.enabled=true", "train.amp.dtype=fp8"],
+     "train.amp.dtype must be one of ('fp16', 'bf16'), got 'fp8'"),
+    ("shapes.py", ["lr_multiplier.steps=[10]"], "lr_multiplier.steps [10] must increase and lie below train.max_iter=4"),
 ])
-def test_startup_refusals_are_one_line_naming_the_key(tmp_path, shapes_root, capsys, opts, named):
+def test_startup_refusals_are_one_line_naming_the_key(tmp_path, shapes_root, capsys, config, opts, named):
     out = tmp_path / "out"
-    line = _cli_error(capsys, _lazy_argv(LAZY_DEMO / "shapes.py", out, shapes_root, *opts))
+    line = _cli_error(capsys, _lazy_argv(LAZY_DEMO / config, out, shapes_root, *opts))
     assert named in line
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_teacher_without_weights_is_refused_naming_the_keys(tmp_path, shapes_root, capsys):
+    line = _cli_error(capsys, _lazy_argv(LAZY_DEMO / DKD, tmp_path / "out", shapes_root, "model.teacher.weights="))
+    assert ("no teacher weights: set model.teacher.weights to a detectron2 checkpoint of the teacher, or "
+            "train.init_checkpoint to a combined file with teacher.* keys") in line
 
 
 def test_a_config_without_max_iter_is_refused(tmp_path, capsys):
@@ -171,33 +192,65 @@ def test_a_config_without_max_iter_is_refused(tmp_path, capsys):
 # ---------------------------------------------------------------- the engine of train_net.py
 
 
-def test_yacs_and_lazy_entry_points_train_the_same_detector(tmp_path, shapes_root):
+def test_yacs_and_lazy_entry_points_train_the_same_deepkd_dkd_student(tmp_path, shapes_root):
+    """The same tiny DeepKD-DKD run (same seed, same generated data, random test teacher) through
+    train_net.py's yaml and through the LazyConfig entry point: identical weights, buffers, K."""
     yacs, lazy = tmp_path / "yacs", tmp_path / "lazy"
-    trainer = DeepKDTrainer(train_net.setup(_yacs_args(YACS_DEMO / "teacher.yaml", yacs, shapes_root)))
+    trainer = DeepKDTrainer(train_net.setup(_yacs_args(YACS_DEMO / "student-deepkd-dkd.yaml", yacs, shapes_root,
+                                                       *RANDOM_TEACHER_YACS)))
     trainer.resume_or_load(resume=False)
     trainer.train()
-    lazy_trainer = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", lazy, shapes_root))
-    assert type(lazy_trainer._trainer) is type(trainer._trainer)
+    lazy_trainer = _lazy_trainer(_lazy_argv(LAZY_DEMO / "student_deepkd_dkd.py", lazy, shapes_root,
+                                            *RANDOM_TEACHER_LAZY))
+    # The engine of train_net.py: the decoupled step over the core DeepKD optimizer.
+    assert type(lazy_trainer._trainer).__name__ == "DecoupledStepTrainer"
+    assert type(lazy_trainer.optimizer).__name__ == "DeepKDOptimizer"
+    assert lazy_trainer.model.max_iter == 4  # train.max_iter, not a default
+    assert lazy_trainer.model.loss_components == {"loss_tckd": "tcg", "loss_nckd": "ncg"}
     lazy_trainer.train()
     a, b = _final(yacs), _final(lazy)
-    assert _max_abs_diff(a["model"], b["model"]) == 0.0
     assert a["iteration"] == b["iteration"] == 3
+    assert _max_abs_diff(a["model"], b["model"]) == 0.0
+    assert a["topk_schedule"] == b["topk_schedule"]
+    opt_a, opt_b = a["trainer"]["_trainer"]["optimizer"]["state"], b["trainer"]["_trainer"]["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys() and any("scaled_buffer_ncg" in st for st in opt_a.values())
+    for i in opt_a:
+        for name, value in opt_a[i].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, opt_b[i][name]), (i, name)
 
-    # --eval-only of the same weights: the yacs and the lazy evaluation (COCOEvaluator) agree.
+    # --eval-only of the same weights (the student alone): the yacs and the lazy evaluation agree.
     weights = str(yacs / "model_final.pth")
     yacs_results = train_net.evaluate(train_net.setup(_yacs_args(
-        YACS_DEMO / "teacher.yaml", tmp_path / "eval_yacs", shapes_root, "DATASETS.TEST", "('deepkd_shapes_val',)",
-        "MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")))
+        YACS_DEMO / "student-deepkd-dkd.yaml", tmp_path / "eval_yacs", shapes_root, "DATASETS.TEST", "('deepkd_shapes_val',)",
+        "MODEL.WEIGHTS", weights, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *RANDOM_TEACHER_YACS)))
     tool = load_tool("lazy_train_net")
-    args = tool.parse_args(_lazy_argv(LAZY_DEMO / "shapes.py", tmp_path / "eval_lazy", shapes_root,
+    args = tool.parse_args(_lazy_argv(LAZY_DEMO / DKD, tmp_path / "eval_lazy", shapes_root,
                                       "dataloader.evaluator={_target_: detectron2.evaluation.COCOEvaluator, "
                                       "dataset_name: deepkd_shapes_val, tasks: [bbox]}",
-                                      "model.roi_heads.box_predictor.test_score_thresh=0.0",
+                                      "model.student.roi_heads.box_predictor.test_score_thresh=0.0",
                                       f"train.init_checkpoint={weights}", "--eval-only"))
     lazy_results = tool.main(args)
     assert 0.0 <= lazy_results["bbox"]["AP50"] <= 100.0  # the 4-iteration model's boxes were scored
     assert lazy_results["bbox"]["AP50"] == yacs_results["bbox"]["AP50"]
     assert lazy_results["bbox"]["AP"] == yacs_results["bbox"]["AP"]
+
+
+def test_yacs_and_lazy_entry_points_train_the_same_plain_detector(tmp_path, shapes_root):
+    """No distillation (detectron2's summed-loss step, CheckedSimpleTrainer): the same weights too."""
+    yacs, lazy = tmp_path / "yacs", tmp_path / "lazy"
+    short_yacs = ("SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)")
+    trainer = DeepKDTrainer(train_net.setup(_yacs_args(YACS_DEMO / "teacher.yaml", yacs, shapes_root, *short_yacs)))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    lazy_trainer = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", lazy, shapes_root, "train.max_iter=2",
+                                            "lr_multiplier.steps=[1]"))
+    assert type(lazy_trainer._trainer) is type(trainer._trainer)
+    assert type(lazy_trainer.optimizer) is torch.optim.SGD
+    lazy_trainer.train()
+    a, b = _final(yacs), _final(lazy)
+    assert a["iteration"] == b["iteration"] == 1
+    assert _max_abs_diff(a["model"], b["model"]) == 0.0
 
 
 class _Crash(HookBase):
@@ -210,19 +263,26 @@ class _Crash(HookBase):
 
 
 def test_lazy_run_resumes_exactly_after_a_kill(tmp_path, shapes_root):
-    opts = ["train.checkpointer.period=2"]
+    opts = ["train.checkpointer.period=2", *RANDOM_TEACHER_LAZY]
+    config = LAZY_DEMO / "student_deepkd_dkd.py"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", whole, shapes_root, *opts)).train()
-    first = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", parts, shapes_root, *opts))
+    _lazy_trainer(_lazy_argv(config, whole, shapes_root, *opts)).train()
+    first = _lazy_trainer(_lazy_argv(config, parts, shapes_root, *opts))
     first.register_hooks([_Crash(3)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert (parts / "last_checkpoint").read_text() == "model_0000001.pth"
-    resumed = _lazy_trainer(_lazy_argv(LAZY_DEMO / "shapes.py", parts, shapes_root, *opts) + ["--resume"])
+    resumed = _lazy_trainer(_lazy_argv(config, parts, shapes_root, *opts) + ["--resume"])
     assert resumed.start_iter == 2
     resumed.train()
     a, b = _final(whole), _final(parts)
     assert _max_abs_diff(a["model"], b["model"]) == 0.0
+    assert a["topk_schedule"] == b["topk_schedule"]
+    buffers_a, buffers_b = (x["trainer"]["_trainer"]["optimizer"]["state"] for x in (a, b))
+    for i in buffers_a:
+        for name, value in buffers_a[i].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, buffers_b[i][name]), (i, name)
     mid = torch.load(parts / "model_0000001.pth", weights_only=True)
     assert _max_abs_diff(mid["model"], b["model"]) > 0  # it trained after the resume
     assert os.path.isfile(parts / "config.yaml")  # detectron2's default_setup saved the LazyConfig

@@ -48,6 +48,8 @@ __all__ = [
     "teacher_differences",
     "check_same_teacher",
     "TeacherWeightsError",
+    "YACS_TEACHER_KEYS",
+    "load_teacher_from",
 ]
 
 logger = logging.getLogger(__name__)
@@ -416,30 +418,43 @@ def build_teacher(cfg) -> Teacher:
         channels_last=cfg.TEACHER.CHANNELS_LAST,
         amp_dtype=AMP_DTYPES[cfg.TEACHER.AMP_DTYPE] if cfg.TEACHER.AMP_DTYPE else None,
     )
-    path = cfg.TEACHER.MODEL.WEIGHTS
-    if path:
-        load_teacher_weights(teacher, path)
+    load_teacher_from(teacher, cfg.TEACHER.MODEL.WEIGHTS, cfg.MODEL.WEIGHTS, cfg.TEACHER.ALLOW_RANDOM_INIT)
+    return teacher
+
+
+# The names of the three teacher-weight settings in messages: the yacs keys (a LazyConfig passes
+# its own, deepkd_det/det/distill/lazy.py).
+YACS_TEACHER_KEYS = {"weights": "TEACHER.MODEL.WEIGHTS", "student_weights": "MODEL.WEIGHTS",
+                     "allow_random_init": "TEACHER.ALLOW_RANDOM_INIT"}
+
+
+def load_teacher_from(teacher: Teacher, weights: str, student_weights: str, allow_random_init: bool,
+                      keys: Mapping[str, str] = YACS_TEACHER_KEYS) -> None:
+    """The teacher's weights, by the one rule of both entry points: ``weights`` (a detectron2
+    checkpoint of the teacher), else the ``teacher.*`` keys of ``student_weights`` (a combined
+    release file); without either the build stops (TeacherWeightsError naming ``keys``) unless
+    ``allow_random_init`` (tests and smoke runs). Both set and holding different teachers is an
+    error (here for a ``.pth`` student file, in DeepKDCheckpointer for any file)."""
+    if weights:
+        load_teacher_weights(teacher, weights, source_key=keys["weights"])
         combined = (
-            _has_teacher_keys(cfg.MODEL.WEIGHTS)
-            if cfg.MODEL.WEIGHTS and not cfg.MODEL.WEIGHTS.endswith(".pkl")
+            _has_teacher_keys(student_weights)
+            if student_weights and not student_weights.endswith(".pkl")
             else None
         )
         if combined is not None:
-            check_same_teacher(teacher, teacher_state_from_checkpoint(combined), cfg.MODEL.WEIGHTS)
+            check_same_teacher(teacher, teacher_state_from_checkpoint(combined), student_weights)
     elif (
-        cfg.MODEL.WEIGHTS
-        and not cfg.MODEL.WEIGHTS.endswith(".pkl")
-        and (state := _has_teacher_keys(cfg.MODEL.WEIGHTS))
+        student_weights
+        and not student_weights.endswith(".pkl")
+        and (state := _has_teacher_keys(student_weights))
     ):
-        load_teacher_weights(teacher, cfg.MODEL.WEIGHTS, state, source_key="MODEL.WEIGHTS")
-    elif cfg.TEACHER.ALLOW_RANDOM_INIT:
-        logger.warning(
-            "TEACHER.ALLOW_RANDOM_INIT: the teacher is RANDOMLY INITIALISED (tests / smoke runs only)"
-        )
+        load_teacher_weights(teacher, student_weights, state, source_key=keys["student_weights"])
+    elif allow_random_init:
+        logger.warning(f"{keys['allow_random_init']}: the teacher is RANDOMLY INITIALISED (tests / smoke runs only)")
     else:
         raise TeacherWeightsError(
-            "no teacher weights: set TEACHER.MODEL.WEIGHTS to a detectron2 checkpoint of the teacher, or "
-            "MODEL.WEIGHTS to a combined file with teacher.* keys (tools/make_kd_weights.py); "
-            f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS!r} has no teacher keys"
+            f"no teacher weights: set {keys['weights']} to a detectron2 checkpoint of the teacher, or "
+            f"{keys['student_weights']} to a combined file with teacher.* keys (tools/make_kd_weights.py); "
+            f"{keys['student_weights']}={student_weights!r} has no teacher keys"
         )
-    return teacher
