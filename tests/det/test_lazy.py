@@ -286,3 +286,66 @@ def test_lazy_run_resumes_exactly_after_a_kill(tmp_path, shapes_root):
     mid = torch.load(parts / "model_0000001.pth", weights_only=True)
     assert _max_abs_diff(mid["model"], b["model"]) > 0  # it trained after the resume
     assert os.path.isfile(parts / "config.yaml")  # detectron2's default_setup saved the LazyConfig
+
+
+# ---------------------------------------------------------------- the COCO pairs
+
+
+@pytest.mark.parametrize("pair", ["R18-R101", "R50-R101", "MV2-R50"])
+def test_lazy_pair_configs_build_the_yacs_pairs(tmp_path, pair):
+    """configs/DEEPKD/lazy/DKD-<pair>.py against configs/DEEPKD/DKD-<pair>.yaml: the same student
+    and teacher (state-dict keys, shapes, trained parameters, input format, normalisation), the
+    same parts, top-k schedule, DEEPKD node, solver and data settings."""
+    from detectron2.config import instantiate
+    from detectron2.solver import build_lr_scheduler
+
+    from deepkd_det.det.config import merge_config_file
+
+    ycfg = get_deepkd_cfg()
+    merge_config_file(ycfg, str(REPO / "configs" / "DEEPKD" / f"DKD-{pair}.yaml"))
+    ycfg.MODEL.WEIGHTS, ycfg.TEACHER.ALLOW_RANDOM_INIT, ycfg.MODEL.DEVICE = "", True, "cpu"
+    cfg = load_lazy_config(str(REPO / "configs" / "DEEPKD" / "lazy" / f"DKD-{pair}.py"), [
+        "train.init_checkpoint=", "model.teacher.allow_random_init=true", "train.device=cpu",
+        f"train.output_dir={tmp_path}"])
+    deepkd, settings = validate_lazy_config(cfg, pair)
+    assert _flat(deepkd) == _flat(ycfg.DEEPKD) and deepkd.ENABLED
+    y_model, l_model = DeepKDTrainer.build_model(ycfg), instantiate(cfg.model)
+
+    def described(model):
+        return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+    assert described(y_model) == described(l_model)
+    assert ({n for n, p in y_model.named_parameters() if p.requires_grad}
+            == {n for n, p in l_model.named_parameters() if p.requires_grad})
+    for y, lz in ((y_model, l_model), (y_model.teacher, l_model.teacher)):
+        assert y.input_format == lz.input_format
+        assert torch.equal(y.pixel_mean, lz.pixel_mean) and torch.equal(y.pixel_std, lz.pixel_std)
+    assert [p.name for p in y_model.parts] == [p.name for p in l_model.parts] == ["logits"]
+    y_part, l_part = y_model.parts[0], l_model.parts[0]
+    assert vars(y_part).keys() == vars(l_part).keys()
+    for key, value in vars(y_part).items():
+        if key != "topk_schedule":
+            assert value == vars(l_part)[key], key
+    assert y_model.max_iter == l_model.max_iter == ycfg.SOLVER.MAX_ITER == settings.max_iter
+    assert [y_model.topk_schedule.k_at(p / 10) for p in range(11)] == [l_model.topk_schedule.k_at(p / 10)
+                                                                        for p in range(11)]
+    # Solver: lr, momentum, weight decay, the multiplier at every step boundary.
+    opt = cfg.optimizer
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (ycfg.SOLVER.BASE_LR, ycfg.SOLVER.MOMENTUM,
+                                                       ycfg.SOLVER.WEIGHT_DECAY)
+    multiplier = instantiate(cfg.lr_multiplier)
+    y_sched = build_lr_scheduler(ycfg, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    for where in (0, 500, 999, 1000, 59999, 60000, 80000, 89999):
+        assert multiplier(where / ycfg.SOLVER.MAX_ITER) == pytest.approx(y_sched._multiplier(where / ycfg.SOLVER.MAX_ITER))
+    # Data: datasets, batch, sizes, channel order; checkpoints.
+    train = cfg.dataloader.train
+    assert [train.dataset.names] == list(ycfg.DATASETS.TRAIN)
+    assert train.total_batch_size == ycfg.SOLVER.IMS_PER_BATCH
+    resize = train.mapper.augmentations[0]
+    assert (tuple(resize.short_edge_length), resize.max_size) == (tuple(ycfg.INPUT.MIN_SIZE_TRAIN), ycfg.INPUT.MAX_SIZE_TRAIN)
+    assert train.mapper.image_format == cfg.dataloader.test.mapper.image_format == ycfg.INPUT.FORMAT
+    assert settings.checkpoint_period == ycfg.SOLVER.CHECKPOINT_PERIOD
+    as_written = load_lazy_config(str(REPO / "configs" / "DEEPKD" / "lazy" / f"DKD-{pair}.py"))
+    assert as_written.train.init_checkpoint == merge_config_file(get_deepkd_cfg(), str(
+        REPO / "configs" / "DEEPKD" / f"DKD-{pair}.yaml")).MODEL.WEIGHTS  # the combined release file
+    assert os.path.basename(ycfg.OUTPUT_DIR) == os.path.basename(as_written.train.output_dir)
