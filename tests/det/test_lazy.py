@@ -349,3 +349,42 @@ def test_lazy_pair_configs_build_the_yacs_pairs(tmp_path, pair):
     assert as_written.train.init_checkpoint == merge_config_file(get_deepkd_cfg(), str(
         REPO / "configs" / "DEEPKD" / f"DKD-{pair}.yaml")).MODEL.WEIGHTS  # the combined release file
     assert os.path.basename(ycfg.OUTPUT_DIR) == os.path.basename(as_written.train.output_dir)
+
+
+# ---------------------------------------------------------------- FCOS
+
+
+def test_fcos_student_trains_with_diffkd_is_evaluated_and_resumes_exactly(tmp_path, shapes_root):
+    """An FCOS student (a LazyConfig-only detectron2 model) distilled by DiffKD on its FPN levels
+    through the LazyConfig entry point: COCOEvaluator runs mid-training, and a killed run resumes
+    to the same weights as an uninterrupted one (the dense detector's loss-normaliser average is
+    checkpointed: DenseDetectorState). detectron2's focal loss is TorchScript, whose first calls in
+    a process run an unoptimised graph (other float rounding than the later, optimised calls):
+    bit-exactness across processes needs graph optimisation off, as here (docs/lazyconfig.md)."""
+    pytest.importorskip("detectron2.modeling.meta_arch.fcos")
+    with torch.jit.optimized_execution(False):
+        _fcos_run_kill_resume(tmp_path, shapes_root)
+
+
+def _fcos_run_kill_resume(tmp_path, shapes_root):
+    opts = ["train.checkpointer.period=2", *RANDOM_TEACHER_LAZY, "model.parts.0.DIFFKD.IN_FEATURES=[p5,p6,p7]"]
+    evaluator = ["train.eval_period=2", "dataloader.evaluator={_target_: detectron2.evaluation.COCOEvaluator, "
+                 "dataset_name: deepkd_shapes_val, tasks: [bbox]}"]
+    config = LAZY_DEMO / "fcos_diffkd.py"
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    trainer = _lazy_trainer(_lazy_argv(config, whole, shapes_root, *opts, *evaluator))
+    assert type(trainer.model.student).__name__ == "FCOS" and [p.name for p in trainer.model.parts] == ["diffkd"]
+    trainer.train()
+    assert set(trainer._last_eval_results["bbox"]) >= {"AP", "AP50"}  # detectron2's COCOEvaluator
+    first = _lazy_trainer(_lazy_argv(config, parts, shapes_root, *opts))
+    first.register_hooks([_Crash(3)])
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    resumed = _lazy_trainer(_lazy_argv(config, parts, shapes_root, *opts) + ["--resume"])
+    assert resumed.start_iter == 2
+    resumed.train()
+    a, b = _final(whole), _final(parts)
+    assert any(k.startswith("diffkd.") for k in a["model"])  # the training-only DiffKD modules are saved
+    assert _max_abs_diff(a["model"], b["model"]) == 0.0
+    mid = torch.load(parts / "model_0000001.pth", weights_only=True)
+    assert _max_abs_diff(mid["model"], b["model"]) > 0

@@ -112,6 +112,8 @@ def parts_config(specs: Sequence[PartSpec], deepkd: Optional[Mapping], architect
         node = cfg
         *parents, leaf = key.split(".")
         for p in parents:
+            if p not in node:  # e.g. MODEL.FCOS: detectron2 has no yacs keys for FCOS
+                node[p] = type(node)()
             node = node[p]
         node[leaf] = int(num_classes)
     seen: Dict[str, Any] = {}
@@ -182,10 +184,19 @@ def teacher_from(model: nn.Module, weights: str = "", student_weights: str = "",
 
 def distill_detector(*, student: nn.Module, teacher: Optional[Teacher] = None, parts: Sequence[PartSpec] = (),
                      max_iter: Optional[int] = None, deepkd: Optional[Mapping] = None,
-                     momentum: float = 0.9) -> DistillDetector:
+                     momentum: float = 0.9, input_format: Optional[str] = None) -> DistillDetector:
     """DistillDetector of ``student``, ``teacher`` and the listed ``parts`` (module docstring).
     ``max_iter`` (the run's iterations: the top-k schedule's progress) has no default; ``deepkd``
-    is the LazyConfig's DEEPKD node (None: the defaults, DeepKD off)."""
+    is the LazyConfig's DEEPKD node (None: the defaults, DeepKD off). ``input_format``: the
+    channel order of the images, for a student that states none (FCOS); the teacher's images
+    are converted from it."""
+    if getattr(student, "input_format", None) is None:
+        if input_format is None:
+            raise ValueError(f"model.student ({type(student).__name__}) states no input_format: set "
+                             "model.input_format to the dataloader's image_format ('BGR' or 'RGB')")
+        student.input_format = input_format
+    elif input_format is not None and input_format != student.input_format:
+        raise ValueError(f"model.input_format {input_format!r} differs from the student's {student.input_format!r}")
     if max_iter is None:
         raise ValueError("model.max_iter is not set: it is the run's train.max_iter (tools/lazy_train_net.py "
                          "fills it in), no default")

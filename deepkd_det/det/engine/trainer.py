@@ -62,6 +62,7 @@ from .sync_check import ParameterSyncCheck
 __all__ = [
     "DeepKDEngine",
     "DeepKDTrainer",
+    "DenseDetectorState",
     "EngineSettings",
     "coco_evaluator",
     "deepkd_enabled",
@@ -144,6 +145,45 @@ class EngineSettings:
         )
 
 
+class DenseDetectorState:
+    """The training state detectron2's dense detectors (RetinaNet, FCOS) keep outside their
+    state dict: the moving average of the foreground count that normalises their losses
+    (``loss_normalizer``, a plain attribute set by ``DenseDetector._ema_update``). Checkpointed
+    with the trainer, so that ``--resume`` continues with the same normaliser (otherwise it
+    restarts from its initial value and the resumed run drifts from the uninterrupted one)."""
+
+    ATTRIBUTES = ("loss_normalizer",)
+
+    def __init__(self, modules: Dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Optional[DenseDetectorState]:
+        """The state of every dense detector inside ``model`` (student and teacher alike), or None."""
+        try:
+            from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+        except ImportError:  # a detectron2 without dense_detector.py
+            return None
+        found = {name: m for name, m in model.named_modules() if isinstance(m, DenseDetector)}
+        if isinstance(model, DenseDetector):
+            found[""] = model
+        student = getattr(model, "student", None)  # the distillation wrapper's (not a submodule)
+        if isinstance(student, DenseDetector):
+            found["student"] = student
+        return cls(found) if found else None
+
+    def state_dict(self) -> Dict[str, Dict[str, float]]:
+        return {name: {a: float(getattr(m, a)) for a in self.ATTRIBUTES if hasattr(m, a)}
+                for name, m in self.modules.items()}
+
+    def load_state_dict(self, state: Dict[str, Dict[str, float]]) -> None:
+        for name, values in state.items():
+            module = self.modules.get(name)
+            if module is not None:
+                for attr, value in values.items():
+                    setattr(module, attr, value)
+
+
 def remove_interrupted_saves(output_dir: str) -> None:
     """Temporary files of a checkpoint save that was killed, removed at start-up (main process)."""
     if comm.is_main_process():
@@ -192,6 +232,9 @@ class DeepKDEngine(DefaultTrainer):
         schedule = getattr(_unwrap(model), "topk_schedule", None)
         if schedule is not None:
             checkpointables["topk_schedule"] = schedule
+        dense = DenseDetectorState.of(_unwrap(model))
+        if dense is not None:
+            checkpointables["dense_detector_state"] = dense
         self.checkpointer = DeepKDCheckpointer(model, settings.output_dir, **checkpointables)
         if getattr(_unwrap(model), "teacher", None) is not None and settings.teacher_from_file:
             # The frozen teacher is read from its file at every start: checkpoints hold the student
