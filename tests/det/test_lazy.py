@@ -388,3 +388,29 @@ def _fcos_run_kill_resume(tmp_path, shapes_root):
     assert _max_abs_diff(a["model"], b["model"]) == 0.0
     mid = torch.load(parts / "model_0000001.pth", weights_only=True)
     assert _max_abs_diff(mid["model"], b["model"]) > 0
+
+
+def test_vitdet_teacher_distils_an_r50_fpn_student_through_the_feature_parts(tmp_path):
+    """configs/DEEPKD/lazy/DiffKD-ViTDetB-R50.py (detectron2 after v0.6: ViT): the ViTDet-B Mask
+    R-CNN teacher and the R-50-FPN student pair their P2-P6 levels by stride, and one training
+    forward gives finite DiffKD losses with the teacher frozen."""
+    pytest.importorskip("timm")  # detectron2's ViT uses it
+    pytest.importorskip("detectron2.modeling.backbone.vit")
+    from detectron2.config import instantiate
+    from detectron2.utils.events import EventStorage
+
+    from tests.det.tiny import make_batch
+
+    cfg = load_lazy_config(str(REPO / "configs" / "DEEPKD" / "lazy" / "DiffKD-ViTDetB-R50.py"), [
+        "train.init_checkpoint=", "model.teacher.weights=", "model.teacher.allow_random_init=true",
+        "train.device=cpu", f"train.output_dir={tmp_path}"])
+    validate_lazy_config(cfg, "DiffKD-ViTDetB-R50.py")
+    model = instantiate(cfg.model).train()
+    assert type(model.teacher.model.backbone).__name__ == "SimpleFeaturePyramid"
+    assert [p.name for p in model.parts] == ["diffkd"]
+    assert model.part("diffkd").levels == {f"p{i}": f"p{i}" for i in range(2, 7)}
+    with EventStorage(0):
+        losses = model(make_batch(n=2, h=128, w=128, num_classes=80))
+    for key in ("loss_diffkd_kd", "loss_diffkd_diff", "loss_cls"):
+        assert torch.isfinite(losses[key]), key
+    assert not any(p.requires_grad for p in model.teacher.parameters())
