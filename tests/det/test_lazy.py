@@ -414,3 +414,24 @@ def test_vitdet_teacher_distils_an_r50_fpn_student_through_the_feature_parts(tmp
     for key in ("loss_diffkd_kd", "loss_diffkd_diff", "loss_cls"):
         assert torch.isfinite(losses[key]), key
     assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_fcos_coco_pair_config_builds_the_table4_pair(tmp_path):
+    """configs/DEEPKD/lazy/DiffKD-FCOS-R101-R50.py: detectron2's own FCOS R-50 1x config as the
+    student, the same model at depth 101 as the teacher, DiffKD pairing P3-P7 (detectron2 after
+    v0.6: v0.6's FCOSHead cannot build its GN head)."""
+    import detectron2.modeling
+
+    if not hasattr(detectron2.modeling, "ViT"):  # the ViTDet era: detectron2 after v0.6
+        pytest.skip("detectron2 v0.6 cannot build detectron2's FCOS config (GN on the centerness layer)")
+    from detectron2.config import instantiate
+
+    cfg = load_lazy_config(str(REPO / "configs" / "DEEPKD" / "lazy" / "DiffKD-FCOS-R101-R50.py"), [
+        "train.init_checkpoint=", "model.teacher.weights=", "model.teacher.allow_random_init=true",
+        "train.device=cpu", f"train.output_dir={tmp_path}"])
+    deepkd, settings = validate_lazy_config(cfg, "DiffKD-FCOS-R101-R50.py")
+    assert not deepkd.ENABLED and settings.max_iter == 90000 and cfg.optimizer.lr == 0.01
+    model = instantiate(cfg.model)
+    assert type(model.student).__name__ == type(model.teacher.model).__name__ == "FCOS"
+    assert model.part("diffkd").levels == {f"p{i}": f"p{i}" for i in range(3, 8)}
+    assert len(model.teacher.model.backbone.bottom_up.res4) == 23 and len(model.backbone.bottom_up.res4) == 6
