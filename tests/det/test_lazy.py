@@ -266,17 +266,17 @@ class _Crash(HookBase):
 
 
 def test_lazy_run_resumes_exactly_after_a_kill(tmp_path, shapes_root):
-    opts = ["train.checkpointer.period=2", *RANDOM_TEACHER_LAZY]
+    opts = ["train.max_iter=3", "lr_multiplier.steps=[2]", "train.checkpointer.period=2", *RANDOM_TEACHER_LAZY]
     config = LAZY_DEMO / "student_deepkd_dkd.py"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _lazy_trainer(_lazy_argv(config, whole, shapes_root, *opts)).train()
     first = _lazy_trainer(_lazy_argv(config, parts, shapes_root, *opts))
-    first.register_hooks([_Crash(3)])
+    first.register_hooks([_Crash(2)])
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert (parts / "last_checkpoint").read_text() == "model_0000001.pth"
     resumed = _lazy_trainer(_lazy_argv(config, parts, shapes_root, *opts) + ["--resume"])
-    assert resumed.start_iter == 2
+    assert resumed.start_iter == 2  # iteration 2 runs again, after the kill
     resumed.train()
     a, b = _final(whole), _final(parts)
     assert _max_abs_diff(a["model"], b["model"]) == 0.0
