@@ -306,3 +306,95 @@ def test_perfect_predictions_score_ap_100_for_bbox_and_segm(tmp_path):
     # Masks two pixels off: the boxes still score 100, the masks no longer do.
     results = evaluate(2)
     assert results["bbox"]["AP"] == pytest.approx(100.0) and results["segm"]["AP"] < 90
+
+
+# ---------------------------------------------------------------- class counts and masks of own data
+
+
+def _own_cfg(tmp_path, name, edit=None):
+    from deepkd_det.det.config import add_deepkd_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    json_file, images = _write_custom_coco(tmp_path)
+    if edit is not None:
+        data = json.loads(open(json_file).read())
+        edit(data)
+        open(json_file, "w").write(json.dumps(data))
+    cfg = add_data_config(add_deepkd_config(get_cfg()))
+    cfg.DATASETS.REGISTER = [[name, json_file, images]]
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (name,), ()
+    return cfg
+
+
+def test_class_count_zero_is_taken_from_the_json_for_retinanet_too(tmp_path):
+    """NUM_CLASSES 0 of the head the detector uses (RetinaNet: MODEL.RETINANET.NUM_CLASSES,
+    through the distillation wrapper too; the teacher's the same) becomes the json's 2
+    categories; a wrong count of that head is refused by name, other heads' counts play no part."""
+    from detectron2.config import CfgNode as CN
+
+    from deepkd_det.det.data import check_num_classes, class_count_key, needs_class_count, resolve_num_classes
+
+    cfg = _own_cfg(tmp_path, "own_rt_train")
+    register_datasets_from_cfg(cfg)
+    cfg.MODEL.META_ARCHITECTURE = "DistillDetector"
+    cfg.KD.STUDENT_ARCHITECTURE = "RetinaNet"
+    assert class_count_key(cfg) == "MODEL.RETINANET.NUM_CLASSES" and not needs_class_count(cfg)
+    cfg.MODEL.RETINANET.NUM_CLASSES = cfg.TEACHER.MODEL.RETINANET.NUM_CLASSES = 0
+    assert needs_class_count(cfg)
+    resolve_num_classes(cfg)
+    assert (cfg.MODEL.RETINANET.NUM_CLASSES, cfg.TEACHER.MODEL.RETINANET.NUM_CLASSES) == (2, 2)
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 80  # not 0: left as it is, and not checked for RetinaNet
+    check_num_classes(cfg, ["own_rt_train"])
+    cfg.MODEL.RETINANET.NUM_CLASSES = 5
+    with pytest.raises(ValueError, match=r"MODEL\.RETINANET\.NUM_CLASSES=5, but dataset 'own_rt_train' .*2 categories"):
+        check_num_classes(cfg, ["own_rt_train"])
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"  # a plain RetinaNet: the same key
+    assert class_count_key(cfg) == "MODEL.RETINANET.NUM_CLASSES"
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"  # R-CNN: the ROI heads' count (80 != 2)
+    with pytest.raises(ValueError, match=r"MODEL\.ROI_HEADS\.NUM_CLASSES=80"):
+        check_num_classes(cfg, ["own_rt_train"])
+    # An FCOS node (where a config has one) is resolved and checked the same way.
+    cfg.MODEL.FCOS = CN({"NUM_CLASSES": 0})
+    cfg.MODEL.META_ARCHITECTURE = "FCOS"
+    resolve_num_classes(cfg)
+    assert cfg.MODEL.FCOS.NUM_CLASSES == 2 and class_count_key(cfg) == "MODEL.FCOS.NUM_CLASSES"
+    check_num_classes(cfg, ["own_rt_train"])
+
+
+def test_segmentations_of_own_data_are_checked(tmp_path):
+    """Polygons and RLEs of the image's size pass; a short polygon or an RLE of another size is
+    refused naming the json; MODEL.MASK_ON refuses a json with an annotation without a mask."""
+    from deepkd_det.det.data import check_mask_annotations
+
+    def masks(d):
+        d["annotations"][0]["segmentation"] = [[1, 2, 11, 2, 11, 14, 1, 14]]
+        d["annotations"][1]["segmentation"] = {"size": [30, 40], "counts": [100, 20, 1080]}
+
+    cfg = _own_cfg(tmp_path / "a", "own_masks_ok", masks)
+    register_datasets_from_cfg(cfg)
+    cfg.MODEL.MASK_ON = True
+    check_mask_annotations(cfg, ["own_masks_ok"])
+
+    def short(d):
+        masks(d)
+        d["annotations"][0]["segmentation"] = [[1, 2, 11, 2]]
+
+    def other_size(d):
+        masks(d)
+        d["annotations"][1]["segmentation"]["size"] = [40, 30]
+
+    for sub, edit, text in (("b", short, "at least 3 points"), ("c", other_size, r"RLE size \[40, 30\]")):
+        with pytest.raises(ValueError, match=rf"train\.json.*annotation \d \(.\.png\): .*{text}"):
+            register_datasets_from_cfg(_own_cfg(tmp_path / sub, f"own_masks_{sub}", edit))
+
+    def one_missing(d):
+        masks(d)
+        del d["annotations"][1]["segmentation"]
+
+    cfg = _own_cfg(tmp_path / "d", "own_masks_d", one_missing)
+    register_datasets_from_cfg(cfg)
+    check_mask_annotations(cfg, ["own_masks_d"])  # no mask head: nothing needed
+    cfg.MODEL.MASK_ON = True
+    with pytest.raises(ValueError, match=r"MODEL.MASK_ON needs a mask .*'own_masks_d' \(.*train\.json\) has 1 "
+                                         r"annotations without a 'segmentation' \(ids 2\)"):
+        check_mask_annotations(cfg, ["own_masks_d"])
