@@ -31,7 +31,6 @@ from detectron2.utils.logger import setup_logger
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
 from deepkd_det.cli import debug_requested, format_error, pull_trailing_flags, run_cli
 from deepkd_det.core.io import check_output_dir
-from deepkd_det.det.checkpoint import EvalCheckpointer
 from deepkd_det.det.config import (
     add_deepkd_config,
     check_input_files,
@@ -50,6 +49,7 @@ from deepkd_det.det.data import (
     resolve_num_classes,
 )
 from deepkd_det.det.engine import DeepKDTrainer, launch_main
+from deepkd_det.det.weights.checkpoint import EvalCheckpointer
 
 # Errors a user can act on: printed as one line by the command line (never internal bugs'
 # AssertionErrors; those from the config merge are turned into ValueError first).

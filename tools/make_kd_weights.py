@@ -31,7 +31,7 @@ from typing import Dict, List, Optional
 import torch
 
 from deepkd_det.core.io import atomic_save
-from deepkd_det.det.modeling.weights import (
+from deepkd_det.det.weights.layouts import (
     DETECTOR_KINDS,
     IGNORED_CHECKPOINT_KEYS,
     IMAGENET_INPUT,

@@ -441,6 +441,8 @@ def validate_deepkd_config(cfg: CN) -> None:
 
     # teacher
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
+    if cfg.TEACHER.CONFIG_FILE and not os.path.isfile(_config_file_path(cfg.TEACHER.CONFIG_FILE)):
+        raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
     # The teacher's config is resolved once, when the teacher is built; the parts then check what
     # they pair (class counts, heads, levels) against the built models
     # (deepkd_det/det/distill/heads.py), each with one line naming both sides.

@@ -24,10 +24,10 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deepkd_det.det.checkpoint import DeepKDCheckpointer  # noqa: E402
 from deepkd_det.det.config import model_zoo_config_file  # noqa: E402
 from deepkd_det.det.modeling import TeacherWeightsError  # noqa: E402
-from deepkd_det.det.modeling.weights import absent_teacher_modules, detector_kind  # noqa: E402
+from deepkd_det.det.weights.checkpoint import DeepKDCheckpointer  # noqa: E402
+from deepkd_det.det.weights.layouts import absent_teacher_modules, detector_kind  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -43,8 +43,8 @@ from deepkd_det.det.data import (
     resolve_num_classes,
 )
 
-from ..checkpoint import DeepKDCheckpointer
-from ..modeling.weights import TEACHER_PREFIX
+from ..weights.checkpoint import DeepKDCheckpointer
+from ..weights.layouts import TEACHER_PREFIX
 from .decoupled import broadcast_initial_parameters, build_deepkd_optimizer
 from .gsnr import GSNRHook
 from .resume import (

@@ -45,24 +45,25 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from deepkd_det.core.io import atomic_write, load_weights_only
+from deepkd_det.det.modeling.reviewkd import release_head_keys_to_ours
 
-from .modeling.reviewkd import release_head_keys_to_ours
-from .modeling.teacher import (
-    check_same_teacher,
-    check_teacher_state,
-    load_teacher_weights,
-    teacher_state_from_checkpoint,
-)
-from .modeling.weights import (
+from .layouts import (
     IMAGENET_INPUT,
     STUDENT_PREFIX,
     TEACHER_PREFIX,
     StudentWeightsError,
     absent_statistics_allowed,
-    absent_teacher_modules,
     convert_student_keys,
     frozen_bn_statistics,
     imagenet_flavour,
+)
+from .report import mismatch_problems
+from .teacher import (
+    check_same_teacher,
+    check_teacher_state,
+    load_teacher_weights,
+    teacher_state_from_checkpoint,
+    with_absent_teacher_modules,
 )
 
 __all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "training_only_parts", "check_student_state"]
@@ -141,7 +142,7 @@ class DeepKDCheckpointer(DetectionCheckpointer):
         tstate = teacher_state_from_checkpoint(state) if any(k.startswith(TEACHER_PREFIX) for k in state) else {}
         state = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
         if teacher is not None and tstate:
-            tstate = _with_absent_teacher_modules(self.model, teacher, tstate, source)
+            tstate = with_absent_teacher_modules(teacher, tstate, source, getattr(self.model, "teacher_needs", None))
             # Checked in full before anything is loaded, so a refused file leaves the model as it was.
             check_teacher_state(teacher, tstate, source)
             check_same_teacher(teacher, tstate, source)
@@ -202,16 +203,16 @@ class EvalCheckpointer(DeepKDCheckpointer):
     class count, another architecture) would be evaluated at its random initialisation."""
 
     def _log_incompatible_keys(self, incompatible) -> None:
-        problems = [
-            f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
-            for key, shape_file, shape_model in incompatible.incorrect_shapes
-        ]
-        # (BN step counters play no part in inference; the parts' modules are training-only.)
+        # The report of the file against the model, as detectron2 matched them (BN step counters
+        # play no part in inference; the parts' modules are training-only).
         training_only = tuple(prefix for _, prefix, _ in training_only_parts())
         missing = [k for k in incompatible.missing_keys
                    if not k.startswith(training_only) and not k.endswith("num_batches_tracked")]
-        if missing:
-            problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+        own = {k: () for k in missing}
+        given = {}
+        for key, shape_file, shape_model in incompatible.incorrect_shapes:
+            own[key], given[key] = tuple(shape_model), tuple(shape_file)
+        problems = mismatch_problems(own, given, what="model")
         if problems:
             hint = ""
             for key, shape_file, _ in incompatible.incorrect_shapes:
@@ -220,24 +221,6 @@ class EvalCheckpointer(DeepKDCheckpointer):
                             "MODEL.ROI_HEADS.NUM_CLASSES to that (and use a dataset with those classes).")
             raise ValueError("MODEL.WEIGHTS does not fit the model to evaluate: " + "; ".join(problems) + "." + hint)
         super()._log_incompatible_keys(incompatible)
-
-
-def _with_absent_teacher_modules(model, teacher, tstate, source: str):
-    """``tstate`` completed with the teacher's own tensors for the modules a combined file may
-    leave out (``absent_teacher_modules``: mask / keypoint heads, which no part runs, and the heads
-    none of the model's parts needs, ``model.teacher_needs`` when the model states it): release
-    files of the Mask R-CNN pairs hold no teacher mask head, the RetinaNet pair's ``r50-rt101.pth``
-    only ``teacher.backbone.*``. Those modules keep their initialisation and are never run."""
-    own = teacher.state_dict()
-    absent = absent_teacher_modules(own.keys(), tstate.keys(), getattr(model, "teacher_needs", None))
-    if not absent:
-        return tstate
-    tstate = dict(tstate)
-    for prefix, keys in absent.items():
-        logger.info("%s holds no teacher %s* (%d tensors): no distillation part runs it, it keeps its "
-                    "initialisation", source, prefix, len(keys))
-        tstate.update({k: own[k] for k in keys})
-    return tstate
 
 
 @contextlib.contextmanager
@@ -277,21 +260,8 @@ def check_student_state(model, state, source: str, had_teacher_keys: bool = Fals
         )
     stats = frozen_bn_statistics(model)
     allowed = absent_statistics_allowed({k: w for k, w in stats.items() if k.startswith(STUDENT_PREFIX)}, state)
-    missing = sorted(k for k in backbone if k not in state and k not in allowed)
-    unexpected = sorted(k for k in state if k.startswith(STUDENT_PREFIX) and k not in own)
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in backbone
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} student backbone keys missing (would stay randomly initialised): "
-                        f"{missing[:10]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected backbone keys: {unexpected[:10]}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {shapes[:10]}")
+    problems = mismatch_problems(own, state, what="student backbone", scope=lambda k: k.startswith(STUDENT_PREFIX),
+                                 may_be_missing=allowed, missing_note=" (would stay randomly initialised)")
     if problems:
         raise StudentWeightsError(
             f"MODEL.WEIGHTS {source} does not fit the student backbone (a file of another pair or student "
