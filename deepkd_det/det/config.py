@@ -354,16 +354,16 @@ def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
 
 def student_only_cfg(cfg: CN) -> CN:
     """The config of the student alone, for evaluation and export: every distillation part off
-    (KD.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no teacher, teacher file or training-only
-    module (ReviewKD head, DiffKD modules) is built, whatever the config says. The student is the
-    same model: DeepKDRCNN without them is a plain GeneralizedRCNN."""
+    (each part's ``disable``, deepkd_det/det/distill/parts/) and DEEPKD off, so no teacher, teacher
+    file or training-only module is built, whatever the config says. The student is the same
+    model: the wrapper without parts is its student."""
+    from deepkd_det.det.distill.parts import DISTILL_PART_REGISTRY, part_order
+
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.KD.TYPE = "NONE"
-    cfg.KD.DENSE.TYPE = "NONE"
+    for name in part_order():
+        DISTILL_PART_REGISTRY.get(name).disable(cfg)
     cfg.DEEPKD.ENABLED = False
-    cfg.KD.REVIEWKD.ENABLED = False
-    cfg.KD.DIFFKD.ENABLED = False
     cfg.freeze()
     return cfg
 
@@ -527,7 +527,9 @@ def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) ->
     MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR. ``eval_only``:
     the student alone is evaluated, no teacher is read.
     """
-    teacher_needed = (cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED) and not eval_only
+    from deepkd_det.det.distill import parts_enabled
+
+    teacher_needed = bool(parts_enabled(cfg)) and not eval_only
     t_path = cfg.TEACHER.MODEL.WEIGHTS
     if teacher_needed and _local(t_path):
         _check_weights_file(
