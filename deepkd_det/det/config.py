@@ -353,12 +353,16 @@ def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
 
 
 def student_only_cfg(cfg: CN) -> CN:
-    """The config of the student alone, for evaluation and export: every distillation part off
-    (KD.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no teacher, teacher file or training-only
-    module (ReviewKD head, DiffKD modules) is built, whatever the config says. The student is the
-    same model: DeepKDRCNN without them is a plain GeneralizedRCNN."""
+    """The config of the student alone, for evaluation and export: MODEL.META_ARCHITECTURE the
+    student's own (KD.STUDENT_ARCHITECTURE in place of the distillation wrapper) and every
+    distillation key off (KD.TYPE, KD.DENSE.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no
+    teacher, teacher file or part (ReviewKD head, DiffKD modules, a part added later with its own
+    keys) is built, whatever the config says. The student is the same model with the same
+    state-dict keys: the wrapper registers the student's children at its top level."""
     cfg = cfg.clone()
     cfg.defrost()
+    if cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES:
+        cfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT_ARCHITECTURE
     cfg.KD.TYPE = "NONE"
     cfg.KD.DENSE.TYPE = "NONE"
     cfg.DEEPKD.ENABLED = False
@@ -533,7 +537,10 @@ def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) ->
     MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR. ``eval_only``:
     the student alone is evaluated, no teacher is read.
     """
-    teacher_needed = (cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED) and not eval_only
+    from deepkd_det.det.distill import parts_enabled  # here: the parts import this module
+
+    # Every part builds the teacher (logits, ReviewKD, DiffKD, the dense-head parts, ...).
+    teacher_needed = cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES and bool(parts_enabled(cfg)) and not eval_only
     t_path = cfg.TEACHER.MODEL.WEIGHTS
     if teacher_needed and _local(t_path):
         _check_weights_file(

@@ -42,7 +42,7 @@ from deepkd_det.core.io import atomic_save, atomic_write, load_weights_only
 
 from . import modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
 from .checkpoint import EvalCheckpointer
-from .config import student_only_cfg
+from .config import WRAPPER_ARCHITECTURES, student_only_cfg
 from .data import ALL_SHAPE_CATEGORIES, SHAPES_TRAIN, SHAPES_VAL
 from .modeling import mobilenetv2_fpn
 
@@ -124,15 +124,15 @@ def _copy_known(src: CN, dst: CN, prefix: str, dropped: List[str]) -> None:
 
 def stock_config(cfg: CN, weights_name: str = "model.pth") -> Tuple[CN, List[str]]:
     """``(config, dropped keys)``: detectron2's own ``get_cfg()`` with every value of ``cfg`` it
-    knows, META_ARCHITECTURE GeneralizedRCNN (DeepKDRCNN's student) and MODEL.WEIGHTS
+    knows, META_ARCHITECTURE the student's (KD.STUDENT_ARCHITECTURE in place of the wrapper) and MODEL.WEIGHTS
     ``weights_name``. A MobileNetV2 student keeps MODEL.MOBILENETV2 only where it differs from the
     defaults the shipped backbone module falls back to (then ``add_mobilenetv2_config`` must run
     before the merge)."""
     out = get_cfg()
     dropped: List[str] = []
     _copy_known(cfg, out, "", dropped)
-    if out.MODEL.META_ARCHITECTURE == "DeepKDRCNN":
-        out.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    if out.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES:  # DeepKDRCNN / DistillDetector
+        out.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT_ARCHITECTURE
     out.MODEL.WEIGHTS = weights_name
     mv2 = cfg.MODEL.get("MOBILENETV2")
     if cfg.MODEL.BACKBONE.NAME in MOBILENETV2_BACKBONES and mv2 is not None:
