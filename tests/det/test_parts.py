@@ -10,6 +10,8 @@ package, and the wrapper built without a config.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest.importorskip("detectron2")
@@ -329,7 +331,7 @@ def test_a_logit_part_whose_heads_cannot_be_paired_is_refused_in_one_line(make, 
         build_model(cfg)
     message = str(err.value)
     assert "\n" not in message and message.startswith(key), message
-    assert __import__("re").search(names, message), message
+    assert re.search(names, message), message
 
 
 # ---------------------------------------------------------------- Mask R-CNN
