@@ -23,8 +23,9 @@ import train_net  # noqa: E402
 from deepkd_det.det.config import resolve_teacher_cfg  # noqa: E402
 from deepkd_det.det.data import generate_shapes_dataset, shapes_split_paths  # noqa: E402
 from deepkd_det.det.engine import DeepKDTrainer  # noqa: E402
+from tests.det.test_cli_errors import _fails  # noqa: E402
 from tests.det.test_engine import _Crash  # noqa: E402
-from tests.det.tiny import get_tiny_mask_cfg, get_tiny_retinanet_cfg  # noqa: E402
+from tests.det.tiny import get_tiny_cfg, get_tiny_mask_cfg, get_tiny_retinanet_cfg  # noqa: E402
 
 K = 3
 
@@ -171,3 +172,15 @@ def test_a_missing_teacher_file_of_any_part_is_named_before_anything_is_written(
     with pytest.raises(FileNotFoundError, match=r"TEACHER.MODEL.WEIGHTS '.*lost_teacher\.pth' does not exist"):
         train_net.setup(_args(config, tmp_path / "out", mask_data))
     assert not (tmp_path / "out").exists()
+
+
+def test_unpairable_heads_end_the_command_line_with_one_line(tmp_path, mask_data, capsys):
+    cfg = get_tiny_cfg(num_classes=K, kd_type="DKD")  # logits of the R-CNN box head ...
+    cfg.TEACHER.MODEL.ROI_HEADS.NAME = "CascadeROIHeads"  # ... of a teacher with three
+    cfg.TEACHER.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
+    config = tmp_path / "config.yaml"
+    config.write_text(cfg.dump())
+    argv = ["--config-file", str(config)] + [str(a) for a in vars(_args(config, tmp_path / "out", mask_data))["opts"]]
+    _fails(capsys, argv, "KD.TYPE 'DKD'", "GeneralizedRCNN with StandardROIHeads",
+           "GeneralizedRCNN with CascadeROIHeads", "cascade stage")
+    assert not list((tmp_path / "out").glob("*.pth"))
