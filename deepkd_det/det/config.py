@@ -353,14 +353,18 @@ def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
 
 
 def student_only_cfg(cfg: CN) -> CN:
-    """The config of the student alone, for evaluation and export: every distillation part off
-    (each part's ``disable``, deepkd_det/det/distill/parts/) and DEEPKD off, so no teacher, teacher
-    file or training-only module is built, whatever the config says. The student is the same
-    model: the wrapper without parts is its student."""
+    """The config of the student alone, for evaluation and export: MODEL.META_ARCHITECTURE the
+    student's own (KD.STUDENT_ARCHITECTURE in place of the distillation wrapper), every
+    distillation part off (each part's ``disable``, deepkd_det/det/distill/parts/) and DEEPKD off,
+    so no teacher, teacher file or training-only module is built, whatever the config says. The
+    student is the same model with the same state-dict keys: the wrapper registers the student's
+    children at its top level."""
     from deepkd_det.det.distill.parts import DISTILL_PART_REGISTRY, part_order
 
     cfg = cfg.clone()
     cfg.defrost()
+    if cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES:
+        cfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT_ARCHITECTURE
     for name in part_order():
         DISTILL_PART_REGISTRY.get(name).disable(cfg)
     cfg.DEEPKD.ENABLED = False
@@ -527,9 +531,10 @@ def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) ->
     MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR. ``eval_only``:
     the student alone is evaluated, no teacher is read.
     """
-    from deepkd_det.det.distill import parts_enabled
+    from deepkd_det.det.distill import parts_enabled  # here: the parts import this module
 
-    teacher_needed = bool(parts_enabled(cfg)) and not eval_only
+    # Every part builds the teacher (logits, ReviewKD, DiffKD, the dense-head parts, ...).
+    teacher_needed = cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES and bool(parts_enabled(cfg)) and not eval_only
     t_path = cfg.TEACHER.MODEL.WEIGHTS
     if teacher_needed and _local(t_path):
         _check_weights_file(

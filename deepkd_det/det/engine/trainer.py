@@ -8,7 +8,8 @@ DefaultTrainer's: param groups (norm / bias weight decay, bias lr factor), Warmu
 periodic checkpoints and evaluation (COCOEvaluator), metrics.json, TensorBoard, console.
 
 Additions: atomic checkpoints that hold the optimizer (all momentum buffers), scheduler, top-k
-schedule, RNG and data-position state, so ``--resume`` continues as an uninterrupted run, but
+schedule, RNG and data-position state, a dense detector's loss normaliser (``dense_detectors``) and
+TorchScript losses run unoptimised (``train``), so ``--resume`` continues as an uninterrupted run, but
 not the frozen teacher when it is read from a file at every start; temporary files of an
 interrupted save removed at start-up; ``metrics.json`` rows after the resumed checkpoint
 removed; losses checked and named before any update (detectron2's own non-finite check inside
@@ -27,6 +28,7 @@ from detectron2.data import MetadataCatalog, build_detection_train_loader, get_d
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.engine.train_loop import AMPTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
@@ -58,7 +60,22 @@ from .resume import (
 from .steps import CheckedSimpleTrainer, DecoupledStepTrainer, FiniteWeightsCheck, last_checkpoint_note
 from .sync_check import ParameterSyncCheck
 
-__all__ = ["DeepKDTrainer", "deepkd_enabled", "teacher_read_from_file", "uses_fast_coco_eval", "wrap_ddp"]
+__all__ = ["DeepKDTrainer", "deepkd_enabled", "dense_detectors", "teacher_read_from_file", "uses_fast_coco_eval",
+           "wrap_ddp"]
+
+
+def dense_detectors(model):
+    """``(name, module)`` of the detectron2 dense detectors (RetinaNet, FCOS) in ``model``: the model
+    itself, or the distillation wrapper's student. Their loss normaliser is an exponential moving
+    average of the positive-anchor count held as a plain attribute (``loss_normalizer``), outside
+    the state dict: the trainer's checkpoint state carries it, so that ``--resume`` continues with
+    the value an uninterrupted run has."""
+    model = getattr(model, "module", model)  # DDP
+    found = [("model", model)] if isinstance(model, DenseDetector) else []
+    student = getattr(model, "student", None)
+    if isinstance(student, DenseDetector) and student is not model:
+        found.append(("student", student))
+    return found
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +262,14 @@ class DeepKDTrainer(DefaultTrainer):
         return ret
 
     def train(self):
+        # TorchScript functions in the losses (detectron2's sigmoid_focal_loss_jit of RetinaNet /
+        # FCOS) run unoptimised: the graph executor would switch to a fused graph after its first
+        # profiling calls, whose backward rounds differently, so a resumed process (profiling
+        # again from its first iteration) would not continue bit-exactly where an uninterrupted
+        # run is already fused.
         try:
-            return super().train()
+            with torch.jit.optimized_execution(False):
+                return super().train()
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc} {last_checkpoint_note(self.cfg.OUTPUT_DIR)}") from None
 
@@ -263,6 +286,10 @@ class DeepKDTrainer(DefaultTrainer):
         # detectron2 v0.6's DefaultTrainer does not save the optimizer; this is the key later
         # versions use for it.
         ret["_trainer"] = self._trainer.state_dict()
+        normalizers = {name: float(m.loss_normalizer) for name, m in dense_detectors(self._trainer.model)
+                       if hasattr(m, "loss_normalizer")}
+        if normalizers:
+            ret["loss_normalizer"] = normalizers
         return ret
 
     def load_state_dict(self, state_dict):
@@ -270,6 +297,10 @@ class DeepKDTrainer(DefaultTrainer):
         # load_state_dict reads state_dict["_trainer"] unconditionally (a KeyError for a
         # checkpoint without it); v0.6 has no override. Same behaviour on both.
         TrainerBase.load_state_dict(self, state_dict)
+        saved = state_dict.get("loss_normalizer", {})
+        for name, m in dense_detectors(self._trainer.model):
+            if name in saved:
+                m.loss_normalizer = saved[name]
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
