@@ -391,6 +391,11 @@ class ToyFeatureKD(DistillPart):
         return "TOY" in cfg.KD and cfg.KD.TOY.WEIGHT > 0
 
     @classmethod
+    def disable(cls, cfg):
+        if "TOY" in cfg.KD:
+            cfg.KD.TOY.WEIGHT = 0.0
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg):
             return None
