@@ -29,7 +29,6 @@ from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers the project's detectors and backbones)
 from deepkd_det.cli import OneLineErrors, debug_requested, run_cli
-from deepkd_det.det.checkpoint import load_named
 from deepkd_det.det.engine import launch_main
 from deepkd_det.det.lazy import (
     build_eval_model,
@@ -39,6 +38,7 @@ from deepkd_det.det.lazy import (
     register_lazy_datasets,
     validate_lazy_config,
 )
+from deepkd_det.det.weights.checkpoint import load_named
 
 USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 
@@ -75,8 +75,8 @@ def evaluate(cfg, resume: bool = False):
     """The student (``model.student`` of a DistillDetector, else ``model``) with
     ``train.init_checkpoint`` (or the last checkpoint with ``resume``), evaluated on
     ``dataloader.test`` with ``dataloader.evaluator``."""
-    from deepkd_det.det.checkpoint import EvalCheckpointer
     from deepkd_det.det.engine.lazy import lazy_evaluate
+    from deepkd_det.det.weights.checkpoint import EvalCheckpointer
 
     if cfg.dataloader.get("test") is None or cfg.dataloader.get("evaluator") is None:
         raise ValueError("--eval-only needs dataloader.test and dataloader.evaluator in the config")

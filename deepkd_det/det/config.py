@@ -355,17 +355,21 @@ def build_topk_schedule(cfg: CN) -> Optional[TopKSchedule]:
 
 
 def student_only_cfg(cfg: CN) -> CN:
-    """The config of the student alone, for evaluation and export: every distillation part off
-    (KD.TYPE "NONE", DEEPKD, KD.REVIEWKD, KD.DIFFKD), so no teacher, teacher file or training-only
-    module (ReviewKD head, DiffKD modules) is built, whatever the config says. The student is the
-    same model: DeepKDRCNN without them is a plain GeneralizedRCNN."""
+    """The config of the student alone, for evaluation and export: MODEL.META_ARCHITECTURE the
+    student's own (KD.STUDENT_ARCHITECTURE in place of the distillation wrapper), every
+    distillation part off (each part's ``disable``, deepkd_det/det/distill/parts/) and DEEPKD off,
+    so no teacher, teacher file or training-only module is built, whatever the config says. The
+    student is the same model with the same state-dict keys: the wrapper registers the student's
+    children at its top level."""
+    from deepkd_det.det.distill.parts import DISTILL_PART_REGISTRY, part_order
+
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.KD.TYPE = "NONE"
-    cfg.KD.DENSE.TYPE = "NONE"
+    if cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES:
+        cfg.MODEL.META_ARCHITECTURE = cfg.KD.STUDENT_ARCHITECTURE
+    for name in part_order():
+        DISTILL_PART_REGISTRY.get(name).disable(cfg)
     cfg.DEEPKD.ENABLED = False
-    cfg.KD.REVIEWKD.ENABLED = False
-    cfg.KD.DIFFKD.ENABLED = False
     cfg.freeze()
     return cfg
 
@@ -438,6 +442,8 @@ def validate_deepkd_config(cfg: CN) -> None:
 
     # teacher
     _check_choice("TEACHER.INPUT_FORMAT", cfg.TEACHER.INPUT_FORMAT, ("BGR", "RGB"))
+    if cfg.TEACHER.CONFIG_FILE and not os.path.isfile(_config_file_path(cfg.TEACHER.CONFIG_FILE)):
+        raise ValueError(f"TEACHER.CONFIG_FILE {cfg.TEACHER.CONFIG_FILE!r} does not exist")
     # The teacher's config is resolved once, when the teacher is built; the parts then check what
     # they pair (class counts, heads, levels) against the built models
     # (deepkd_det/det/distill/heads.py), each with one line naming both sides.
@@ -535,7 +541,10 @@ def check_input_files(cfg: CN, resume: bool = False, eval_only: bool = False) ->
     MODEL.WEIGHTS unless ``resume`` finds a ``last_checkpoint`` in OUTPUT_DIR. ``eval_only``:
     the student alone is evaluated, no teacher is read.
     """
-    teacher_needed = (cfg.KD.TYPE != "NONE" or cfg.KD.REVIEWKD.ENABLED) and not eval_only
+    from deepkd_det.det.distill import parts_enabled  # here: the parts import this module
+
+    # Every part builds the teacher (logits, ReviewKD, DiffKD, the dense-head parts, ...).
+    teacher_needed = cfg.MODEL.META_ARCHITECTURE in WRAPPER_ARCHITECTURES and bool(parts_enabled(cfg)) and not eval_only
     t_path = cfg.TEACHER.MODEL.WEIGHTS
     if teacher_needed and _local(t_path):
         check_weights_file(

@@ -41,10 +41,10 @@ from deepkd_det.core import deploy as ex
 from deepkd_det.core.io import atomic_save, atomic_write, load_weights_only
 
 from . import modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from .checkpoint import EvalCheckpointer
 from .config import WRAPPER_ARCHITECTURES, student_only_cfg
 from .data import ALL_SHAPE_CATEGORIES, SHAPES_TRAIN, SHAPES_VAL
 from .modeling import mobilenetv2_fpn
+from .weights.checkpoint import EvalCheckpointer
 
 __all__ = ["DetectorForExport", "OUTPUT_NAMES", "detectron2_outputs", "export_detector", "preprocess", "stock_config"]
 

@@ -16,9 +16,9 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 import deepkd_det.det.modeling  # noqa: E402,F401  (registers DeepKDRCNN)
 from deepkd_det.core.boxkd import box_regression_kd_loss  # noqa: E402
 from deepkd_det.core.diffkd import DiffKD, drop_diffkd_keys  # noqa: E402
-from deepkd_det.det.checkpoint import DeepKDCheckpointer  # noqa: E402
 from deepkd_det.det.config import validate_deepkd_config  # noqa: E402
 from deepkd_det.det.engine.steps import split_components  # noqa: E402
+from deepkd_det.det.weights.checkpoint import DeepKDCheckpointer  # noqa: E402
 from tests.det.test_engine import (  # noqa: E402
     _args,
     _Crash,

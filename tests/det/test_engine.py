@@ -18,10 +18,10 @@ from detectron2.solver import build_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 import train_net  # noqa: E402
-from deepkd_det.det import checkpoint as ckpt_module  # noqa: E402
-from deepkd_det.det.checkpoint import DeepKDCheckpointer  # noqa: E402
 from deepkd_det.det.data import generate_shapes_dataset, shapes_split_paths  # noqa: E402
 from deepkd_det.det.engine import DeepKDTrainer  # noqa: E402
+from deepkd_det.det.weights import checkpoint as ckpt_module  # noqa: E402
+from deepkd_det.det.weights.checkpoint import DeepKDCheckpointer  # noqa: E402
 from tests.det.tiny import get_tiny_cfg  # noqa: E402
 
 DEMO = REPO / "configs" / "DEEPKD" / "demo"

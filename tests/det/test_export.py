@@ -29,7 +29,6 @@ from detectron2.engine import default_argument_parser  # noqa: E402
 
 import train_net  # noqa: E402
 from deepkd_det.core.deploy import ONNX_TOLERANCE, largest_difference, worst  # noqa: E402
-from deepkd_det.det.checkpoint import EvalCheckpointer  # noqa: E402
 from deepkd_det.det.config import get_deepkd_cfg, student_only_cfg  # noqa: E402
 from deepkd_det.det.data import generate_shapes_dataset, shapes_split_paths  # noqa: E402
 from deepkd_det.det.engine import DeepKDTrainer  # noqa: E402
@@ -38,6 +37,7 @@ from deepkd_det.det.modeling.mobilenetv2_fpn import (  # noqa: E402
     MOBILENETV2_DEFAULTS,
     add_mobilenetv2_config,
 )
+from deepkd_det.det.weights.checkpoint import EvalCheckpointer  # noqa: E402
 from tests.no_deepkd import load_tool, run_without_deepkd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

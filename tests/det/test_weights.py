@@ -16,9 +16,9 @@ import torchvision  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import deepkd_det.det.modeling  # noqa: E402,F401
-from deepkd_det.det.checkpoint import DeepKDCheckpointer
 from deepkd_det.det.modeling import TeacherWeightsError  # noqa: E402
-from deepkd_det.det.modeling.weights import mobilenetv2_to_backbone, read_checkpoint  # noqa: E402
+from deepkd_det.det.weights.checkpoint import DeepKDCheckpointer
+from deepkd_det.det.weights.layouts import mobilenetv2_to_backbone, read_checkpoint  # noqa: E402
 from tests.det.tiny import STUDENT_MEAN, STUDENT_STD, get_tiny_cfg  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -539,7 +539,7 @@ def _plain_r50_student(flavour="torchvision"):
 
 
 def test_student_side_mismatches_are_refused_by_name(files, tmp_path):
-    from deepkd_det.det.modeling.weights import StudentWeightsError
+    from deepkd_det.det.weights.layouts import StudentWeightsError
 
     combined = torch.load(files["combined"], weights_only=True)["model"]
     model = build_model(_kd_cfg(random_teacher=True))
@@ -608,7 +608,7 @@ def test_release_r50_pair_msra_weights(files, tmp_path):
     """The release's R-50 student is detectron2's MSRA R-50 (Caffe2, BN folded, BGR, stride in the
     1x1 conv): make_kd_weights reads it, the MSRA-configured pair loads it, a torchvision-configured
     student refuses it, and the other way round."""
-    from deepkd_det.det.modeling.weights import StudentWeightsError
+    from deepkd_det.det.weights.layouts import StudentWeightsError
 
     msra = _plain_r50_student("caffe2")
     torch.manual_seed(4)

@@ -25,7 +25,8 @@ from torch import nn
 
 from deepkd_det.core.amp import AMP_DTYPES
 from deepkd_det.det.config import DENSE_ARCHITECTURES, get_deepkd_cfg, validate_deepkd_config
-from deepkd_det.det.modeling.teacher import Teacher, load_teacher_from
+from deepkd_det.det.modeling.teacher import Teacher
+from deepkd_det.det.weights.teacher import load_teacher_from
 
 from .parts.base import DISTILL_PART_REGISTRY, part_order
 from .wrapper import DistillDetector

@@ -198,13 +198,18 @@ class DistillDetector(nn.Module):
         unknown = needs - set(NEEDS)
         if unknown:
             raise ValueError(f"unknown part needs {sorted(unknown)}")
+        # What the parts read from the teacher: a file may leave out the teacher heads no part
+        # runs (deepkd_det/det/weights: absent_teacher_modules).
+        self.teacher_needs = frozenset(needs)
         self._taps = _Taps(student, needs)
 
     @classmethod
     def from_config(cls, cfg):
         validate_deepkd_config(cfg)
         student = build_student(cfg)
-        teacher = build_teacher(cfg) if parts_enabled(cfg) else None
+        enabled = parts_enabled(cfg)
+        needs = frozenset().union(*(DISTILL_PART_REGISTRY.get(n).needs for n in enabled)) if enabled else frozenset()
+        teacher = build_teacher(cfg, needs) if enabled else None
         return {"student": student, "teacher": teacher, "parts": build_parts(cfg, student, teacher),
                 "max_iter": cfg.SOLVER.MAX_ITER}
 

@@ -8,7 +8,8 @@ DefaultTrainer's: param groups (norm / bias weight decay, bias lr factor), Warmu
 periodic checkpoints and evaluation (COCOEvaluator), metrics.json, TensorBoard, console.
 
 Additions: atomic checkpoints that hold the optimizer (all momentum buffers), scheduler, top-k
-schedule, RNG and data-position state, so ``--resume`` continues as an uninterrupted run, but
+schedule, RNG and data-position state, a dense detector's loss normaliser (``dense_detectors``) and
+TorchScript losses run unoptimised (``train``), so ``--resume`` continues as an uninterrupted run, but
 not the frozen teacher when it is read from a file at every start; temporary files of an
 interrupted save removed at start-up; ``metrics.json`` rows after the resumed checkpoint
 removed; losses checked and named before any update (detectron2's own non-finite check inside
@@ -29,6 +30,7 @@ from detectron2.data import MetadataCatalog, build_detection_train_loader, get_d
 from detectron2.engine import DefaultTrainer, default_writers, hooks
 from detectron2.engine.train_loop import AMPTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from fvcore.nn.precise_bn import get_bn_modules
@@ -39,13 +41,14 @@ from deepkd_det.core.io import remove_leftover_temp_files
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.det.data import (
     add_data_config,
+    check_mask_annotations,
     check_num_classes,
     register_datasets_from_cfg,
     resolve_num_classes,
 )
 
-from ..checkpoint import DeepKDCheckpointer
-from ..modeling.weights import TEACHER_PREFIX
+from ..weights.checkpoint import DeepKDCheckpointer
+from ..weights.layouts import TEACHER_PREFIX
 from .decoupled import broadcast_initial_parameters, build_deepkd_optimizer
 from .gsnr import GSNRHook
 from .resume import (
@@ -62,7 +65,7 @@ from .sync_check import ParameterSyncCheck
 __all__ = [
     "DeepKDEngine",
     "DeepKDTrainer",
-    "DenseDetectorState",
+    "dense_detectors",
     "EngineSettings",
     "coco_evaluator",
     "deepkd_enabled",
@@ -72,6 +75,20 @@ __all__ = [
     "uses_fast_coco_eval",
     "wrap_ddp",
 ]
+
+
+def dense_detectors(model):
+    """``(name, module)`` of the detectron2 dense detectors (RetinaNet, FCOS) in ``model``: the model
+    itself, or the distillation wrapper's student. Their loss normaliser is an exponential moving
+    average of the positive-anchor count held as a plain attribute (``loss_normalizer``), outside
+    the state dict: the trainer's checkpoint state carries it, so that ``--resume`` continues with
+    the value an uninterrupted run has."""
+    model = getattr(model, "module", model)  # DDP
+    found = [("model", model)] if isinstance(model, DenseDetector) else []
+    student = getattr(model, "student", None)
+    if isinstance(student, DenseDetector) and student is not model:
+        found.append(("student", student))
+    return found
 
 logger = logging.getLogger(__name__)
 
@@ -145,45 +162,6 @@ class EngineSettings:
         )
 
 
-class DenseDetectorState:
-    """The training state detectron2's dense detectors (RetinaNet, FCOS) keep outside their
-    state dict: the moving average of the foreground count that normalises their losses
-    (``loss_normalizer``, a plain attribute set by ``DenseDetector._ema_update``). Checkpointed
-    with the trainer, so that ``--resume`` continues with the same normaliser (otherwise it
-    restarts from its initial value and the resumed run drifts from the uninterrupted one)."""
-
-    ATTRIBUTES = ("loss_normalizer",)
-
-    def __init__(self, modules: Dict[str, torch.nn.Module]):
-        self.modules = modules
-
-    @classmethod
-    def of(cls, model: torch.nn.Module) -> Optional[DenseDetectorState]:
-        """The state of every dense detector inside ``model`` (student and teacher alike), or None."""
-        try:
-            from detectron2.modeling.meta_arch.dense_detector import DenseDetector
-        except ImportError:  # a detectron2 without dense_detector.py
-            return None
-        found = {name: m for name, m in model.named_modules() if isinstance(m, DenseDetector)}
-        if isinstance(model, DenseDetector):
-            found[""] = model
-        student = getattr(model, "student", None)  # the distillation wrapper's (not a submodule)
-        if isinstance(student, DenseDetector):
-            found["student"] = student
-        return cls(found) if found else None
-
-    def state_dict(self) -> Dict[str, Dict[str, float]]:
-        return {name: {a: float(getattr(m, a)) for a in self.ATTRIBUTES if hasattr(m, a)}
-                for name, m in self.modules.items()}
-
-    def load_state_dict(self, state: Dict[str, Dict[str, float]]) -> None:
-        for name, values in state.items():
-            module = self.modules.get(name)
-            if module is not None:
-                for attr, value in values.items():
-                    setattr(module, attr, value)
-
-
 def remove_interrupted_saves(output_dir: str) -> None:
     """Temporary files of a checkpoint save that was killed, removed at start-up (main process)."""
     if comm.is_main_process():
@@ -232,9 +210,6 @@ class DeepKDEngine(DefaultTrainer):
         schedule = getattr(_unwrap(model), "topk_schedule", None)
         if schedule is not None:
             checkpointables["topk_schedule"] = schedule
-        dense = DenseDetectorState.of(_unwrap(model))
-        if dense is not None:
-            checkpointables["dense_detector_state"] = dense
         self.checkpointer = DeepKDCheckpointer(model, settings.output_dir, **checkpointables)
         if getattr(_unwrap(model), "teacher", None) is not None and settings.teacher_from_file:
             # The frozen teacher is read from its file at every start: checkpoints hold the student
@@ -282,8 +257,14 @@ class DeepKDEngine(DefaultTrainer):
         return default_writers(self.engine.output_dir, self.max_iter)
 
     def train(self):
+        # TorchScript functions in the losses (detectron2's sigmoid_focal_loss_jit of RetinaNet /
+        # FCOS) run unoptimised: the graph executor would switch to a fused graph after its first
+        # profiling calls, whose backward rounds differently, so a resumed process (profiling
+        # again from its first iteration) would not continue bit-exactly where an uninterrupted
+        # run is already fused.
         try:
-            return self.run_training()
+            with torch.jit.optimized_execution(False):
+                return self.run_training()
         except FloatingPointError as exc:
             raise FloatingPointError(f"{exc} {last_checkpoint_note(self.engine.output_dir)}") from None
 
@@ -298,6 +279,10 @@ class DeepKDEngine(DefaultTrainer):
         # detectron2 v0.6's DefaultTrainer does not save the optimizer; this is the key later
         # versions use for it.
         ret["_trainer"] = self._trainer.state_dict()
+        normalizers = {name: float(m.loss_normalizer) for name, m in dense_detectors(self._trainer.model)
+                       if hasattr(m, "loss_normalizer")}
+        if normalizers:
+            ret["loss_normalizer"] = normalizers
         return ret
 
     def load_state_dict(self, state_dict):
@@ -305,6 +290,10 @@ class DeepKDEngine(DefaultTrainer):
         # load_state_dict reads state_dict["_trainer"] unconditionally (a KeyError for a
         # checkpoint without it); v0.6 has no override. Same behaviour on both.
         TrainerBase.load_state_dict(self, state_dict)
+        saved = state_dict.get("loss_normalizer", {})
+        for name, m in dense_detectors(self._trainer.model):
+            if name in saved:
+                m.loss_normalizer = saved[name]
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:
@@ -370,6 +359,7 @@ class DeepKDTrainer(DeepKDEngine):
         resolve_num_classes(cfg)
         cfg.freeze()
         check_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        check_mask_annotations(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         remove_interrupted_saves(cfg.OUTPUT_DIR)
 
         model = self.build_model(cfg)

@@ -2,9 +2,11 @@
 (``DistillDetector``, alias ``DeepKDRCNN``: deepkd_det/det/distill/), its parts and the backbones
 ``build_mobilenetv2_backbone`` / ``build_mobilenetv2_fpn_backbone``."""
 
-from . import mobilenetv2_fpn, teacher, weights  # noqa: F401  (registration)
+from deepkd_det.det.weights.teacher import TeacherWeightsError, load_teacher_weights
+
+from . import mobilenetv2_fpn, teacher  # noqa: F401  (registration)
 from .mobilenetv2_fpn import MobileNetV2Backbone, build_mobilenetv2_backbone, build_mobilenetv2_fpn_backbone
-from .teacher import Teacher, TeacherWeightsError, build_teacher, load_teacher_weights
+from .teacher import Teacher, build_teacher
 
 __all__ = [
     "MobileNetV2Backbone",

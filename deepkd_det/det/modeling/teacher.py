@@ -1,8 +1,8 @@
 """The frozen teacher detector: built from cfg.TEACHER, loaded, checked, always in eval mode.
 
 A randomly initialised teacher must never train silently: every teacher parameter and buffer
-must come from the checkpoint (missing or unexpected keys stop the build with their names),
-unless TEACHER.ALLOW_RANDOM_INIT is set for a smoke run.
+must come from the checkpoint (missing or unexpected keys stop the build with their names;
+deepkd_det/det/weights/teacher.py), unless TEACHER.ALLOW_RANDOM_INIT is set for a smoke run.
 
 Its forward runs at its cheapest exact form: a copy of the backbone and box head in which every
 detectron2 ``Conv2d`` followed by its ``FrozenBatchNorm2d`` is one conv (TEACHER.FOLD_NORM; the
@@ -15,7 +15,7 @@ modules and state dict stay those of detectron2.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,35 +28,17 @@ from torch import nn
 from deepkd_det.core.amp import AMP_DTYPES, autocast
 from deepkd_det.core.teacher import batchnorm_affine, copy_module_sharing_hooks, fold_affine_into_conv_
 from deepkd_det.det.config import resolve_teacher_cfg
-
-from .weights import (
-    IGNORED_CHECKPOINT_KEYS,
-    TEACHER_PREFIX,
-    absent_statistics_allowed,
-    frozen_bn_statistics,
-    read_checkpoint,
-)
+from deepkd_det.det.weights.teacher import TeacherWeightsError, load_teacher
 
 __all__ = [
     "Teacher",
     "box_head_problem",
     "fold_frozen_batchnorm",
     "build_teacher",
-    "teacher_state_from_checkpoint",
-    "load_teacher_weights",
-    "check_teacher_state",
-    "teacher_differences",
-    "check_same_teacher",
     "TeacherWeightsError",
-    "YACS_TEACHER_KEYS",
-    "load_teacher_from",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class TeacherWeightsError(ValueError):
-    """The teacher checkpoint does not match the teacher model."""
 
 
 def _fixed_norm(norm) -> bool:
@@ -266,142 +248,9 @@ def box_head_problem(model: nn.Module) -> str | None:
     return None
 
 
-def teacher_state_from_checkpoint(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The teacher's state dict inside a checkpoint.
-
-    A combined file (``teacher.*`` keys next to the student's) gives its ``teacher.*`` entries,
-    prefix removed; any other file is a teacher detector checkpoint as a whole. Keys of old
-    detectron2 checkpoints that are not model state (pixel_mean/std, cell anchors) are dropped.
-    """
-    if any(k.startswith(TEACHER_PREFIX) for k in state):
-        state = {k[len(TEACHER_PREFIX) :]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
-    return {k: v for k, v in state.items() if not IGNORED_CHECKPOINT_KEYS.search(k)}
-
-
-def _short_list(keys: List[str], limit: int = 30) -> str:
-    shown = "\n  ".join(keys[:limit])
-    more = f"\n  ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"\n  {shown}{more}"
-
-
-def _legacy_frozen_bn_stats(
-    teacher: nn.Module, tstate: Mapping[str, torch.Tensor]
-) -> Dict[str, torch.Tensor]:
-    """Running statistics to fill (mean 0 / variance 1) for a file that holds no FrozenBN
-    statistic at all (statistics folded into weight and bias, as detectron2 reads such files);
-    nothing for a file that holds some of them (see ``absent_statistics_allowed``)."""
-    own = dict(teacher.named_buffers())
-    fills = {}
-    for k in absent_statistics_allowed(frozen_bn_statistics(teacher), tstate):
-        fill = torch.zeros_like if k.endswith("running_mean") else torch.ones_like
-        fills[k] = fill(own[k])
-    return fills
-
-
-def check_teacher_state(teacher: nn.Module, tstate: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise TeacherWeightsError naming missing keys, unexpected keys and shape mismatches.
-
-    ``tstate`` is the teacher's state dict (no ``teacher.`` prefix). A different class count
-    gets its own message.
-    """
-    own = teacher.state_dict()
-    cls_key = "roi_heads.box_predictor.cls_score.weight"
-    if cls_key in tstate and cls_key in own and tstate[cls_key].shape[0] != own[cls_key].shape[0]:
-        raise TeacherWeightsError(
-            f"teacher checkpoint {source} has {tstate[cls_key].shape[0] - 1} classes but the teacher is built "
-            f"with TEACHER.MODEL.ROI_HEADS.NUM_CLASSES={own[cls_key].shape[0] - 1}; teacher and student "
-            "must classify the same classes"
-        )
-    missing = sorted(k for k in own if k not in tstate and k not in _legacy_frozen_bn_stats(teacher, tstate))
-    unexpected = sorted(k for k in tstate if k not in own)
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(tstate[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in tstate and tuple(tstate[k].shape) != tuple(own[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} teacher keys missing from the checkpoint:{_short_list(missing)}")
-    if unexpected:
-        problems.append(
-            f"{len(unexpected)} unexpected keys (not in the teacher model):{_short_list(unexpected)}"
-        )
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches:{_short_list(shapes)}")
-    if problems:
-        raise TeacherWeightsError(
-            f"teacher checkpoint {source} does not match the teacher built from cfg.TEACHER "
-            "(a partly random teacher must not be trained against):\n" + "\n".join(problems)
-        )
-
-
-def teacher_differences(teacher: nn.Module, tstate: Mapping[str, torch.Tensor], limit: int = 10) -> List[str]:
-    """Keys (at most ``limit``) whose tensors in ``tstate`` differ from the teacher's, or that
-    only one of the two holds (statistics a legacy file may omit excepted)."""
-    own = teacher.state_dict()
-    tstate = {**_legacy_frozen_bn_stats(teacher, tstate), **tstate}
-    out = sorted(set(own) ^ set(tstate))[:limit]
-    for k, v in own.items():
-        if len(out) >= limit:
-            break
-        if k in tstate and not (
-            tstate[k].shape == v.shape and torch.equal(tstate[k].to(device=v.device, dtype=v.dtype), v)
-        ):
-            out.append(k)
-    return out
-
-
-def check_same_teacher(teacher: Teacher, tstate: Mapping[str, torch.Tensor], path: str) -> None:
-    """A teacher loaded at build time and the ``teacher.*`` part of ``path`` must hold the same
-    tensors: TEACHER.MODEL.WEIGHTS and a combined MODEL.WEIGHTS never compete silently."""
-    if teacher.weights_source is None:
-        return
-    diff = teacher_differences(teacher, tstate)
-    if diff:
-        key, source = teacher.weights_source
-        raise TeacherWeightsError(
-            f"two different teachers: {key}={source!r} (loaded at build time) and the teacher.* keys of "
-            f"{path!r} (MODEL.WEIGHTS or a checkpoint being loaded) differ, e.g. in {diff[:5]}; set only one "
-            "of them (TEACHER.MODEL.WEIGHTS empty to use the combined file's teacher, or a MODEL.WEIGHTS "
-            "without teacher.* keys)"
-        )
-
-
-def load_teacher_weights(
-    teacher: Teacher,
-    path: str,
-    state: Mapping[str, torch.Tensor] | None = None,
-    source_key: str = "TEACHER.MODEL.WEIGHTS",
-) -> None:
-    """Load the teacher from ``path`` (or its already read ``state``), checking it completely.
-
-    Raises TeacherWeightsError naming missing keys, unexpected keys and shape mismatches.
-    ``source_key``: the config key that named ``path`` (recorded in ``teacher.weights_source``).
-    """
-    if state is None:
-        state, extra = read_checkpoint(path)
-        if extra.get("matching_heuristics"):
-            raise TeacherWeightsError(
-                f"{path} is a Caffe2/Detectron1 or ImageNet file, not a detectron2 detector checkpoint; "
-                "the teacher needs a trained detectron2 detector (model zoo .pkl or .pth)"
-            )
-    tstate = teacher_state_from_checkpoint(state)
-    check_teacher_state(teacher, tstate, path)
-    tstate.update(_legacy_frozen_bn_stats(teacher, tstate))
-    own = teacher.state_dict()
-    teacher.load_state_dict({k: v.to(own[k].dtype) for k, v in tstate.items()}, strict=True)
-    if isinstance(teacher, Teacher):
-        teacher.weights_source = (source_key, str(path))
-    logger.info("Loaded all %d teacher tensors from %s", len(own), path)
-
-
-def _has_teacher_keys(path: str) -> Mapping[str, torch.Tensor] | None:
-    state, _ = read_checkpoint(path)
-    return state if any(k.startswith(TEACHER_PREFIX) for k in state) else None
-
-
-def build_teacher(cfg) -> Teacher:
-    """Build the teacher from cfg.TEACHER and load its weights.
+def build_teacher(cfg, needs=None) -> Teacher:
+    """Build the teacher from cfg.TEACHER and load its weights (``deepkd_det.det.weights.teacher.load_teacher``;
+    ``needs``: what the parts read of it, so a file may leave out the heads none of them runs).
 
     Weights come from TEACHER.MODEL.WEIGHTS, else from the ``teacher.*`` keys of MODEL.WEIGHTS
     (a combined release file). Without either, the build fails unless TEACHER.ALLOW_RANDOM_INIT.
@@ -418,43 +267,5 @@ def build_teacher(cfg) -> Teacher:
         channels_last=cfg.TEACHER.CHANNELS_LAST,
         amp_dtype=AMP_DTYPES[cfg.TEACHER.AMP_DTYPE] if cfg.TEACHER.AMP_DTYPE else None,
     )
-    load_teacher_from(teacher, cfg.TEACHER.MODEL.WEIGHTS, cfg.MODEL.WEIGHTS, cfg.TEACHER.ALLOW_RANDOM_INIT)
+    load_teacher(teacher, cfg, needs)
     return teacher
-
-
-# The names of the three teacher-weight settings in messages: the yacs keys (a LazyConfig passes
-# its own, deepkd_det/det/distill/lazy.py).
-YACS_TEACHER_KEYS = {"weights": "TEACHER.MODEL.WEIGHTS", "student_weights": "MODEL.WEIGHTS",
-                     "allow_random_init": "TEACHER.ALLOW_RANDOM_INIT"}
-
-
-def load_teacher_from(teacher: Teacher, weights: str, student_weights: str, allow_random_init: bool,
-                      keys: Mapping[str, str] = YACS_TEACHER_KEYS) -> None:
-    """The teacher's weights, by the one rule of both entry points: ``weights`` (a detectron2
-    checkpoint of the teacher), else the ``teacher.*`` keys of ``student_weights`` (a combined
-    release file); without either the build stops (TeacherWeightsError naming ``keys``) unless
-    ``allow_random_init`` (tests and smoke runs). Both set and holding different teachers is an
-    error (here for a ``.pth`` student file, in DeepKDCheckpointer for any file)."""
-    if weights:
-        load_teacher_weights(teacher, weights, source_key=keys["weights"])
-        combined = (
-            _has_teacher_keys(student_weights)
-            if student_weights and not student_weights.endswith(".pkl")
-            else None
-        )
-        if combined is not None:
-            check_same_teacher(teacher, teacher_state_from_checkpoint(combined), student_weights)
-    elif (
-        student_weights
-        and not student_weights.endswith(".pkl")
-        and (state := _has_teacher_keys(student_weights))
-    ):
-        load_teacher_weights(teacher, student_weights, state, source_key=keys["student_weights"])
-    elif allow_random_init:
-        logger.warning(f"{keys['allow_random_init']}: the teacher is RANDOMLY INITIALISED (tests / smoke runs only)")
-    else:
-        raise TeacherWeightsError(
-            f"no teacher weights: set {keys['weights']} to a detectron2 checkpoint of the teacher, or "
-            f"{keys['student_weights']} to a combined file with teacher.* keys (tools/make_kd_weights.py); "
-            f"{keys['student_weights']}={student_weights!r} has no teacher keys"
-        )

@@ -54,6 +54,11 @@ class DistillPart:
         """Whether the config turns this part on (decides whether a teacher is built)."""
         raise NotImplementedError
 
+    @classmethod
+    def disable(cls, cfg) -> None:
+        """Turn this part off in ``cfg`` (not frozen): the student alone is evaluated / exported."""
+        raise NotImplementedError
+
     def modules(self) -> Dict[str, nn.Module]:
         return {}
 

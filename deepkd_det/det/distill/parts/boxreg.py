@@ -28,6 +28,10 @@ class BoxRegressionKD(DistillPart):
         return bool(cfg.KD.DIFFKD.ENABLED) and cfg.KD.DIFFKD.REG_WEIGHT > 0
 
     @classmethod
+    def disable(cls, cfg) -> None:
+        cfg.KD.DIFFKD.REG_WEIGHT = 0.0
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg) or not hasattr(student, "roi_heads"):
             return None  # a dense student's regression outputs: KD.DIFFKD.DENSE_OUTPUTS "reg"

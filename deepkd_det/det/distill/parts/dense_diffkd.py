@@ -41,6 +41,10 @@ class DenseDiffKD(DistillPart):
         return bool(cfg.KD.DIFFKD.ENABLED) and len(cfg.KD.DIFFKD.DENSE_OUTPUTS) > 0
 
     @classmethod
+    def disable(cls, cfg) -> None:
+        cfg.KD.DIFFKD.DENSE_OUTPUTS = []
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg):
             return None

@@ -44,6 +44,10 @@ class DenseLogitKD(DistillPart):
         return cfg.KD.DENSE.TYPE != "NONE"
 
     @classmethod
+    def disable(cls, cfg) -> None:
+        cfg.KD.DENSE.TYPE = "NONE"
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg):
             return None

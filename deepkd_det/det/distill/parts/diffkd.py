@@ -40,6 +40,10 @@ class DiffKD(DistillPart):
         return bool(cfg.KD.DIFFKD.ENABLED)
 
     @classmethod
+    def disable(cls, cfg) -> None:
+        cfg.KD.DIFFKD.ENABLED = False
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg):
             return None

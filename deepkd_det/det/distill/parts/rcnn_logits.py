@@ -44,6 +44,10 @@ class RCNNLogitKD(DistillPart):
         return cfg.KD.TYPE != "NONE"
 
     @classmethod
+    def disable(cls, cfg) -> None:
+        cfg.KD.TYPE = "NONE"
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg):
             return None

@@ -39,6 +39,10 @@ class ReviewKD(DistillPart):
         return bool(cfg.KD.REVIEWKD.ENABLED)
 
     @classmethod
+    def disable(cls, cfg) -> None:
+        cfg.KD.REVIEWKD.ENABLED = False
+
+    @classmethod
     def from_config(cls, cfg, student, teacher):
         if not cls.enabled(cfg):
             return None

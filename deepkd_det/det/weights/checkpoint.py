@@ -15,7 +15,10 @@ detectron2's ``DetectionCheckpointer`` with:
   checkpoint that carries ``teacher.*`` keys must match the teacher exactly (missing, unexpected
   or mis-shaped teacher keys raise ``TeacherWeightsError`` with their names) and, once the
   teacher is loaded, hold the same tensors (a different teacher is refused, naming where the
-  loaded one came from); a random teacher (TEACHER.ALLOW_RANDOM_INIT) is loaded from it;
+  loaded one came from); a random teacher (TEACHER.ALLOW_RANDOM_INIT) is loaded from it; teacher
+  modules no part runs may be absent as a whole (the teacher's mask head; with
+  ``model.teacher_needs``, the heads no part needs: a RetinaNet release file holds the teacher's
+  backbone only), they keep their initialisation;
 - the student backbone (``backbone.bottom_up.*``) must be filled completely: missing, unexpected
   or mis-shaped backbone keys, a teacher-only file, and ImageNet weights of the other kind
   (caffe2/MSRA vs torchvision, against INPUT.FORMAT, PIXEL_STD, RESNETS.STRIDE_IN_1X1) raise
@@ -43,15 +46,9 @@ from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 
 from deepkd_det.cli import format_error
 from deepkd_det.core.io import atomic_write, load_weights_only
+from deepkd_det.det.modeling.reviewkd import release_head_keys_to_ours
 
-from .modeling.reviewkd import release_head_keys_to_ours
-from .modeling.teacher import (
-    check_same_teacher,
-    check_teacher_state,
-    load_teacher_weights,
-    teacher_state_from_checkpoint,
-)
-from .modeling.weights import (
+from .layouts import (
     IMAGENET_INPUT,
     STUDENT_PREFIX,
     TEACHER_PREFIX,
@@ -60,6 +57,14 @@ from .modeling.weights import (
     convert_student_keys,
     frozen_bn_statistics,
     imagenet_flavour,
+)
+from .report import mismatch_problems
+from .teacher import (
+    check_same_teacher,
+    check_teacher_state,
+    load_teacher_weights,
+    teacher_state_from_checkpoint,
+    with_absent_teacher_modules,
 )
 
 __all__ = ["DeepKDCheckpointer", "EvalCheckpointer", "training_only_parts", "check_student_state", "load_named"]
@@ -138,6 +143,7 @@ class DeepKDCheckpointer(DetectionCheckpointer):
         tstate = teacher_state_from_checkpoint(state) if any(k.startswith(TEACHER_PREFIX) for k in state) else {}
         state = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
         if teacher is not None and tstate:
+            tstate = with_absent_teacher_modules(teacher, tstate, source, getattr(self.model, "teacher_needs", None))
             # Checked in full before anything is loaded, so a refused file leaves the model as it was.
             check_teacher_state(teacher, tstate, source)
             check_same_teacher(teacher, tstate, source)
@@ -198,16 +204,16 @@ class EvalCheckpointer(DeepKDCheckpointer):
     class count, another architecture) would be evaluated at its random initialisation."""
 
     def _log_incompatible_keys(self, incompatible) -> None:
-        problems = [
-            f"{key}: checkpoint {tuple(shape_file)} vs model {tuple(shape_model)}"
-            for key, shape_file, shape_model in incompatible.incorrect_shapes
-        ]
-        # (BN step counters play no part in inference; the parts' modules are training-only.)
+        # The report of the file against the model, as detectron2 matched them (BN step counters
+        # play no part in inference; the parts' modules are training-only).
         training_only = tuple(prefix for _, prefix, _ in training_only_parts())
         missing = [k for k in incompatible.missing_keys
                    if not k.startswith(training_only) and not k.endswith("num_batches_tracked")]
-        if missing:
-            problems.append(f"{len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}")
+        own = {k: () for k in missing}
+        given = {}
+        for key, shape_file, shape_model in incompatible.incorrect_shapes:
+            own[key], given[key] = tuple(shape_model), tuple(shape_file)
+        problems = mismatch_problems(own, given, what="model")
         if problems:
             hint = ""
             for key, shape_file, _ in incompatible.incorrect_shapes:
@@ -271,21 +277,8 @@ def check_student_state(model, state, source: str, had_teacher_keys: bool = Fals
         )
     stats = frozen_bn_statistics(model)
     allowed = absent_statistics_allowed({k: w for k, w in stats.items() if k.startswith(STUDENT_PREFIX)}, state)
-    missing = sorted(k for k in backbone if k not in state and k not in allowed)
-    unexpected = sorted(k for k in state if k.startswith(STUDENT_PREFIX) and k not in own)
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in backbone
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} student backbone keys missing (would stay randomly initialised): "
-                        f"{missing[:10]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected backbone keys: {unexpected[:10]}")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches: {shapes[:10]}")
+    problems = mismatch_problems(own, state, what="student backbone", scope=lambda k: k.startswith(STUDENT_PREFIX),
+                                 may_be_missing=allowed, missing_note=" (would stay randomly initialised)")
     if problems:
         raise StudentWeightsError(
             f"MODEL.WEIGHTS {source} does not fit the student backbone (a file of another pair or student "
