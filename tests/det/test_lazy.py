@@ -361,15 +361,9 @@ def test_fcos_student_trains_with_diffkd_is_evaluated_and_resumes_exactly(tmp_pa
     """An FCOS student (a LazyConfig-only detectron2 model) distilled by DiffKD on its FPN levels
     through the LazyConfig entry point: COCOEvaluator runs mid-training, and a killed run resumes
     to the same weights as an uninterrupted one (the dense detector's loss-normaliser average is
-    checkpointed: DenseDetectorState). detectron2's focal loss is TorchScript, whose first calls in
-    a process run an unoptimised graph (other float rounding than the later, optimised calls):
-    bit-exactness across processes needs graph optimisation off, as here (docs/lazyconfig.md)."""
+    checkpointed with the trainer state, and the engine runs detectron2's TorchScript focal loss
+    unoptimised: docs/lazyconfig.md)."""
     pytest.importorskip("detectron2.modeling.meta_arch.fcos")
-    with torch.jit.optimized_execution(False):
-        _fcos_run_kill_resume(tmp_path, shapes_root)
-
-
-def _fcos_run_kill_resume(tmp_path, shapes_root):
     opts = ["train.checkpointer.period=2", *RANDOM_TEACHER_LAZY, "model.parts.0.DIFFKD.IN_FEATURES=[p5,p6,p7]"]
     evaluator = ["train.eval_period=2", "dataloader.evaluator={_target_: detectron2.evaluation.COCOEvaluator, "
                  "dataset_name: deepkd_shapes_val, tasks: [bbox]}"]
