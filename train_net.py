@@ -42,8 +42,10 @@ from deepkd_det.det.config import (
 )
 from deepkd_det.det.data import (
     add_data_config,
+    check_mask_annotations,
     check_num_classes,
     check_training_annotations,
+    needs_class_count,
     register_datasets_from_cfg,
     resolve_num_classes,
 )
@@ -80,7 +82,8 @@ def setup(args):
 
     Everything that can be checked before a model is built is checked here, before anything is
     written to OUTPUT_DIR: keys and values, datasets (json, images, boxes, class count), weight
-    files. ``MODEL.ROI_HEADS.NUM_CLASSES 0`` takes the class count from the dataset json.
+    files. A class count of 0 (``MODEL.ROI_HEADS.NUM_CLASSES``, ``MODEL.RETINANET.NUM_CLASSES``, the
+    teacher's) takes the class count from the dataset json.
     """
     cfg = get_cfg()
     add_deepkd_config(cfg)
@@ -93,14 +96,15 @@ def setup(args):
     no_cuda = cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available()
     if no_cuda:  # the same command runs on a CPU machine
         cfg.MODEL.DEVICE = "cpu"
-    if cfg.MODEL.ROI_HEADS.NUM_CLASSES == 0 or cfg.TEACHER.MODEL.ROI_HEADS.NUM_CLASSES == 0:
-        register_datasets_from_cfg(cfg)  # the class count comes from the dataset json
+    if needs_class_count(cfg):
+        register_datasets_from_cfg(cfg)  # a class count (NUM_CLASSES 0) comes from the dataset json
         resolve_num_classes(cfg)
     validate_deepkd_config(cfg)
     check_input_files(cfg, resume=args.resume, eval_only=args.eval_only)
     register_datasets_from_cfg(cfg)
     names = list(cfg.DATASETS.TEST) if args.eval_only else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     check_num_classes(cfg, names)
+    check_mask_annotations(cfg, names)
     if not args.eval_only:
         check_training_annotations(cfg.DATASETS.TRAIN)
     check_output_dir(cfg.OUTPUT_DIR)

@@ -6,8 +6,10 @@
         --student pretrained/resnet18-f37072fd.pth --student-arch R-18 \\
         --output pretrained/r18-r101.pth
 
-The teacher is a detectron2 checkpoint (model-zoo ``.pkl`` or ``.pth``; a combined file's
-``teacher.*`` part also works); its keys go under ``teacher.``. The student is an ImageNet
+The teacher is a detectron2 detector checkpoint (model-zoo ``.pkl`` or ``.pth``; a combined
+file's ``teacher.*`` part also works): Faster R-CNN, Mask R-CNN (``mask_rcnn_R_*_FPN_3x``),
+Cascade (Mask) R-CNN, RetinaNet (``retinanet_R_*_FPN_3x``) or FCOS; its keys go under
+``teacher.``, unchanged. The student is an ImageNet
 backbone: a torchvision state dict (ResNet-18/50, MobileNetV2) or, for the R-50 pair as in the
 ReviewKD release, detectron2's MSRA ``R-50.pkl`` (Caffe2), renamed to detectron2's layout under
 ``backbone.bottom_up.`` (fc / classifier dropped). The student config must match the kind of
@@ -30,9 +32,11 @@ import torch
 
 from deepkd_det.core.io import atomic_save
 from deepkd_det.det.modeling.weights import (
+    DETECTOR_KINDS,
     IGNORED_CHECKPOINT_KEYS,
     IMAGENET_INPUT,
     TEACHER_PREFIX,
+    detector_kind,
     imagenet_flavour,
     read_checkpoint,
     student_backbone_from_imagenet,
@@ -50,14 +54,16 @@ STUDENT_HINTS = {
 
 
 def teacher_part(state: Dict[str, torch.Tensor], source: str) -> OrderedDict[str, torch.Tensor]:
-    """The teacher detector's keys, prefixed with ``teacher.``."""
+    """The teacher detector's keys, prefixed with ``teacher.``. Any detectron2 detector
+    ``detector_kind`` recognises: Faster / Mask / Cascade (Mask) R-CNN, RetinaNet, FCOS."""
     if any(k.startswith(TEACHER_PREFIX) for k in state):
         state = {k[len(TEACHER_PREFIX) :]: v for k, v in state.items() if k.startswith(TEACHER_PREFIX)}
     state = {k: v for k, v in state.items() if not IGNORED_CHECKPOINT_KEYS.search(k)}
-    if not any(k.startswith("roi_heads.box_predictor.") for k in state):
+    if detector_kind(state) is None:
         raise ValueError(
-            f"{source} is not a detectron2 detector checkpoint (no roi_heads.box_predictor.* keys); "
-            "the teacher must be a trained Faster R-CNN"
+            f"{source} is not a detectron2 detector checkpoint (neither roi_heads.box_predictor.* nor "
+            "head.cls_score.* / head.bbox_pred.* keys next to backbone.*); the teacher must be a trained "
+            f"detector: {', '.join(DETECTOR_KINDS)}"
         )
     return OrderedDict((TEACHER_PREFIX + k, v) for k, v in state.items())
 
@@ -108,8 +114,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     atomic_save(combined, args.output)
     model = combined["model"]
     n_teacher = sum(k.startswith(TEACHER_PREFIX) for k in model)
+    kind = detector_kind({k[len(TEACHER_PREFIX) :]: v for k, v in model.items() if k.startswith(TEACHER_PREFIX)})
     print(
-        f"wrote {args.output}: {n_teacher} teacher tensors (teacher.*), {len(model) - n_teacher} student backbone tensors"
+        f"wrote {args.output}: {n_teacher} teacher tensors (teacher.*, a {kind}), "
+        f"{len(model) - n_teacher} student backbone tensors"
     )
     flavour = imagenet_flavour(model) or "torchvision"
     settings = IMAGENET_INPUT[flavour]

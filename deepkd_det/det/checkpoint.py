@@ -15,7 +15,10 @@ detectron2's ``DetectionCheckpointer`` with:
   checkpoint that carries ``teacher.*`` keys must match the teacher exactly (missing, unexpected
   or mis-shaped teacher keys raise ``TeacherWeightsError`` with their names) and, once the
   teacher is loaded, hold the same tensors (a different teacher is refused, naming where the
-  loaded one came from); a random teacher (TEACHER.ALLOW_RANDOM_INIT) is loaded from it;
+  loaded one came from); a random teacher (TEACHER.ALLOW_RANDOM_INIT) is loaded from it; teacher
+  modules no part runs may be absent as a whole (the teacher's mask head; with
+  ``model.teacher_needs``, the heads no part needs: a RetinaNet release file holds the teacher's
+  backbone only), they keep their initialisation;
 - the student backbone (``backbone.bottom_up.*``) must be filled completely: missing, unexpected
   or mis-shaped backbone keys, a teacher-only file, and ImageNet weights of the other kind
   (caffe2/MSRA vs torchvision, against INPUT.FORMAT, PIXEL_STD, RESNETS.STRIDE_IN_1X1) raise
@@ -56,6 +59,7 @@ from .modeling.weights import (
     TEACHER_PREFIX,
     StudentWeightsError,
     absent_statistics_allowed,
+    absent_teacher_modules,
     convert_student_keys,
     frozen_bn_statistics,
     imagenet_flavour,
@@ -137,6 +141,7 @@ class DeepKDCheckpointer(DetectionCheckpointer):
         tstate = teacher_state_from_checkpoint(state) if any(k.startswith(TEACHER_PREFIX) for k in state) else {}
         state = {k: v for k, v in state.items() if not k.startswith(TEACHER_PREFIX)}
         if teacher is not None and tstate:
+            tstate = _with_absent_teacher_modules(self.model, teacher, tstate, source)
             # Checked in full before anything is loaded, so a refused file leaves the model as it was.
             check_teacher_state(teacher, tstate, source)
             check_same_teacher(teacher, tstate, source)
@@ -215,6 +220,24 @@ class EvalCheckpointer(DeepKDCheckpointer):
                             "MODEL.ROI_HEADS.NUM_CLASSES to that (and use a dataset with those classes).")
             raise ValueError("MODEL.WEIGHTS does not fit the model to evaluate: " + "; ".join(problems) + "." + hint)
         super()._log_incompatible_keys(incompatible)
+
+
+def _with_absent_teacher_modules(model, teacher, tstate, source: str):
+    """``tstate`` completed with the teacher's own tensors for the modules a combined file may
+    leave out (``absent_teacher_modules``: mask / keypoint heads, which no part runs, and the heads
+    none of the model's parts needs, ``model.teacher_needs`` when the model states it): release
+    files of the Mask R-CNN pairs hold no teacher mask head, the RetinaNet pair's ``r50-rt101.pth``
+    only ``teacher.backbone.*``. Those modules keep their initialisation and are never run."""
+    own = teacher.state_dict()
+    absent = absent_teacher_modules(own.keys(), tstate.keys(), getattr(model, "teacher_needs", None))
+    if not absent:
+        return tstate
+    tstate = dict(tstate)
+    for prefix, keys in absent.items():
+        logger.info("%s holds no teacher %s* (%d tensors): no distillation part runs it, it keeps its "
+                    "initialisation", source, prefix, len(keys))
+        tstate.update({k: own[k] for k in keys})
+    return tstate
 
 
 @contextlib.contextmanager

@@ -166,6 +166,22 @@ def test_dataset_errors_name_the_json(tmp_path, coco, out, capsys):
     broken = tmp_path / "broken.json"
     broken.write_text(Path(train_json).read_text()[:-20])
     _fails(capsys, _argv(t, out, broken, train_dir), "broken.json", "not valid JSON")
+
+    # Masks: a malformed polygon always; a missing segmentation when the detector has a mask head.
+    def short_polygon(d):
+        d["annotations"][0]["segmentation"] = [[1, 2, 3, 4]]
+
+    def unsegmented(d):
+        del d["annotations"][1]["segmentation"]
+
+    _fails(capsys, _argv(t, out, _edited_json(tmp_path, train_json, short_polygon, "poly.json"), train_dir),
+           "poly.json", "at least 3 points")
+    no_mask = _edited_json(tmp_path, train_json, unsegmented, "nomask.json")
+    _fails(capsys, _argv(t, out, no_mask, train_dir, None, None, "MODEL.MASK_ON", "True"),
+           "MODEL.MASK_ON", "nomask.json", "without a 'segmentation'")
+    # RetinaNet counts its classes in MODEL.RETINANET.NUM_CLASSES (ROI_HEADS plays no part).
+    _fails(capsys, _argv(t, out, *coco, "MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "2"),
+           "MODEL.RETINANET.NUM_CLASSES=2", "3 categories")
     assert _digest(out) == before
 
 

@@ -3,11 +3,15 @@
 from .config import add_data_config
 from .register import (
     BOX_TOLERANCE,
+    CLASS_COUNT_HEADS,
     check_dataset_paths,
+    check_mask_annotations,
     check_num_classes,
     check_training_annotations,
+    class_count_key,
     image_problem,
     inspect_coco_json,
+    needs_class_count,
     prepare_shapes_dataset,
     register_coco_dataset,
     register_datasets_from_cfg,
@@ -19,12 +23,18 @@ from .synthetic import (
     SHAPES_TRAIN,
     SHAPES_VAL,
     generate_shapes_dataset,
+    mask_outlines,
+    polygon_area,
     render_shapes_image,
     shapes_split_paths,
 )
 
 __all__ = [
     "BOX_TOLERANCE",
+    "CLASS_COUNT_HEADS",
+    "check_mask_annotations",
+    "class_count_key",
+    "needs_class_count",
     "check_num_classes",
     "check_training_annotations",
     "image_problem",
@@ -37,6 +47,8 @@ __all__ = [
     "add_data_config",
     "check_dataset_paths",
     "generate_shapes_dataset",
+    "mask_outlines",
+    "polygon_area",
     "prepare_shapes_dataset",
     "register_coco_dataset",
     "register_datasets_from_cfg",

@@ -12,9 +12,13 @@ folder, lists an image file that does not open as a complete image of the json's
 (``image_problem``: header and end only, no decoding), or holds a box of non-positive width or
 height, or reaching more than ``BOX_TOLERANCE`` pixels outside its image (detectron2 would train on another box, silently: e.g. a box written
 as ``[x0, y0, x1, y1]`` instead of ``[x, y, w, h]``). Bad boxes are refused, not dropped: the
-fix belongs in the json. ``check_num_classes`` compares MODEL.ROI_HEADS.NUM_CLASSES with the
-categories of the datasets (``resolve_num_classes``: 0 takes the count from the json);
-``check_training_annotations``: a training json must annotate at least one image.
+fix belongs in the json. A ``segmentation``, where an annotation has one, must be COCO polygons
+(lists of at least three x, y pairs) or an RLE of its image's size: detectron2 would drop the
+object otherwise. ``check_num_classes`` compares the class count of the detector's head
+(MODEL.ROI_HEADS.NUM_CLASSES, MODEL.RETINANET.NUM_CLASSES for RetinaNet, MODEL.FCOS.NUM_CLASSES
+where the config has it) with the categories of the datasets (``resolve_num_classes``: 0 takes the
+count from the json); ``check_training_annotations``: a training json must annotate at least one
+image; ``check_mask_annotations``: with MODEL.MASK_ON every annotation needs a ``segmentation``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from .synthetic import SHAPES_TRAIN, SHAPES_VAL, generate_shapes_dataset, shapes
 
 __all__ = [
     "BOX_TOLERANCE",
+    "CLASS_COUNT_HEADS",
     "check_dataset_paths",
+    "check_mask_annotations",
+    "class_count_key",
+    "needs_class_count",
     "check_num_classes",
     "check_training_annotations",
     "image_problem",
@@ -112,10 +120,39 @@ def image_problem(path: str, width: float, height: float) -> Optional[str]:
     return None
 
 
+def _segmentation_problem(segm, width: float, height: float) -> Optional[str]:
+    """None for COCO polygons ``[[x1, y1, x2, y2, x3, y3, ...], ...]`` or an RLE of the image's
+    size (``{"size": [height, width], "counts": ...}``); else what is wrong."""
+    if isinstance(segm, dict):
+        size = segm.get("size")
+        if "counts" not in segm or not isinstance(size, (list, tuple)) or len(size) != 2:
+            return "an RLE segmentation needs 'counts' and 'size' [height, width]"
+        if [int(v) for v in size] != [int(height), int(width)]:
+            return f"RLE size {list(size)} is not the image's [height, width] [{int(height)}, {int(width)}]"
+        return None
+    if not isinstance(segm, list) or not segm:
+        return "segmentation is neither a list of polygons nor an RLE dict"
+    for poly in segm:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            return "each polygon is a flat list [x1, y1, x2, y2, ...] of at least 3 points"
+        try:
+            if not all(math.isfinite(float(v)) for v in poly):
+                return "polygon coordinates must be finite numbers"
+        except (TypeError, ValueError):
+            return "polygon coordinates must be numbers"
+    return None
+
+
 def inspect_coco_json(name: str, json_file: str, image_root: str) -> Tuple[List[str], int]:
     """Read a COCO instances json and check it (see the module docstring); returns the category
     names in detectron2's order (sorted by id) and how many images have an annotation. Errors name
     the dataset and the file."""
+    classes, annotated, _ = _inspect_coco_json(name, json_file, image_root)
+    return classes, annotated
+
+
+def _inspect_coco_json(name: str, json_file: str, image_root: str) -> Tuple[List[str], int, List]:
+    """``inspect_coco_json``, plus the ids of the annotations without a ``segmentation``."""
     where = f"dataset {name!r} ({json_file})"
     try:
         with open(json_file, encoding="utf-8") as f:
@@ -165,6 +202,7 @@ def inspect_coco_json(name: str, json_file: str, image_root: str) -> Tuple[List[
         raise ValueError(f"{where}: {len(unreadable)} of {len(images)} images do not open as complete images of "
                          f"the json's size: {_first(unreadable[:_SHOWN], len(unreadable))}")
     bad: List[str] = []
+    unsegmented: List = []
     tol = BOX_TOLERANCE
     for ann in data["annotations"]:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
@@ -193,11 +231,17 @@ def inspect_coco_json(name: str, json_file: str, image_root: str) -> Tuple[List[
         elif x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
             bad.append(f"annotation {ann_id} ({image['file_name']}): bbox {ann['bbox']} reaches outside the "
                        f"{width:g}x{height:g} image")
+        if "segmentation" not in ann:
+            unsegmented.append(ann_id)
+            continue
+        problem = _segmentation_problem(ann["segmentation"], width, height)
+        if problem:
+            bad.append(f"annotation {ann_id} ({image['file_name']}): {problem}")
     if bad:
         raise ValueError(f"{where}: {len(bad)} bad annotations (fix or remove them in the json): "
                          f"{_first(bad[:_SHOWN], len(bad))}")
     annotated = {int(a["image_id"]) for a in data["annotations"]}
-    return [cat_ids[i] for i in sorted(cat_ids)], len(annotated)
+    return [cat_ids[i] for i in sorted(cat_ids)], len(annotated), unsegmented
 
 
 def register_coco_dataset(name: str, json_file: str, image_root: str, *, check: bool = True) -> None:
@@ -223,11 +267,12 @@ def register_coco_dataset(name: str, json_file: str, image_root: str, *, check: 
             return
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    classes, annotated = inspect_coco_json(name, json_file, image_root) if check else (None, None)
+    classes, annotated, unsegmented = _inspect_coco_json(name, json_file, image_root) if check else (None, None, None)
     register_coco_instances(name, {}, json_file, image_root)
     if classes is not None:
         # The same list detectron2's loader sets when it reads the json (sorted by category id).
-        MetadataCatalog.get(name).set(thing_classes=classes, annotated_images=annotated)
+        MetadataCatalog.get(name).set(thing_classes=classes, annotated_images=annotated,
+                                      unsegmented_annotations=unsegmented)
     _OWN_NAMES.add(name)
 
 
@@ -302,6 +347,22 @@ def check_training_annotations(names: Iterable[str]) -> None:
                              "so there is nothing to train on")
 
 
+def check_mask_annotations(cfg, names: Iterable[str]) -> None:
+    """With MODEL.MASK_ON, every annotation of each dataset of ``names`` whose json was inspected
+    has a ``segmentation`` (detectron2 would stop with a KeyError in the data loader, or in the
+    ``segm`` evaluation, once the run has started)."""
+    if not cfg.MODEL.MASK_ON:
+        return
+    for name in names:
+        missing = getattr(MetadataCatalog.get(name), "unsegmented_annotations", None)
+        if missing:
+            raise ValueError(
+                f"MODEL.MASK_ON needs a mask for every object, but dataset {_describe(name)} has {len(missing)} "
+                f"annotations without a 'segmentation' (ids {_first([str(i) for i in missing[:_SHOWN]], len(missing))}): "
+                "add polygons or RLE masks to the json, or train a detector without masks (MODEL.MASK_ON False)"
+            )
+
+
 def _dataset_classes(name: str) -> Optional[List[str]]:
     meta = MetadataCatalog.get(name)
     classes = getattr(meta, "thing_classes", None)
@@ -313,38 +374,78 @@ def _describe(name: str) -> str:
     return f"{name!r} ({json_file})" if json_file else repr(name)
 
 
-def resolve_num_classes(cfg) -> None:
-    """MODEL.ROI_HEADS.NUM_CLASSES 0 (and TEACHER.MODEL.ROI_HEADS.NUM_CLASSES 0): the number of
-    categories of the first dataset of DATASETS.TRAIN (else TEST). In place; cfg not frozen."""
-    nodes = [("MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL)]
+# Heads whose NUM_CLASSES is a class count under MODEL (FCOS: where the config has the node).
+CLASS_COUNT_HEADS = ("ROI_HEADS", "RETINANET", "FCOS")
+# Meta-architectures whose class count is not ROI_HEADS.NUM_CLASSES.
+_DENSE_HEADS = {"RetinaNet": "RETINANET", "FCOS": "FCOS"}
+# The distillation wrapper: its student is KD.STUDENT_ARCHITECTURE.
+_WRAPPERS = ("DeepKDRCNN", "DistillDetector")
+
+
+def class_count_key(cfg) -> str:
+    """``MODEL.<HEAD>.NUM_CLASSES``, the class count of the student detector (through the
+    distillation wrapper, its KD.STUDENT_ARCHITECTURE): RETINANET for RetinaNet, FCOS for FCOS,
+    ROI_HEADS otherwise."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch in _WRAPPERS and "KD" in cfg:
+        arch = cfg.KD.get("STUDENT_ARCHITECTURE", "GeneralizedRCNN")
+    return f"MODEL.{_DENSE_HEADS.get(arch, 'ROI_HEADS')}.NUM_CLASSES"
+
+
+def _class_count_nodes(cfg):
+    """``(dotted key, head node)`` of every class count of the student's and the teacher's MODEL."""
+    models = [("MODEL", cfg.MODEL)]
     if "TEACHER" in cfg:
-        nodes.append(("TEACHER.MODEL.ROI_HEADS.NUM_CLASSES", cfg.TEACHER.MODEL))
-    if all(node.ROI_HEADS.NUM_CLASSES != 0 for _, node in nodes):
+        models.append(("TEACHER.MODEL", cfg.TEACHER.MODEL))
+    return [(f"{prefix}.{head}.NUM_CLASSES", model[head]) for prefix, model in models
+            for head in CLASS_COUNT_HEADS if head in model and "NUM_CLASSES" in model[head]]
+
+
+def needs_class_count(cfg) -> bool:
+    """Whether a class count of the config is 0 (taken from the dataset json at start-up)."""
+    return any(node.NUM_CLASSES == 0 for _, node in _class_count_nodes(cfg))
+
+
+def _get_key(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def resolve_num_classes(cfg) -> None:
+    """Every class count that is 0 (MODEL.ROI_HEADS / RETINANET / FCOS.NUM_CLASSES and the same
+    under TEACHER.MODEL): the number of categories of the first dataset of DATASETS.TRAIN (else
+    TEST). In place; cfg not frozen."""
+    nodes = [(key, node) for key, node in _class_count_nodes(cfg) if node.NUM_CLASSES == 0]
+    if not nodes:
         return
     for name in _names_in(cfg):
         classes = _dataset_classes(name)
         if classes:
             for key, node in nodes:
-                if node.ROI_HEADS.NUM_CLASSES == 0:
-                    node.ROI_HEADS.NUM_CLASSES = len(classes)
-                    logger.info("%s = %d, the categories of dataset %s", key, len(classes), _describe(name))
+                node.NUM_CLASSES = len(classes)
+                logger.info("%s = %d, the categories of dataset %s", key, len(classes), _describe(name))
             return
-    raise ValueError("MODEL.ROI_HEADS.NUM_CLASSES 0 takes the class count from the dataset, but no dataset of "
+    raise ValueError(f"{nodes[0][0]} 0 takes the class count from the dataset, but no dataset of "
                      "DATASETS.TRAIN / TEST has known categories: set it to the number of classes")
 
 
 def check_num_classes(cfg, names: Iterable[str]) -> None:
-    """MODEL.ROI_HEADS.NUM_CLASSES must equal the number of categories of every dataset in
-    ``names`` whose categories are known (a smaller count trains the extra categories as
-    background; a larger one evaluates classes that do not exist)."""
-    num = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    """The student's class count (``class_count_key``: MODEL.ROI_HEADS.NUM_CLASSES, or
+    MODEL.RETINANET.NUM_CLASSES for RetinaNet) must equal the number of categories of every
+    dataset in ``names`` whose categories are known (a smaller count trains the extra categories
+    as background; a larger one evaluates classes that do not exist)."""
+    key = class_count_key(cfg)
+    num = _get_key(cfg, key)
+    teacher_key = "TEACHER." + key
     for name in names:
         classes = _dataset_classes(name)
         if classes is None or len(classes) == num:
             continue
         shown = classes if len(classes) <= 10 else classes[:10] + ["..."]
         raise ValueError(
-            f"MODEL.ROI_HEADS.NUM_CLASSES={num}, but dataset {_describe(name)} has {len(classes)} categories "
-            f"{shown}: set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)} (and TEACHER.MODEL.ROI_HEADS.NUM_CLASSES "
+            f"{key}={num}, but dataset {_describe(name)} has {len(classes)} categories "
+            f"{shown}: set {key} {len(classes)} (and {teacher_key} "
             f"{len(classes)} for a teacher trained on them), or 0 to take it from the json"
         )

@@ -5,8 +5,11 @@ use this small, deterministic detection set: circles, squares and triangles (thr
 category ids 1..3; ``num_classes`` up to 6 adds pentagons, hexagons and stars, so that some
 classes look alike at small sizes) of random colour, size and position, several per image, on
 backgrounds made of gratings and noise. Each split is a folder of PNG (or JPEG) images plus a COCO instances json
-with ``bbox`` (tight, XYWH), ``area`` (pixel count of the shape), ``iscrowd`` 0 and a polygon
-``segmentation``. The same (seed, sizes) always gives the same files.
+with ``bbox`` (tight, XYWH, of the drawn pixels), ``iscrowd`` 0, a polygon ``segmentation``
+(``[[x1, y1, x2, y2, ...], ...]``: the exact outline of the drawn pixels, ``mask_outlines``) and
+``area`` (the pixel count, which is the polygons' area), so the same files serve Mask R-CNN
+(``MODEL.MASK_ON``) and COCO's ``segm`` evaluation. The same (seed, sizes) always gives the same
+files.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = [
     "SHAPES_TRAIN",
     "SHAPES_VAL",
     "generate_shapes_dataset",
+    "mask_outlines",
+    "polygon_area",
     "render_shapes_image",
     "shapes_split_paths",
 ]
@@ -81,6 +86,74 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> L
     ]
 
 
+def mask_outlines(mask: np.ndarray) -> List[List[int]]:
+    """The outline of the pixels of ``mask`` as COCO polygons ``[[x1, y1, x2, y2, ...], ...]``,
+    exactly: vertices on pixel corners (pixel ``(x, y)`` covers ``[x, x + 1) x [y, y + 1)``, the
+    convention of COCO's boxes, pycocotools and detectron2), one polygon per piece, runs of
+    collinear pixel sides merged. Rasterised by pycocotools the polygons give ``mask`` back and
+    their areas add up to its pixel count. The boundary is followed along pixel sides, clockwise
+    on screen; where two pixels touch only at a corner the pieces are kept apart. A mask with a
+    hole is refused (a polygon cannot hold one; the shapes never have holes)."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        raise ValueError("an empty mask has no outline")
+    x0, y0 = int(xs.min()), int(ys.min())
+    sub = np.pad(mask[y0 : int(ys.max()) + 1, x0 : int(xs.max()) + 1], 1)
+    # Directed sides with the object on their right (screen coordinates, y down), start -> ends.
+    nxt: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+    for y, x in zip(*np.nonzero(sub)):
+        x, y = int(x), int(y)
+        if not sub[y - 1, x]:
+            nxt.setdefault((x, y), []).append((x + 1, y))
+        if not sub[y, x + 1]:
+            nxt.setdefault((x + 1, y), []).append((x + 1, y + 1))
+        if not sub[y + 1, x]:
+            nxt.setdefault((x + 1, y + 1), []).append((x, y + 1))
+        if not sub[y, x - 1]:
+            nxt.setdefault((x, y + 1), []).append((x, y))
+    polygons = []
+    while nxt:
+        start = min(nxt)  # top-left corner of a piece: its outline, not a hole's
+        path = [start]
+        point = start
+        heading = None
+        while True:
+            ends = nxt[point]
+            if len(ends) > 1 and heading is not None:
+                # Two pixels meet at this corner only: turn right, around the pixel being followed.
+                right = (-heading[1], heading[0])
+                end = next(e for e in ends if (e[0] - point[0], e[1] - point[1]) == right)
+            else:
+                end = ends[0]
+            ends.remove(end)
+            if not ends:
+                del nxt[point]
+            heading = (end[0] - point[0], end[1] - point[1])
+            point = end
+            if point == start:
+                break
+            path.append(point)
+        # Keep the corners only (a vertex where the direction changes).
+        corners = [
+            p for i, p in enumerate(path)
+            if (p[0] - path[i - 1][0], p[1] - path[i - 1][1])
+            != (path[(i + 1) % len(path)][0] - p[0], path[(i + 1) % len(path)][1] - p[1])
+        ]
+        flat = [c for p in corners for c in (p[0] - 1 + x0, p[1] - 1 + y0)]
+        xs_, ys_ = np.asarray(flat[0::2], dtype=np.float64), np.asarray(flat[1::2], dtype=np.float64)
+        if np.dot(xs_, np.roll(ys_, -1)) - np.dot(ys_, np.roll(xs_, -1)) < 0:
+            raise ValueError("the mask has a hole, which a COCO polygon cannot describe")
+        polygons.append(flat)
+    return polygons
+
+
+def polygon_area(flat: List[float]) -> float:
+    """Area of a simple polygon ``[x1, y1, x2, y2, ...]`` (shoelace formula; detectron2's
+    ``PolygonMasks.area`` and the ``area`` detectron2 writes into a COCO json)."""
+    xs, ys = np.asarray(flat[0::2], dtype=np.float64), np.asarray(flat[1::2], dtype=np.float64)
+    return float(0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
+
+
 def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> Tuple[int, int, int]:
     """A random colour far enough from the background that the shape is visible."""
     for _ in range(50):
@@ -91,12 +164,14 @@ def _object_colour(rng: np.random.Generator, background_mean: np.ndarray) -> Tup
 
 
 def render_shapes_image(
-    rng: np.random.Generator, size: int, max_objects: int = 4, num_classes: int = 3
-) -> Tuple[Image.Image, List[Dict]]:
+    rng: np.random.Generator, size: int, max_objects: int = 4, num_classes: int = 3, return_masks: bool = False
+):
     """One image and its objects: ``[{"category_id", "bbox", "area", "segmentation"}, ...]``, the
     classes drawn from the first ``num_classes`` of ``ALL_SHAPE_CATEGORIES``.
 
     Objects never overlap (their boxes keep a 2 px gap), so every box is tight and unoccluded.
+    ``return_masks``: also the drawn pixels of each object (boolean ``size x size`` arrays), as a
+    third item; the image and objects are the same either way.
     """
     img = _background(rng, size)
     canvas = Image.fromarray(img.astype(np.uint8), "RGB")
@@ -104,6 +179,7 @@ def render_shapes_image(
     num_objects = int(rng.integers(1, max_objects + 1))
     placed: List[Tuple[float, float, float, float]] = []
     objects: List[Dict] = []
+    masks: List[np.ndarray] = []
     for _ in range(num_objects):
         for _attempt in range(30):
             cat = ALL_SHAPE_CATEGORIES[int(rng.integers(0, num_classes))]
@@ -131,17 +207,22 @@ def render_shapes_image(
             draw.polygon(poly, fill=colour)
             mask_draw.polygon(poly, fill=1)
         mask = np.asarray(mask_img, dtype=bool)
+        masks.append(mask)
         ys_idx, xs_idx = np.nonzero(mask)
         bx0, by0 = int(xs_idx.min()), int(ys_idx.min())
         bw, bh = int(xs_idx.max()) + 1 - bx0, int(ys_idx.max()) + 1 - by0
+        outlines = mask_outlines(mask)
         objects.append(
             {
                 "category_id": cat["id"],
                 "bbox": [bx0, by0, bw, bh],
-                "area": int(mask.sum()),
-                "segmentation": [[round(float(c), 2) for p in poly for c in p]],
+                # The pixel count: the polygons trace the pixels exactly (COCO's "area").
+                "area": int(round(sum(polygon_area(p) for p in outlines))),
+                "segmentation": outlines,
             }
         )
+    if return_masks:
+        return canvas, objects, masks
     return canvas, objects
 
 
@@ -154,7 +235,10 @@ def _params(num_images: int, image_size: int, seed: int, max_objects: int, image
         "seed": int(seed),
         "max_objects": int(max_objects),
         "image_format": image_format,
-        "generator": "deepkd_det.det.data.synthetic v1",
+        # v2: "segmentation" traces the drawn pixels exactly (v1: the outline the shape was drawn
+        # from, which misses PIL's boundary pixels). Images, boxes and areas are those of v1: a v1
+        # split is rewritten with the same images.
+        "generator": "deepkd_det.det.data.synthetic v2",
     }
 
 

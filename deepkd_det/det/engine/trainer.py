@@ -37,6 +37,7 @@ from deepkd_det.core.io import remove_leftover_temp_files
 from deepkd_det.core.settings import build_decoupled_step, build_gsnr_meter, decoupled
 from deepkd_det.det.data import (
     add_data_config,
+    check_mask_annotations,
     check_num_classes,
     register_datasets_from_cfg,
     resolve_num_classes,
@@ -115,6 +116,7 @@ class DeepKDTrainer(DefaultTrainer):
         resolve_num_classes(cfg)
         cfg.freeze()
         check_num_classes(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        check_mask_annotations(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         if comm.is_main_process():
             for name in remove_leftover_temp_files(cfg.OUTPUT_DIR):
                 logger.info(f"removed {name}, left in {cfg.OUTPUT_DIR} by an interrupted checkpoint save")

@@ -33,6 +33,9 @@ __all__ = [
     "StudentWeightsError",
     "imagenet_flavour",
     "IMAGENET_INPUT",
+    "DETECTOR_KINDS",
+    "detector_kind",
+    "absent_teacher_modules",
 ]
 
 logger = logging.getLogger(__name__)
@@ -363,3 +366,65 @@ def convert_student_keys(state: Mapping[str, torch.Tensor], model_keys) -> Order
         STUDENT_PREFIX,
     )
     return out
+
+
+# ---------------------------------------------------------------- detector checkpoints (teachers)
+
+# What ``detector_kind`` can tell apart, by the head keys of a detectron2 state dict.
+DETECTOR_KINDS = ("Faster R-CNN", "Mask R-CNN", "Cascade R-CNN", "Cascade Mask R-CNN", "RetinaNet", "FCOS")
+_CASCADE_PREDICTOR = re.compile(r"^roi_heads\.box_predictor\.\d+\.")
+
+
+def detector_kind(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which detectron2 detector a state dict (no ``teacher.`` prefix) holds, from its head keys:
+    R-CNNs by ``roi_heads.box_predictor.*`` (``box_predictor.<stage>.*``: Cascade; with
+    ``roi_heads.mask_head.*``: Mask), the dense detectors by ``head.cls_score.*`` and
+    ``head.bbox_pred.*`` without ROI heads (``head.ctrness.*``: FCOS, else RetinaNet). None for
+    anything else (an ImageNet backbone, a backbone alone)."""
+    keys = list(state)
+    if not any(k.startswith("backbone.") for k in keys):
+        return None
+    if any(k.startswith("roi_heads.box_predictor.") for k in keys):
+        kind = "Cascade R-CNN" if any(_CASCADE_PREDICTOR.match(k) for k in keys) else "Faster R-CNN"
+        if any(k.startswith("roi_heads.mask_head.") for k in keys):
+            kind = "Cascade Mask R-CNN" if kind.startswith("Cascade") else "Mask R-CNN"
+        return kind
+    if any(k.startswith("roi_heads.") for k in keys):
+        return None
+    if any(k.startswith("head.cls_score.") for k in keys) and any(k.startswith("head.bbox_pred.") for k in keys):
+        return "FCOS" if any(k.startswith("head.ctrness.") for k in keys) else "RetinaNet"
+    return None
+
+
+# Teacher modules no distillation part runs: their weights may be absent from a combined file (the
+# ReviewKD release builds its teachers with TEACHER.MODEL.MASK_ON False, so its Mask R-CNN pair
+# files need not hold the teacher's mask head).
+_TEACHER_NEVER_RUN = ("roi_heads.mask_head.", "roi_heads.keypoint_head.")
+# Teacher modules run only for the parts that need them (``DistillPart.needs``): the release's
+# RetinaNet teacher is its backbone alone (ReviewKD distils features), so ``r50-rt101.pth`` holds
+# ``teacher.backbone.*`` and no ``teacher.head.*``.
+_TEACHER_RUN_FOR = {"box_head": ("proposal_generator.", "roi_heads."), "dense_head": ("head.",)}
+
+
+def absent_teacher_modules(own_keys, file_keys, needs=None) -> Dict[str, list]:
+    """``{module prefix: its keys}`` of the teacher modules a file may leave out: modules no part
+    runs (mask and keypoint heads), and, when ``needs`` (the union of the parts' ``needs``, a set
+    of "features", "box_head", "dense_head") is given, the heads no part needs. A module counts
+    only when the file holds none of its keys (a partly present module is a damaged file: its
+    missing keys stay missing). ``needs`` None: every head may be needed. Keys without the
+    ``teacher.`` prefix on both sides."""
+    file_keys = set(file_keys)
+    prefixes = list(_TEACHER_NEVER_RUN)
+    if needs is not None:
+        for need, heads in _TEACHER_RUN_FOR.items():
+            if need not in needs:
+                prefixes.extend(heads)
+    out: Dict[str, list] = {}
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in file_keys):
+            continue
+        keys = sorted(k for k in own_keys if k.startswith(prefix))
+        if keys:
+            out[prefix] = keys
+    # A prefix inside another one (roi_heads.mask_head. in roi_heads.) is reported once, under the outer one.
+    return {p: k for p, k in out.items() if not any(q != p and p.startswith(q) for q in out)}
