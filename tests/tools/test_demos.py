@@ -101,3 +101,29 @@ def test_det_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
     assert "pre-training: reusing" in printed and "teacher: reusing" in printed and "DIVERGED" in printed
     assert "| vanilla | - | - | - | diverged |" in (out / "results.md").read_text()
     assert json.loads((out / "summary.json").read_text())["results"]["vanilla"]["diverged"]["0"].startswith("non-finite loss")
+    # The other families (--methods takes a family's name): each with its own teacher, trained from
+    # the same pre-trained detector (a Mask R-CNN on the shapes' polygons, a RetinaNet), and each
+    # row compared with its own family's vanilla student; the Faster R-CNN rows are not run.
+    argv = ["--jobs", "1", "--output", str(out), "--methods", "mask", "retinanet", "--seeds", "0", "--quick"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pre-training: reusing" in printed and "Mask R-CNN teacher: training" in printed
+    assert "RetinaNet teacher: training" in printed and "[det_demo] teacher" not in printed
+    table = (out / "results.md").read_text()
+    for key in demo.FAMILY_METHODS["mask"] + demo.FAMILY_METHODS["retinanet"]:
+        assert f"| {demo.LABELS[key]} |" in table
+    assert "| Mask R-CNN teacher (all " in table and "| RetinaNet teacher (all " in table
+    assert "| vanilla |" not in table and "| mask AP |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["teachers"]) == {"mask", "retinanet"} and "mask_AP" in summary["teachers"]["mask"]
+    assert "mask_AP" not in summary["teachers"]["retinanet"]
+    assert {"mask_deepkd_dkd - mask_vanilla", "mask_deepkd_dkd - mask_vanilla (mask AP)",
+            "retinanet_diffkd_deepkd_dkd - retinanet_vanilla"} <= set(summary["comparisons"])
+    assert not any(name.endswith(" - vanilla") for name in summary["comparisons"])
+    # The Mask R-CNN students were evaluated on segm; the RetinaNet student ran the dense DeepKD
+    # (its top-k K) inside the distillation wrapper; every run started from the pre-trained weights.
+    assert demo.read_curves(str(out / "mask_deepkd_dkd" / "seed0"))["segm/AP"]
+    assert demo.read_curves(str(out / "retinanet_diffkd_deepkd_dkd" / "seed0"))["kd/topk_k"]
+    for name in ("teacher_mask", "teacher_retinanet"):
+        assert "Loading from " + str(out / "pretrain" / "init.pth") in (out / name / "log.txt").read_text()
+    assert (out / "det_demo_mask.png").is_file() and (out / "det_demo_retinanet.png").is_file()
