@@ -632,8 +632,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     table=table_lines, k_keys=[k for k in keys if "deepkd" in k])
         pictures[fam] = png
     print(f"\n[det_demo] table {os.path.join(out, 'results.md')}, picture(s) {', '.join(pictures.values())}", flush=True)
-    for path in publish_to_docs(args, "det_demo", argv, table, pictures.get("faster")):
+    written = publish_to_docs(args, "det_demo", argv, table, pictures.get("faster"))
+    for path in written:
         print(f"[det_demo] wrote the table into {path}", flush=True)
+    if written and args.write_docs == "det_demo_families":  # the other families' pictures go next to it
+        for fam, png in pictures.items():
+            if fam != "faster":
+                shutil.copyfile(png, os.path.join(os.path.dirname(os.path.abspath(written[-1])), os.path.basename(png)))
     return 0
 
 if __name__ == "__main__":

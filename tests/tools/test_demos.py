@@ -104,7 +104,8 @@ def test_det_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
     # The other families (--methods takes a family's name): each with its own teacher, trained from
     # the same pre-trained detector (a Mask R-CNN on the shapes' polygons, a RetinaNet), and each
     # row compared with its own family's vanilla student; the Faster R-CNN rows are not run.
-    argv = ["--jobs", "1", "--output", str(out), "--methods", "mask", "retinanet", "--seeds", "0", "--quick"]
+    argv = ["--jobs", "1", "--output", str(out), "--methods", "mask", "retinanet", "--seeds", "0", "--quick",
+            "--set", "teacher_iters=4", "student_iters=4", "eval_period=2"]
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pre-training: reusing" in printed and "Mask R-CNN teacher: training" in printed
@@ -121,9 +122,16 @@ def test_det_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
             "retinanet_diffkd_deepkd_dkd - retinanet_vanilla"} <= set(summary["comparisons"])
     assert not any(name.endswith(" - vanilla") for name in summary["comparisons"])
     # The Mask R-CNN students were evaluated on segm; the RetinaNet student ran the dense DeepKD
-    # (its top-k K) inside the distillation wrapper; every run started from the pre-trained weights.
+    # (its top-k K) inside the distillation wrapper. The Mask R-CNN runs start from the pre-trained
+    # detector; the RetinaNet ones from the RetinaNet pre-trained (class-agnostically) from it,
+    # without its class-score layer.
     assert demo.read_curves(str(out / "mask_deepkd_dkd" / "seed0"))["segm/AP"]
     assert demo.read_curves(str(out / "retinanet_diffkd_deepkd_dkd" / "seed0"))["kd/topk_k"]
-    for name in ("teacher_mask", "teacher_retinanet"):
-        assert "Loading from " + str(out / "pretrain" / "init.pth") in (out / name / "log.txt").read_text()
+    for run, init in (("teacher_mask", "pretrain"), ("mask_deepkd_dkd/seed0", "pretrain"),
+                      ("pretrain_retinanet", "pretrain"), ("teacher_retinanet", "pretrain_retinanet"),
+                      ("retinanet_diffkd_deepkd_dkd/seed0", "pretrain_retinanet")):
+        assert f"Loading from {out / init / 'init.pth'} ..." in (out / run / "log.txt").read_text(), run
+    retinanet_init = torch.load(out / "pretrain_retinanet" / "init.pth", weights_only=True)["model"]
+    assert any(k.startswith("head.cls_subnet.") for k in retinanet_init) and "head.bbox_pred.weight" in retinanet_init
+    assert not any(k.startswith("head.cls_score.") for k in retinanet_init)
     assert (out / "det_demo_mask.png").is_file() and (out / "det_demo_retinanet.png").is_file()
