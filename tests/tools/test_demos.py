@@ -101,3 +101,37 @@ def test_det_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
     assert "pre-training: reusing" in printed and "teacher: reusing" in printed and "DIVERGED" in printed
     assert "| vanilla | - | - | - | diverged |" in (out / "results.md").read_text()
     assert json.loads((out / "summary.json").read_text())["results"]["vanilla"]["diverged"]["0"].startswith("non-finite loss")
+    # The other families (--methods takes a family's name): each with its own teacher, trained from
+    # the same pre-trained detector (a Mask R-CNN on the shapes' polygons, a RetinaNet), and each
+    # row compared with its own family's vanilla student; the Faster R-CNN rows are not run.
+    argv = ["--jobs", "1", "--output", str(out), "--methods", "mask", "retinanet", "--seeds", "0", "--quick",
+            "--set", "teacher_iters=4", "student_iters=4", "eval_period=2"]
+    assert demo.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pre-training: reusing" in printed and "Mask R-CNN teacher: training" in printed
+    assert "RetinaNet teacher: training" in printed and "[det_demo] teacher" not in printed
+    table = (out / "results.md").read_text()
+    for key in demo.FAMILY_METHODS["mask"] + demo.FAMILY_METHODS["retinanet"]:
+        assert f"| {demo.LABELS[key]} |" in table
+    assert "| Mask R-CNN teacher (all " in table and "| RetinaNet teacher (all " in table
+    assert "| vanilla |" not in table and "| mask AP |" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["teachers"]) == {"mask", "retinanet"} and "mask_AP" in summary["teachers"]["mask"]
+    assert "mask_AP" not in summary["teachers"]["retinanet"]
+    assert {"mask_deepkd_dkd - mask_vanilla", "mask_deepkd_dkd - mask_vanilla (mask AP)",
+            "retinanet_diffkd_deepkd_dkd - retinanet_vanilla"} <= set(summary["comparisons"])
+    assert not any(name.endswith(" - vanilla") for name in summary["comparisons"])
+    # The Mask R-CNN students were evaluated on segm; the RetinaNet student ran the dense DeepKD
+    # (its top-k K) inside the distillation wrapper. The Mask R-CNN runs start from the pre-trained
+    # detector; the RetinaNet ones from the RetinaNet pre-trained (class-agnostically) from it,
+    # without its class-score layer.
+    assert demo.read_curves(str(out / "mask_deepkd_dkd" / "seed0"))["segm/AP"]
+    assert demo.read_curves(str(out / "retinanet_diffkd_deepkd_dkd" / "seed0"))["kd/topk_k"]
+    for run, init in (("teacher_mask", "pretrain"), ("mask_deepkd_dkd/seed0", "pretrain"),
+                      ("pretrain_retinanet", "pretrain"), ("teacher_retinanet", "pretrain_retinanet"),
+                      ("retinanet_diffkd_deepkd_dkd/seed0", "pretrain_retinanet")):
+        assert f"Loading from {out / init / 'init.pth'} ..." in (out / run / "log.txt").read_text(), run
+    retinanet_init = torch.load(out / "pretrain_retinanet" / "init.pth", weights_only=True)["model"]
+    assert any(k.startswith("head.cls_subnet.") for k in retinanet_init) and "head.bbox_pred.weight" in retinanet_init
+    assert not any(k.startswith("head.cls_score.") for k in retinanet_init)
+    assert (out / "det_demo_mask.png").is_file() and (out / "det_demo_retinanet.png").is_file()
