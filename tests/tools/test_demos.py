@@ -104,8 +104,9 @@ def test_det_demo_quick_writes_table_summary_and_picture(tmp_path, capsys):
     # The other families (--methods takes a family's name): each with its own teacher, trained from
     # the same pre-trained detector (a Mask R-CNN on the shapes' polygons, a RetinaNet), and each
     # row compared with its own family's vanilla student; the Faster R-CNN rows are not run.
-    argv = ["--jobs", "1", "--output", str(out), "--methods", "mask", "retinanet", "--seeds", "0", "--quick",
-            "--set", "teacher_iters=4", "student_iters=4", "eval_period=2"]
+    # (Kept small: 2 iterations a teacher and a student, one DDIM step in the RetinaNet student's DiffKD.)
+    argv = ["--jobs", "1", "--output", str(out), "--methods", "mask", "retinanet", "--seeds", "0",
+            "--set", "teacher_iters=2", "student_iters=2", "eval_period=2", "--quick", "KD.DIFFKD.INFERENCE_STEPS", "1"]
     assert demo.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pre-training: reusing" in printed and "Mask R-CNN teacher: training" in printed
