@@ -23,13 +23,13 @@ import sys
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers DeepKDRCNN and the MobileNetV2 backbones)
-from deepkd_det.cli import OneLineErrors, debug_requested, format_error, pull_trailing_flags, run_cli
+from deepkd_det.cli import format_error, pull_trailing_flags
 from deepkd_det.core.io import check_output_dir
 from deepkd_det.det.config import (
     add_deepkd_config,
@@ -48,12 +48,12 @@ from deepkd_det.det.data import (
     register_datasets_from_cfg,
     resolve_num_classes,
 )
-from deepkd_det.det.engine import DeepKDTrainer, launch_main
+from deepkd_det.det.engine import DeepKDTrainer
+from deepkd_det.det.engine.launch import parse_entry_args, run_entry_point
 from deepkd_det.det.weights.checkpoint import EvalCheckpointer, load_named
 
 # Errors a user can act on: printed as one line by the command line (never internal bugs'
 # AssertionErrors; those from the config merge are turned into ValueError first).
-USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 
 logger = logging.getLogger("deepkd_det")
 
@@ -166,19 +166,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = default_argument_parser()
-    parser.add_argument("--debug", action="store_true", help="full tracebacks of errors (also DEEPKD_DEBUG=1)")
-    return parser.parse_args(argv)
+    return parse_entry_args(argv)
 
 
 def cli(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    debug = args.debug or debug_requested(argv)
-    if not debug:
-        logging.getLogger("detectron2.engine.train_loop").addFilter(OneLineErrors(USER_ERRORS))
-    print("Command Line Args:", args)
-    return run_cli(lambda: launch_main(main, args), "train_net.py", USER_ERRORS, debug=debug)
+    return run_entry_point(main, "train_net.py", argv)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import deepkd_det.det.modeling  # noqa: F401  (registers the project's detectors and backbones)
-from deepkd_det.cli import OneLineErrors, debug_requested, run_cli
-from deepkd_det.det.engine import launch_main
+from deepkd_det.det.engine.launch import parse_entry_args, run_entry_point
 from deepkd_det.det.lazy import (
     build_eval_model,
     check_lazy_files,
@@ -39,8 +38,6 @@ from deepkd_det.det.lazy import (
     validate_lazy_config,
 )
 from deepkd_det.det.weights.checkpoint import load_named
-
-USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 
 logger = logging.getLogger("deepkd_det")
 
@@ -100,19 +97,11 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = default_argument_parser()
-    parser.add_argument("--debug", action="store_true", help="full tracebacks of errors (also DEEPKD_DEBUG=1)")
-    return parser.parse_args(argv)
+    return parse_entry_args(argv)
 
 
 def cli(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    debug = args.debug or debug_requested(argv)
-    if not debug:
-        logging.getLogger("detectron2.engine.train_loop").addFilter(OneLineErrors(USER_ERRORS))
-    print("Command Line Args:", args)
-    return run_cli(lambda: launch_main(main, args), "lazy_train_net.py", USER_ERRORS, debug=debug)
+    return run_entry_point(main, "lazy_train_net.py", argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,17 @@ from detectron2.utils import comm
 
 from deepkd_det.core.dist import init_distributed
 
-__all__ = ["init_torchrun_process_group", "launch_main", "started_by_torchrun"]
+__all__ = [
+    "USER_ERRORS",
+    "init_torchrun_process_group",
+    "launch_main",
+    "parse_entry_args",
+    "run_entry_point",
+    "started_by_torchrun",
+]
+
+# A user's mistake (a key, a file, a diverged run): one line, exit 1 (deepkd_det/cli.py).
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +92,29 @@ def launch_main(main_func, args):
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+def parse_entry_args(argv=None):
+    """detectron2's command line (``default_argument_parser``) plus ``--debug``."""
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser()
+    parser.add_argument("--debug", action="store_true", help="full tracebacks of errors (also DEEPKD_DEBUG=1)")
+    return parser.parse_args(argv)
+
+
+def run_entry_point(main_func, name: str, argv=None) -> int:
+    """What ``train_net.py`` and ``tools/lazy_train_net.py`` do from their command line: parse it,
+    run ``main_func`` on one or more processes (``launch_main``), and turn a user's mistake into
+    one line naming it (``--debug``: the traceback). Returns the exit status."""
+    import sys
+
+    from deepkd_det.cli import OneLineErrors, debug_requested, run_cli
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_entry_args(argv)
+    debug = args.debug or debug_requested(argv)
+    if not debug:
+        logging.getLogger("detectron2.engine.train_loop").addFilter(OneLineErrors(USER_ERRORS))
+    print("Command Line Args:", args)
+    return run_cli(lambda: launch_main(main_func, args), name, USER_ERRORS, debug=debug)
