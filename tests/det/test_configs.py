@@ -33,6 +33,9 @@ DEMO = {"BACKBONE.NAME": "build_resnet_fpn_backbone", "FPN.OUT_CHANNELS": 64, "R
         "FPN.IN_FEATURES": ["res2", "res3", "res4", "res5"], "RESNETS.NORM": "BN", "RESNETS.DEPTH": 18,
         "RESNETS.RES2_OUT_CHANNELS": 64, **MSRA}
 
+DEMO_RETINANET = {**DEMO, "ANCHOR_GENERATOR.SIZES": [[8], [16], [32], [64]],
+                  "RETINANET.IN_FEATURES": ["p2", "p3", "p4", "p5"], "RETINANET.NUM_CLASSES": 3}
+
 # configs/DEEPKD/custom: Faster R-CNN FPN with GroupNorm from scratch, class count from the json (0).
 CUSTOM = {"BACKBONE.NAME": "build_resnet_fpn_backbone", "BACKBONE.FREEZE_AT": 0, "FPN.OUT_CHANNELS": 256,
           "FPN.NORM": "GN", "ROI_HEADS.NUM_CLASSES": 0, "ROI_BOX_HEAD.FC_DIM": 1024,
@@ -64,6 +67,15 @@ EXPECTED = {
     "demo-kd": ("BGR", {**DEMO, "META_ARCHITECTURE": "DeepKDRCNN", "WEIGHTS": ""},
                 {**DEMO, "META_ARCHITECTURE": "GeneralizedRCNN", "WEIGHTS": "output/demo/teacher/model_final.pth"}),
     "demo-plain": ("BGR", {**DEMO, "META_ARCHITECTURE": "GeneralizedRCNN", "WEIGHTS": ""}, None),
+    # The demo's other families (tools/det_demo.py --methods mask retinanet): the same backbone and FPN.
+    "demo-mask-kd": ("BGR", {**DEMO, "META_ARCHITECTURE": "DeepKDRCNN", "MASK_ON": True, "WEIGHTS": ""},
+                     {**DEMO, "META_ARCHITECTURE": "GeneralizedRCNN", "MASK_ON": True,
+                      "WEIGHTS": "output/demo/teacher-mask/model_final.pth"}),
+    "demo-mask-plain": ("BGR", {**DEMO, "META_ARCHITECTURE": "GeneralizedRCNN", "MASK_ON": True, "WEIGHTS": ""}, None),
+    "demo-retinanet-kd": ("BGR", {**DEMO_RETINANET, "META_ARCHITECTURE": "DistillDetector", "WEIGHTS": ""},
+                          {**DEMO_RETINANET, "META_ARCHITECTURE": "RetinaNet",
+                           "WEIGHTS": "output/demo/teacher-retinanet/model_final.pth"}),
+    "demo-retinanet-plain": ("BGR", {**DEMO_RETINANET, "META_ARCHITECTURE": "RetinaNet", "WEIGHTS": ""}, None),
     # Base-Custom.yaml holds the data, the class count and the schedule, no architecture.
     "custom-base": ("BGR", {"META_ARCHITECTURE": "GeneralizedRCNN", "ROI_HEADS.NUM_CLASSES": 0, "WEIGHTS": ""}, None),
     "custom-teacher": ("BGR", {**CUSTOM_R50, "WEIGHTS": ""}, None),
@@ -83,7 +95,8 @@ def _group(path):
         if pair in name:
             return pair
     if "demo" in path:
-        return "demo-kd" if name.startswith("student-") and "vanilla" not in name else "demo-plain"
+        family = next((f"-{f}" for f in ("mask", "retinanet") if f in name), "")
+        return f"demo{family}-kd" if name.startswith("student-") and "vanilla" not in name else f"demo{family}-plain"
     return "base"
 
 
