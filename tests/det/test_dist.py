@@ -114,9 +114,10 @@ def test_cpu_multi_process_without_torchrun_points_to_it(monkeypatch):
     from detectron2.engine import default_argument_parser
 
     import train_net
+    from deepkd_det.det.engine.launch import launch_main
 
     for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR"):
         monkeypatch.delenv(key, raising=False)
     args = default_argument_parser().parse_args(["--num-gpus", "2"])
     with pytest.raises(SystemExit, match="torch.distributed.run --nproc_per_node 2"):
-        train_net.launch_main(train_net.main, args)
+        launch_main(train_net.main, args)
