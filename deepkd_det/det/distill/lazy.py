@@ -13,7 +13,7 @@ REVIEWKD=dict(ENABLED=True, LOSS_WEIGHT=1.2))``): each part is built by its own
 ``from_config`` on the yacs config those keys make, with the DEEPKD node of the LazyConfig
 (``deepkd``) and the run's ``max_iter`` (``tools/lazy_train_net.py`` fills both in from
 ``deepkd`` and ``train.max_iter``), so names, defaults and validation are the yacs path's. The
-teacher's weights follow the yacs rule (deepkd_det/det/modeling/teacher.py ``load_teacher_from``).
+teacher's weights follow the yacs rule (deepkd_det/det/weights/teacher.py ``load_teacher_from``).
 Only the listed parts are built (a part the keys turn on but the list leaves out is not).
 """
 

@@ -3,8 +3,10 @@ map to the teacher's channels, denoises it with a diffusion model trained on the
 that level, and compares the two. Losses ``loss_diffkd_kd`` (LOSS_WEIGHT), ``loss_diffkd_diff``
 (DIFF_WEIGHT) and, with an autoencoder, ``loss_diffkd_ae`` (AE_WEIGHT), each summed over the
 levels; all TOG under DeepKD. KD.DIFFKD.ATTENTION: the attention-weighted MSE (the paper's dagger
-rows; ``deepkd_det.core.diffkd.attention_weighted_mse``) instead of the MSE. One module per level (``deepkd_det/det/modeling/diffkd.py`` says
-why), training-only, state-dict keys ``diffkd.<level>.*``. Levels pair by stride.
+rows; ``deepkd_det.core.diffkd.attention_weighted_mse``) instead of the MSE. One module per
+level, not one shared: the levels' statistics differ (the denoiser and adapter have batch norms,
+and the diffusion model learns one distribution) and the channels need not agree across levels;
+training-only, state-dict keys ``diffkd.<level>.*``. Levels pair by stride.
 """
 
 from __future__ import annotations
