@@ -122,9 +122,11 @@ class DistillContext:
         return self._cache[key]
 
     def teacher_features(self) -> Dict[str, torch.Tensor]:
-        device = self.student.device
-        images = [x["image"].to(device) for x in self.batched_inputs]
-        return self._once("features", lambda: self.teacher.features(images, self.student.input_format, self._pad_to))
+        def compute():
+            images = [x["image"].to(self.student.device) for x in self.batched_inputs]
+            return self.teacher.features(images, self.student.input_format, self._pad_to)
+
+        return self._once("features", compute)
 
     def teacher_box(self):
         """(logits, deltas) of the teacher's box head on the student's sampled boxes."""
