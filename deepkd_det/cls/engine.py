@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepkd_det.core.amp import ComponentGradScaler, amp_dtype, autocast
+from deepkd_det.core.cfgfile import flatten
 from deepkd_det.core.dist import DistInfo, all_gather_object, all_reduce_sum, barrier, init_distributed
 from deepkd_det.core.gpd import DYNAMIC_TEACHER, at_width
 from deepkd_det.core.io import check_output_dir, remove_leftover_temp_files
@@ -116,23 +117,13 @@ def build_teacher(cfg, num_classes: int) -> Optional[nn.Module]:
     return deepkd_api.prepare_teacher(teacher, fold_bn=cfg.TEACHER.FOLD_BN)
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _config_changes(saved_yaml: str, cfg) -> List[str]:
     """``KEY: old -> new`` for every setting that differs from the checkpoint's configuration."""
     import yaml
 
     if not saved_yaml:
         return []
-    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(cfg.dump()))
+    old, new = flatten(yaml.safe_load(saved_yaml) or {}), flatten(yaml.safe_load(cfg.dump()))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 

@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Iterable, Sequence
+from typing import Any, Dict, Iterable, Mapping, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
 
 from .io import read_yaml_mapping
 
-__all__ = ["ConfigError", "merge_dict", "merge_file", "merge_opts"]
+__all__ = ["ConfigError", "flatten", "merge_dict", "merge_file", "merge_opts"]
 
 
 class ConfigError(ValueError):
     """A configuration that cannot be run (unknown key, wrong type, contradictory settings)."""
+
+
+def flatten(node: Mapping, prefix: str = "") -> Dict[str, Any]:
+    """``{dotted.key: value}`` of a nested mapping (a config node, a yaml dict)."""
+    out: Dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _suggest(key: str, node: CN, prefix: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from torch import nn
 
 from deepkd_det.core.amp import AMP_DTYPES
+from deepkd_det.core.cfgfile import flatten
 from deepkd_det.det.config import DENSE_ARCHITECTURES, get_deepkd_cfg, validate_deepkd_config
 from deepkd_det.det.modeling.teacher import Teacher
 from deepkd_det.det.weights.teacher import load_teacher_from
@@ -126,7 +127,7 @@ def parts_config(specs: Sequence[PartSpec], deepkd: Optional[Mapping], architect
             if spec.name not in names:
                 raise ValueError(f"{where}[{i}]: unknown part {spec.name!r}; the parts are "
                                  f"{sorted(DISTILL_PART_REGISTRY.get(r).name for r in part_order())}")
-            for dotted, value in _flatten(spec.keys).items():
+            for dotted, value in flatten(spec.keys).items():
                 if dotted in seen and seen[dotted] != value:
                     raise ValueError(f"{where}: KD.{dotted} is {seen[dotted]!r} in one part and {value!r} in "
                                      f"{where}[{i}] ({spec.name})")
@@ -145,16 +146,6 @@ def parts_config(specs: Sequence[PartSpec], deepkd: Optional[Mapping], architect
             raise ValueError(f"{where}[{i}] ({spec.name}): its settings {spec.keys} leave the part off "
                              "(e.g. TYPE='DKD' for logits, REVIEWKD=dict(ENABLED=True) for reviewkd)")
     return cfg
-
-
-def _flatten(node: Mapping, prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for key, value in node.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def teacher_from(model: nn.Module, weights: str = "", student_weights: str = "", allow_random_init: bool = False,
